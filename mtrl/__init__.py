@@ -1,0 +1,1 @@
+"""mtrl: GRPO training for reasoning LLMs with multi-temperature sampling."""
