@@ -65,8 +65,7 @@ class ModelConfig:
 
 
 DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Think step by step, then give the final answer "
-    "in \\boxed{}."
+    "You are a helpful assistant. Think step by step, then give the final answer in \\boxed{}."
 )
 
 
@@ -108,7 +107,6 @@ class TrackingConfig:
     experiment: str | None = None  # default: the experiment file's name
     run_name: str | None = None
     log_completions: bool = True
-    entropy_histogram_every: int = 50  # optimizer steps between entropy histogram artifacts
 
 
 @dataclass
@@ -245,8 +243,11 @@ def validate(cfg: DictConfig) -> None:
         sampler.validate()
     except ValueError as exc:
         message = _one_line(exc)
-        raise ConfigError(message if message.startswith("sampler.") else f"sampler: {message}") from None
+        raise ConfigError(
+            message if message.startswith("sampler.") else f"sampler: {message}"
+        ) from None
     _check_train(cfg.train)
+    grpo_config(cfg)  # GRPOConfig's own checks (batch sizes and the like) run before any loading
 
 
 def _check_ranges(cfg: DictConfig) -> None:
@@ -264,7 +265,6 @@ def _check_ranges(cfg: DictConfig) -> None:
         "eval.num_samples",
         "eval.max_new_tokens",
         "eval.batch_size",
-        "tracking.entropy_histogram_every",
     ]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
@@ -297,7 +297,9 @@ def _check_ranges(cfg: DictConfig) -> None:
 def _check_data(data: DictConfig, where: str) -> None:
     for key, allowed in [("prompt_format", ("chat", "text")), ("on_bad_row", ("error", "skip"))]:
         if data[key] not in allowed:
-            raise ConfigError(f"{where}.{key}: must be one of {', '.join(allowed)}; got '{data[key]}'")
+            raise ConfigError(
+                f"{where}.{key}: must be one of {', '.join(allowed)}; got '{data[key]}'"
+            )
     if data.max_samples is not None and data.max_samples <= 0:
         raise ConfigError(f"{where}.max_samples: must be > 0, got {data.max_samples}")
     if data.source == "reasoning_gym" and not data.task:
@@ -336,7 +338,9 @@ def _check_train(train: DictConfig) -> None:
             raise ConfigError(f"train.{key}: expected {names}, got {value!r}")
     resume = train.get("resume", False)
     if not isinstance(resume, bool | str):
-        raise ConfigError(f"train.resume: expected true, false or a checkpoint folder, got {resume!r}")
+        raise ConfigError(
+            f"train.resume: expected true, false or a checkpoint folder, got {resume!r}"
+        )
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
@@ -366,6 +370,53 @@ def _is_instance(value: Any, expected: set[type]) -> bool:
     if isinstance(value, int) and float in expected:
         return True
     return isinstance(value, tuple(expected))
+
+
+# GRPOConfig keys that another section owns, and where to set them instead.
+OWNED_ELSEWHERE = {
+    "temperature": "sampler.temperature (or sampler.high_temperature / low_temperature)",
+    "top_p": "sampler.top_p",
+    "top_k": "sampler.top_k",
+    "min_p": "sampler.min_p",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "report_to": "tracking (MLflow is built in)",
+    "reward_weights": "rewards (a mapping name: weight)",
+    "log_completions": "tracking.log_completions",
+    "resume_from_checkpoint": "train.resume",
+}
+
+
+def grpo_config(cfg: ExperimentConfig):
+    """The trl.GRPOConfig for an experiment: `train` plus what other sections decide."""
+    import torch
+    from trl import GRPOConfig
+
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    train.pop("resume", None)
+    for key, owner in OWNED_ELSEWHERE.items():
+        if key in train:
+            raise ConfigError(f"train.{key}: set {owner} instead")
+    train.setdefault("output_dir", str(Path("outputs") / cfg.name))
+    if "bf16" not in train and "fp16" not in train:
+        train["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    weights = [float(w) for w in cfg.rewards.values()]
+    try:
+        return GRPOConfig(
+            **train,
+            # The sampler owns every temperature: TRL's scalar stays 1 so that its log-prob head
+            # sees logits that our per-token scaling has already divided (see mtrl.trainer).
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            min_p=None,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            report_to="none",
+            reward_weights=weights,
+            log_completions=cfg.tracking.log_completions,
+        )
+    except (TypeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"train: {message}") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,0 +1,70 @@
+"""From a validated config to a finished, tracked training run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from omegaconf import OmegaConf
+from transformers.trainer_utils import get_last_checkpoint
+
+from mtrl.config import ConfigError, ExperimentConfig, grpo_config
+
+logger = logging.getLogger(__name__)
+
+
+def resume_checkpoint(cfg: ExperimentConfig, output_dir: str) -> str | None:
+    """The checkpoint `train.resume` asks for: true = the latest in output_dir, or a path."""
+    resume = cfg.train.get("resume", False)
+    if resume is False:
+        return None
+    if resume is True:
+        latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if latest is None:
+            logger.warning(
+                "train.resume: no checkpoint in %s yet; starting from step 0", output_dir
+            )
+        return latest
+    if not os.path.isdir(resume):
+        raise ConfigError(f"train.resume: checkpoint folder not found: {resume}")
+    return resume
+
+
+def build_trainer(cfg: ExperimentConfig, resume: bool = False) -> Any:
+    """Load model, data and rewards; return a ready MultiTempGRPOTrainer with MLflow attached."""
+    from mtrl.data import load_prompts
+    from mtrl.models import load_model_and_tokenizer
+    from mtrl.rewards import build_reward_funcs
+    from mtrl.tracking import MLflowCallback
+    from mtrl.trainer import MultiTempGRPOTrainer
+
+    args = grpo_config(cfg)  # before any loading: its errors are config errors
+    model, tokenizer, peft_config = load_model_and_tokenizer(cfg.model, cfg.pbs)
+    dataset = load_prompts(cfg.data, tokenizer)
+    reward_funcs, _ = build_reward_funcs(cfg.rewards)
+    tracker = MLflowCallback(
+        cfg, args.output_dir, resume=resume, is_main_process=args.process_index == 0
+    )
+    trainer = MultiTempGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[tracker],
+        sampler_config=OmegaConf.to_object(cfg.sampler),
+    )
+    tracker.trainer = trainer
+    return trainer
+
+
+def train(cfg: ExperimentConfig) -> Any:
+    """Train to `train.max_steps`, resuming when asked; returns the trainer."""
+    output_dir = grpo_config(cfg).output_dir
+    checkpoint = resume_checkpoint(cfg, output_dir)
+    trainer = build_trainer(cfg, resume=checkpoint is not None)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(output_dir)
+    return trainer

@@ -1,0 +1,346 @@
+"""MultiTempGRPOTrainer: TRL's GRPOTrainer sampling through the multi-temperature sampler.
+
+Each completion token t is drawn at its own temperature T_t. Every log-prob the loss uses
+(policy, old, reference) is log_softmax(logits_{t-1} / T_t)[token_t]: the logits that
+predicted token t divided by the temperature token t was drawn at. TRL's fused log-prob
+head divides by one scalar (kept at 1); we divide first by scaling the final hidden state
+at position t-1 by 1/T_t, which is exact for a bias-free LM head without soft-capping.
+Other heads take a plain chunked log-softmax over materialised logits.
+
+Per-token temperatures, entropies and classes travel with the rollout batch as tensors
+aligned with `completion_ids` (keys `temperatures`, `entropies`, `is_reasoning`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import LogitsProcessorList
+from transformers.trainer_utils import rotate_checkpoints
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import pad
+
+from mtrl.sampling import (
+    MultiTemperatureConfig,
+    MultiTemperatureLogitsProcessor,
+    MultiTemperatureSampler,
+)
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_KEYS = ("temperatures", "entropies", "is_reasoning")
+
+
+@dataclass
+class RolloutStats:
+    """Per-token sampler records of one rollout batch, (batch, completion_len) each."""
+
+    temperatures: torch.Tensor  # fp32, temperature each token was drawn at
+    entropies: torch.Tensor  # fp32, nats at T = 1
+    is_reasoning: torch.Tensor  # bool
+    mask: torch.Tensor  # bool, real completion tokens
+
+    def entropy_histogram(self, bins: int = 40) -> dict:
+        """Histogram of completion-token entropies, overall and per class (for MLflow)."""
+        entropies = self.entropies[self.mask].float().cpu()
+        reasoning = self.is_reasoning[self.mask].cpu()
+        high = float(entropies.max()) if entropies.numel() else 1.0
+        edges = torch.linspace(0.0, max(high, 1e-6), bins + 1)
+
+        def counts(x: torch.Tensor) -> list[int]:
+            return torch.histogram(x, bins=edges).hist.long().tolist() if x.numel() else []
+
+        return {
+            "bin_edges_nats": edges.tolist(),
+            "all": counts(entropies),
+            "reasoning": counts(entropies[reasoning]),
+            "knowledge": counts(entropies[~reasoning]),
+        }
+
+
+def _fit(x: torch.Tensor, length: int, fill: float) -> torch.Tensor:
+    """Cut or right-pad the last dimension of x to `length`."""
+    if x.size(1) >= length:
+        return x[:, :length]
+    return torch.nn.functional.pad(x, (0, length - x.size(1)), value=fill)
+
+
+class MultiTempGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose rollouts and log-probs use per-token temperatures.
+
+    `sampler_config` configures the sampler; GRPOConfig's own temperature must stay 1.0.
+    """
+
+    def __init__(self, *args, sampler_config: MultiTemperatureConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.temperature != 1.0 or self.top_p != 1.0 or self.top_k or self.min_p:
+            raise ValueError(
+                "MultiTempGRPOTrainer: leave GRPOConfig temperature/top_p/top_k/min_p at their "
+                "neutral values; set them in the sampler config"
+            )
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            raise ValueError("MultiTempGRPOTrainer: generation runs through transformers generate")
+        self.sampler = MultiTemperatureSampler(sampler_config or MultiTemperatureConfig())
+        self.last_rollout_stats: RolloutStats | None = None
+        # Temperatures of the completion tokens being scored, (batch, completion_len).
+        self._scoring_temperatures: torch.Tensor | None = None
+        self._hidden_scale: torch.Tensor | None = None
+        self.logprob_path = self._install_hidden_scaling()
+
+    # --- log-probs at per-token temperatures ----------------------------------------------
+
+    def _install_hidden_scaling(self) -> str:
+        """Hook the backbones (policy and reference) to scale their final hidden states."""
+        models = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        for model in models:
+            causal_lm = model.get_base_model() if is_peft_model(model) else model
+            head = causal_lm.get_output_embeddings()
+            text_config = causal_lm.config.get_text_config()
+            if head.bias is not None or getattr(text_config, "final_logit_softcapping", None):
+                logger.info(
+                    "log-probs at per-token temperatures: chunked log-softmax over materialised "
+                    "logits (the LM head has a bias or soft-capping, so hidden scaling is inexact)"
+                )
+                return "chunked_log_softmax"
+            causal_lm.base_model.register_forward_hook(self._scale_hidden_hook)
+        logger.info(
+            "log-probs at per-token temperatures: final hidden state scaled by 1/T "
+            "(exact: bias-free LM head, no soft-capping), TRL's fused log-prob head kept"
+        )
+        return "hidden_scale"
+
+    def _scale_hidden_hook(self, module, args, output):
+        if self._hidden_scale is not None:
+            hidden = output.last_hidden_state
+            output.last_hidden_state = hidden * self._hidden_scale[..., None].to(hidden.dtype)
+        return output
+
+    @contextmanager
+    def _hidden_scaled(self, temperatures: torch.Tensor, seq_len: int):
+        """Within: backbone output at position p is divided by T of token p+1.
+
+        `temperatures`: (batch, k), of the last k tokens of sequences of length `seq_len`.
+        """
+        k = temperatures.size(1)
+        scale = torch.ones(temperatures.size(0), seq_len, device=temperatures.device)
+        scale[:, seq_len - k - 1 : seq_len - 1] = 1.0 / temperatures.float()
+        self._hidden_scale = scale
+        try:
+            yield
+        finally:
+            self._hidden_scale = None
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs
+    ):
+        # Why: TRL's fused head divides every logit by one scalar temperature; each completion
+        # token here needs the temperature it was drawn at.
+        temperatures = self._scoring_temperatures
+        if temperatures is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs
+            )
+        unsupported = [
+            k for k, v in kwargs.items() if v is not None and k.startswith(("pixel", "image"))
+        ]
+        if unsupported:
+            raise ValueError(f"MultiTempGRPOTrainer supports text-only models; got {unsupported}")
+        temperatures = _fit(temperatures, logits_to_keep, 1.0).to(input_ids.device)
+        batch_size = batch_size or input_ids.size(0)
+        chunks = []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            if self.logprob_path == "hidden_scale":
+                with self._hidden_scaled(temperatures[rows], input_ids.size(1)):
+                    chunks.append(
+                        super()._get_per_token_logps_and_entropies(
+                            model, input_ids[rows], attention_mask[rows], logits_to_keep, **kwargs
+                        )
+                    )
+            else:
+                chunks.append(
+                    self._chunked_logps(
+                        model,
+                        input_ids[rows],
+                        attention_mask[rows],
+                        temperatures[rows],
+                        kwargs.get("compute_entropy", False),
+                    )
+                )
+        logps = torch.cat([c[0] for c in chunks])
+        entropies = torch.cat([c[1] for c in chunks]) if chunks[0][1] is not None else None
+        aux = [c[2] for c in chunks if c[2] is not None]
+        return logps, entropies, torch.stack(aux).mean() if aux else None
+
+    def _chunked_logps(self, model, input_ids, attention_mask, temperatures, compute_entropy):
+        """log_softmax(logits_{t-1} / T_t)[token_t] from materialised logits, for any LM head."""
+        k = temperatures.size(1)
+        with self.accelerator.autocast():
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=k + 1
+            ).logits
+        logits = logits[:, :-1].float() / temperatures[..., None]
+        log_probs = logits.log_softmax(dim=-1)
+        logps = log_probs.gather(-1, input_ids[:, -k:, None]).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1) if compute_entropy else None
+        return logps, entropy, None
+
+    # --- rollouts -----------------------------------------------------------------------
+
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        # Why: TRL's generate call takes no logits processor; ours samples each token through
+        # the multi-temperature sampler and records its temperature, entropy and class.
+        if images is not None or multimodal_fields:
+            raise ValueError("MultiTempGRPOTrainer supports text-only prompts")
+        device = self.accelerator.device
+        self.sampler.step = self.state.global_step
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        input_ids = pad(
+            prompts,
+            padding_value=self._tokenizer.pad_token_id,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        ).to(device)
+        attention_mask = pad(
+            [torch.ones_like(p) for p in prompts],
+            padding_value=0,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        ).to(device)
+        offsets = None
+        if self.sampler.config.rollout_offsets or self.sampler.config.rollout_offset_values:
+            offsets = self.sampler.offsets_tensor(
+                num_generations,
+                len(prompt_ids),
+                first_index=self.accelerator.process_index * len(prompt_ids),
+            ).to(device)
+        processor = MultiTemperatureLogitsProcessor(
+            self.sampler, eos_token_id=self.eos_token_ids, temperature_offsets=offsets
+        )
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            sequences = unwrapped_model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=self.generation_config,
+                logits_processor=LogitsProcessorList([processor]),
+            )
+        completion = sequences[:, input_ids.size(1) :]
+        record = processor.result(sequences)
+        # Keep tokens up to and including the first EOS, as TRL does.
+        is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=device))
+        after_eos = (is_eos.cumsum(1) - is_eos.int()) > 0
+        mask = ~after_eos
+        lengths = mask.sum(1).tolist()
+        self._scoring_temperatures = record.temperatures.masked_fill(~mask, 1.0)
+        self.last_rollout_stats = RolloutStats(
+            temperatures=record.temperatures,
+            entropies=record.entropies,
+            is_reasoning=record.is_reasoning,
+            mask=mask,
+        )
+        completion_ids = [
+            row[:n].tolist() for row, n in zip(completion.cpu(), lengths, strict=True)
+        ]
+        return completion_ids, None
+
+    def _generate_and_score_completions(self, inputs):
+        # Why: the rollout's per-token temperatures must be in place while TRL scores the old
+        # and reference log-probs, and must then travel with the batch to the loss.
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._scoring_temperatures = None
+        stats = self.last_rollout_stats
+        width = output["completion_ids"].size(1)
+        output["temperatures"] = _fit(stats.temperatures, width, 1.0)
+        output["entropies"] = _fit(stats.entropies, width, 0.0)
+        output["is_reasoning"] = _fit(stats.is_reasoning, width, False)
+        self._log_sampler_metrics(stats)
+        return output
+
+    def _compute_loss(self, model, inputs):
+        # Why: the policy log-probs of the loss must use each token's sampling temperature.
+        self._scoring_temperatures = inputs["temperatures"]
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._scoring_temperatures = None
+
+    def _log_sampler_metrics(self, stats: RolloutStats) -> None:
+        mode = "train" if self.model.training else "eval"
+        mask = stats.mask
+        reasoning = stats.is_reasoning & mask
+        knowledge = ~stats.is_reasoning & mask
+        sums = torch.stack(
+            [
+                mask.sum(),
+                reasoning.sum(),
+                (stats.entropies * reasoning).sum(),
+                (stats.entropies * knowledge).sum(),
+                (stats.temperatures * reasoning).sum(),
+                (stats.temperatures * knowledge).sum(),
+                (stats.entropies * mask).sum(),
+            ]
+        ).float()
+        total, n_reason, ent_r, ent_k, temp_r, temp_k, ent_all = (
+            self.accelerator.gather(sums[None]).sum(0).tolist()
+        )
+        n_know = total - n_reason
+        metrics = self._metrics[mode]
+        metrics["sampler/reasoning_share"].append(n_reason / max(total, 1))
+        metrics["sampler/entropy_mean"].append(ent_all / max(total, 1))
+        if n_reason:
+            metrics["sampler/reasoning/entropy_mean"].append(ent_r / n_reason)
+            metrics["sampler/reasoning/temperature_mean"].append(temp_r / n_reason)
+        if n_know:
+            metrics["sampler/knowledge/entropy_mean"].append(ent_k / n_know)
+            metrics["sampler/knowledge/temperature_mean"].append(temp_k / n_know)
+        if self.sampler.last_threshold is not None:
+            metrics["sampler/threshold"].append(float(self.sampler.last_threshold))
+        for name, value in self.sampler.scheduled_values().items():
+            metrics[f"sampler/scheduled/{name}"].append(value)
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        # Why: transformers writes checkpoint-N in place, so a crash mid-save would leave a
+        # half-written checkpoint as the latest. Write it under .staging/, then rename.
+        final_root = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(final_root, ".staging")
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final_root
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging_root, name), target)
+            rotate_checkpoints(
+                output_dir=final_root,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+        self.accelerator.wait_for_everyone()
