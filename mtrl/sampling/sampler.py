@@ -1,0 +1,275 @@
+"""Multi-temperature sampling (arXiv:2510.08892) without host synchronisation per step.
+
+One call takes the raw next-token logits of a decoding step, (batch, vocab), and:
+
+1. computes each row's entropy at T = 1 in fp32 (nats);
+2. finds the threshold (``fixed``, ``window`` or ``batch``, see ``MultiTemperatureConfig``)
+   and classifies a row as reasoning when ``entropy >= threshold``;
+3. picks each row's temperature (high for reasoning, low for knowledge; the single
+   temperature in ``mode: single``), adds the rollout offset, clamps to ``min_temperature``;
+4. divides the logits by it, then applies top-k, top-p and min-p (in that order);
+5. draws a token with the exponential race (``argmax(log p - log E)``, E ~ Exp(1), which is
+   exactly a draw from p) and returns its log-prob under that same distribution.
+
+Window semantics: the window threshold of a step is computed AFTER this step's active
+entropies are added, so the current tokens are classified against the window that holds
+them and the history before them (at the very first step this equals ``batch`` mode).
+
+Every scheduled value lives in a 0-dim device tensor refreshed when ``step`` is set, so the
+call is free of ``.item()`` and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mtrl.sampling.config import MultiTemperatureConfig
+from mtrl.sampling.entropy import token_entropy
+from mtrl.sampling.schedules import schedule_value
+from mtrl.sampling.threshold import EntropyWindow, masked_quantile
+
+
+@dataclass
+class SamplerStep:
+    """Output of one sampler call; every field is (batch,) except ``threshold`` (0-dim)."""
+
+    tokens: torch.Tensor  # long
+    temperatures: torch.Tensor  # fp32, the temperature the token was drawn at
+    entropies: torch.Tensor  # fp32, nats, of softmax(logits) at T = 1
+    is_reasoning: torch.Tensor  # bool, entropy >= threshold
+    logprobs: torch.Tensor  # fp32, log-prob of the token after temperature and truncation
+    threshold: torch.Tensor  # fp32, the entropy threshold used at this step
+
+
+class MultiTemperatureSampler:
+    """Sample next tokens at an entropy-dependent temperature.
+
+    ``sampler(logits, active=None, temperature_offsets=None) -> SamplerStep``
+
+    - ``logits``: (batch, vocab), raw (before any temperature), any float dtype.
+    - ``active``: optional (batch,) bool; rows that are False (finished sequences) are still
+      sampled but left out of the window update and of the batch quantile.
+    - ``temperature_offsets``: optional (batch,) float added to each row's temperature
+      (rollout-level offsets, see ``rollout_offsets`` / ``offsets_tensor``).
+
+    Set ``sampler.step`` to the optimizer step before generating; schedules read it.
+    """
+
+    def __init__(
+        self,
+        config: MultiTemperatureConfig | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        self.config = (config or MultiTemperatureConfig()).validate()
+        self.generator = generator
+        self._step = 0
+        self._device: torch.device | None = None
+        self.window: EntropyWindow | None = None
+        self.last_threshold: torch.Tensor | None = None
+        self._invalid: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- schedules
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        if self._device is not None:
+            self._refresh_params()
+
+    def scheduled_values(self) -> dict[str, float]:
+        """The scheduled values at the current step, as Python floats (for metrics)."""
+        c, s = self.config, self._step
+        return {
+            "high_temperature": schedule_value(c.high_temperature_schedule, c.high_temperature, s),
+            "low_temperature": schedule_value(c.low_temperature_schedule, c.low_temperature, s),
+            "temperature": schedule_value(c.temperature_schedule, c.temperature, s),
+            "reasoning_fraction": schedule_value(
+                c.reasoning_fraction_schedule, c.reasoning_fraction, s
+            ),
+        }
+
+    def _refresh_params(self) -> None:
+        v = self.scheduled_values()
+        # fill_ launches a tiny kernel with the value as argument: no sync, same storage,
+        # so a captured CUDA graph sees the new values on its next replay.
+        self._high.fill_(v["high_temperature"])
+        self._low.fill_(v["low_temperature"])
+        self._single.fill_(v["temperature"])
+        self._q.fill_(1.0 - min(max(v["reasoning_fraction"], 0.0), 1.0))
+
+    def _ensure_state(self, device: torch.device) -> None:
+        if self._device == device:
+            return
+        if self._device is not None:
+            raise ValueError(
+                f"sampler: logits moved from {self._device} to {device}; "
+                "create one sampler per device"
+            )
+        self._device = device
+
+        def scalar(v: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.full((), v, dtype=dtype, device=device)
+
+        self._high = scalar(0.0)
+        self._low = scalar(0.0)
+        self._single = scalar(0.0)
+        self._q = scalar(0.0, torch.float64)
+        self._fixed = scalar(self.config.entropy_threshold)
+        self._invalid = torch.zeros((), dtype=torch.bool, device=device)
+        if self.config.threshold_mode == "window":
+            self.window = EntropyWindow(self.config.window_size, device)
+        self._refresh_params()
+
+    def reset_window(self) -> None:
+        if self.window is not None:
+            self.window.reset()
+
+    def offsets_tensor(
+        self, num_generations: int, batch_size: int, first_index: int = 0
+    ) -> torch.Tensor:
+        """(batch,) offsets for rows laid out as consecutive groups of ``num_generations``.
+
+        Row r belongs to generation ``(first_index + r) % num_generations`` of its group
+        (TRL repeats each prompt ``num_generations`` times in a row; ``first_index`` is the
+        global index of this process's first row).
+        """
+        offsets = torch.tensor(self.config.offsets_for(num_generations), dtype=torch.float32)
+        rows = (torch.arange(batch_size) + first_index) % num_generations
+        out = offsets[rows]
+        return out.to(self._device) if self._device is not None else out
+
+    # ----------------------------------------------------------------- validity
+    def _check_logits(self, x: torch.Tensor) -> None:
+        mode = self.config.nan_check
+        if mode == "off":
+            return
+        # One reduction catches NaN (max propagates it), +inf, and rows with no finite logit.
+        row_max = x.amax(dim=-1)
+        bad = ~torch.isfinite(row_max)
+        eager = mode == "eager" or (mode == "auto" and x.device.type == "cpu")
+        if eager and not _capturing(x.device):
+            if bool(bad.any()):
+                raise ValueError(_invalid_message(x, bad))
+        else:
+            self._invalid |= bad.any()
+
+    def check_finite(self) -> None:
+        """Raise ValueError if any logits since the last check were NaN/+inf/all -inf.
+
+        This is the one sync of the deferred check; call it once per generate (the
+        logits processor's ``result()`` does).
+        """
+        if self._invalid is not None and bool(self._invalid):
+            self._invalid.zero_()
+            raise ValueError(
+                "sampler: logits contained NaN or +inf (or a row with every token at -inf) "
+                "during this generation; the sampled tokens are not valid"
+            )
+
+    # ----------------------------------------------------------------- sampling
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        active: torch.Tensor | None = None,
+        temperature_offsets: torch.Tensor | None = None,
+    ) -> SamplerStep:
+        if logits.dim() != 2:
+            raise ValueError(
+                f"sampler: logits must be (batch, vocab), got shape {tuple(logits.shape)}"
+            )
+        cfg = self.config
+        x = logits.float()
+        self._ensure_state(x.device)
+        self._check_logits(x)
+
+        entropies = token_entropy(x)
+        if active is not None:
+            active = active.to(device=x.device, dtype=torch.bool)
+        threshold = self._threshold(entropies, active)
+        is_reasoning = entropies >= threshold
+
+        if cfg.mode == "multi":
+            temperatures = torch.where(is_reasoning, self._high, self._low)
+        else:
+            temperatures = self._single.expand(x.shape[0])
+        if temperature_offsets is not None:
+            temperatures = temperatures + temperature_offsets.to(x.device, torch.float32)
+        temperatures = temperatures.clamp(min=cfg.min_temperature)
+
+        scaled = x / temperatures[:, None]
+        scaled = truncate(scaled, cfg.top_k, cfg.top_p, cfg.min_p)
+        log_norm = torch.logsumexp(scaled, dim=-1)
+        noise = torch.empty_like(scaled).exponential_(generator=self.generator)
+        # argmax(log p - log E) with E ~ Exp(1) is a draw from p; masked tokens stay -inf.
+        tokens = torch.argmax(scaled - noise.log_(), dim=-1)
+        logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - log_norm
+
+        self.last_threshold = threshold
+        return SamplerStep(
+            tokens=tokens,
+            temperatures=temperatures,
+            entropies=entropies,
+            is_reasoning=is_reasoning,
+            logprobs=logprobs,
+            threshold=threshold,
+        )
+
+    def _threshold(self, entropies: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        mode = self.config.threshold_mode
+        if mode == "fixed":
+            return self._fixed
+        if mode == "batch":
+            return masked_quantile(entropies, self._q, active, self._fixed)
+        # window: add this step's entropies first, then read the quantile (see module doc).
+        self.window.add(entropies, active)
+        return self.window.quantile(self._q, self._fixed)
+
+
+def truncate(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Top-k, then top-p, then min-p on tempered logits (masked entries become -inf).
+
+    Each keeps at least the most likely token.
+    """
+    neg_inf = float("-inf")
+    if top_k and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, neg_inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, neg_inf)
+    if min_p > 0.0:
+        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+        cutoff = scaled.amax(dim=-1, keepdim=True) + math.log(min_p)
+        scaled = scaled.masked_fill(scaled < cutoff, neg_inf)
+    return scaled
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _invalid_message(x: torch.Tensor, bad: torch.Tensor) -> str:
+    rows = torch.nonzero(bad).flatten().tolist()
+    kinds = []
+    if bool(torch.isnan(x[rows]).any()):
+        kinds.append("NaN")
+    if bool(torch.isposinf(x[rows]).any()):
+        kinds.append("+inf")
+    if not kinds:
+        kinds.append("no finite logit")
+    shown = rows[:8]
+    more = "" if len(rows) <= 8 else f" (+{len(rows) - 8} more)"
+    return (
+        f"sampler: invalid logits ({', '.join(kinds)}) in rows {shown}{more} "
+        f"of a ({x.shape[0]}, {x.shape[1]}) batch"
+    )
