@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,10 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConf
     try:
         layer = OmegaConf.load(path)
     except Exception as exc:  # yaml errors carry multi-line context
-        raise ConfigError(f"{path}: not valid YAML: {_one_line(exc)}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(exc, "problem", None) or _one_line(exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {reason}") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     bases = layer.pop("base", None)
@@ -196,14 +200,17 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
 
 
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
-    try:
-        return OmegaConf.merge(base, layer)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or ""
-        if "not in" in str(exc) or type(exc).__name__ == "ConfigKeyError":
-            raise ConfigError(_unknown_key(key, source)) from None
-        reason = _one_line(getattr(exc, "msg", None) or exc)
-        raise ConfigError(f"{key}: {reason} (in {source})") from None
+    merged = base
+    for section in layer:  # section by section, so that an error can name its section
+        try:
+            merged = OmegaConf.merge(merged, {section: layer[section]})
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or str(section)
+            if "not in" in str(exc) or type(exc).__name__ == "ConfigKeyError":
+                raise ConfigError(_unknown_key(key, source)) from None
+            reason = _one_line(getattr(exc, "msg", None) or exc)
+            raise ConfigError(f"{key}: {reason} (in {source})") from None
+    return merged
 
 
 def _unknown_key(full_key: str, source: str) -> str:
@@ -401,19 +408,22 @@ def grpo_config(cfg: ExperimentConfig):
         train["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     weights = [float(w) for w in cfg.rewards.values()]
     try:
-        return GRPOConfig(
-            **train,
-            # The sampler owns every temperature: TRL's scalar stays 1 so that its log-prob head
-            # sees logits that our per-token scaling has already divided (see mtrl.trainer).
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            min_p=None,
-            gradient_checkpointing=cfg.model.gradient_checkpointing,
-            report_to="none",
-            reward_weights=weights,
-            log_completions=cfg.tracking.log_completions,
-        )
+        with warnings.catch_warnings():
+            # GRPOConfig's own default uses transformers' deprecated `gradient_checkpointing` name.
+            warnings.filterwarnings("ignore", ".*gradient_checkpointing.*", FutureWarning)
+            return GRPOConfig(
+                **train,
+                # The sampler owns every temperature: TRL's scalar stays 1 so that its log-prob
+                # head sees logits our per-token scaling has already divided (mtrl.trainer).
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                min_p=None,
+                gradient_checkpointing=cfg.model.gradient_checkpointing,
+                report_to="none",
+                reward_weights=weights,
+                log_completions=cfg.tracking.log_completions,
+            )
     except (TypeError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0]
         raise ConfigError(f"train: {message}") from None
