@@ -23,3 +23,60 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "experiments", "smoke.yaml")
+
+
+def text_length(completions, **kwargs):
+    """A reward that varies across a tiny random model's completions, so advantages are not 0."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [len(t) / 100 for t in texts]
+
+
+@pytest.fixture
+def smoke_config(tmp_path):
+    """`smoke_config(*overrides)`: the smoke experiment writing into tmp_path."""
+    from mtrl.config import load_config
+
+    def make(*overrides):
+        return load_config(
+            SMOKE,
+            [
+                f"train.output_dir={tmp_path / 'out'}",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+@pytest.fixture
+def make_trainer(smoke_config):
+    """`make_trainer(*overrides, reward_funcs=[text_length])`: a tiny in-process trainer."""
+    from omegaconf import OmegaConf
+
+    from mtrl.config import grpo_config
+    from mtrl.data import load_prompts
+    from mtrl.models import load_model_and_tokenizer
+    from mtrl.trainer import MultiTempGRPOTrainer
+
+    def make(*overrides, reward_funcs=(text_length,), callbacks=()):
+        cfg = smoke_config(*overrides)
+        model, tokenizer, peft = load_model_and_tokenizer(cfg.model, cfg.pbs)
+        args = grpo_config(cfg)
+        args.reward_weights = None  # the config's weights are for its own rewards
+        return MultiTempGRPOTrainer(
+            model=model,
+            reward_funcs=list(reward_funcs),
+            args=args,
+            train_dataset=load_prompts(cfg.data, tokenizer),
+            processing_class=tokenizer,
+            peft_config=peft,
+            callbacks=list(callbacks),
+            sampler_config=OmegaConf.to_object(cfg.sampler),
+        )
+
+    return make

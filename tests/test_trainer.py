@@ -1,0 +1,171 @@
+"""MultiTempGRPOTrainer: per-token temperatures from rollout to loss, on a real tiny model."""
+
+import pytest
+import torch
+from trl import GRPOTrainer
+
+from mtrl.config import grpo_config
+
+MULTI = (
+    "sampler.mode=multi",
+    "sampler.threshold_mode=batch",
+    "sampler.reasoning_fraction=0.5",
+    "sampler.high_temperature=1.6",
+    "sampler.low_temperature=0.5",
+    "train.max_completion_length=10",
+)
+
+
+def rollout(trainer, prompts=2):
+    """A generated, scored batch for `prompts` prompts, each repeated num_generations times."""
+    n = trainer.num_generations
+    inputs = [trainer.train_dataset[i] for i in range(prompts) for _ in range(n)]
+    torch.manual_seed(0)
+    return trainer._generate_and_score_completions(inputs)
+
+
+def hand_logps(model, batch, temperatures):
+    """log_softmax(logits_{t-1} / T_t)[token_t] for every completion token, by hand."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    p, k = batch["prompt_ids"].size(1), batch["completion_ids"].size(1)
+    out = torch.zeros(input_ids.size(0), k)
+    for t in range(k):  # token p+t is predicted by the logits at position p+t-1
+        log_probs = torch.log_softmax(logits[:, p + t - 1] / temperatures[:, t, None], dim=-1)
+        out[:, t] = log_probs.gather(1, input_ids[:, p + t, None]).squeeze(1)
+    return out
+
+
+def test_rollout_carries_aligned_per_token_tensors(make_trainer):
+    trainer = make_trainer(*MULTI)
+    batch = rollout(trainer)
+    mask = batch["completion_mask"].bool()
+    shape = batch["completion_ids"].shape
+    for key in ("temperatures", "entropies", "is_reasoning"):
+        assert batch[key].shape == shape
+    temps = batch["temperatures"][mask]
+    reasoning = batch["is_reasoning"][mask]
+    assert torch.allclose(temps[reasoning], torch.tensor(1.6))
+    assert torch.allclose(temps[~reasoning], torch.tensor(0.5))
+    assert reasoning.any() and (~reasoning).any()
+    stats = trainer.last_rollout_stats
+    hist = stats.entropy_histogram()
+    assert sum(hist["all"]) == int(stats.mask.sum())
+    assert sum(hist["reasoning"]) + sum(hist["knowledge"]) == sum(hist["all"])
+
+
+def test_loss_log_probs_use_each_tokens_own_temperature(make_trainer):
+    trainer = make_trainer(*MULTI)
+    batch = rollout(trainer)
+    mask = batch["completion_mask"].bool()
+    expected = hand_logps(trainer.model, batch, batch["temperatures"])
+
+    seen = []
+    real = trainer._get_per_token_logps_and_entropies
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out[0].detach())
+        return out
+
+    trainer._get_per_token_logps_and_entropies = spy
+    # With the old log-probs set to the hand-computed ones, every ratio is exactly 1, so the
+    # DAPO loss is -sum(advantage) over completion tokens / number of tokens.
+    batch["old_per_token_logps"] = expected.clone()
+    loss = trainer._compute_loss(trainer.model, batch)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][mask], expected[mask], atol=1e-5, rtol=1e-5)
+    advantages = batch["advantages"][:, None].expand_as(mask)
+    assert advantages.abs().sum() > 0
+    want = -(advantages * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss.detach(), want, atol=1e-5, rtol=1e-4)
+    # The first completion token too, and a one-position shift would be caught.
+    torch.testing.assert_close(seen[0][:, 0], expected[:, 0], atol=1e-5, rtol=1e-5)
+    shifted = hand_logps(trainer.model, batch, batch["temperatures"].roll(1, dims=1))
+    assert not torch.allclose(shifted[mask], expected[mask], atol=1e-3)
+
+
+def test_chunked_log_softmax_path_matches_hidden_scaling(make_trainer):
+    trainer = make_trainer(*MULTI)
+    assert trainer.logprob_path == "hidden_scale"
+    batch = rollout(trainer)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    k = batch["completion_ids"].size(1)
+    results = {}
+    for path in ("hidden_scale", "chunked_log_softmax"):
+        trainer.logprob_path = path
+        trainer._scoring_temperatures = batch["temperatures"]
+        with torch.no_grad():
+            results[path] = trainer._get_per_token_logps_and_entropies(
+                trainer.model, input_ids, attention_mask, k, batch_size=3, compute_entropy=True
+            )
+    trainer._scoring_temperatures = None
+    mask = batch["completion_mask"].bool()
+    for i in (0, 1):  # log-probs and entropies
+        torch.testing.assert_close(
+            results["hidden_scale"][i][mask],
+            results["chunked_log_softmax"][i][mask],
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_single_mode_loss_equals_stock_grpo_trainer(make_trainer, smoke_config):
+    ours = make_trainer("sampler.mode=single", "sampler.temperature=0.7")
+    batch = rollout(ours)
+    old = hand_logps(ours.model, batch, torch.ones_like(batch["temperatures"])) - 0.05
+    batch["old_per_token_logps"] = old
+
+    from mtrl.models import load_model_and_tokenizer
+
+    cfg = smoke_config()
+    losses = {}
+    for temperature in (0.7, 1.0):
+        model, tokenizer, _ = load_model_and_tokenizer(cfg.model, cfg.pbs)
+        model.load_state_dict(ours.model.state_dict())
+        args = grpo_config(cfg)
+        args.temperature = temperature
+        args.reward_weights = None
+        stock = GRPOTrainer(
+            model=model,
+            reward_funcs=ours.reward_funcs,
+            args=args,
+            train_dataset=ours.train_dataset,
+            processing_class=tokenizer,
+        )
+        stock_batch = {
+            k: v for k, v in batch.items() if k not in ("temperatures", "entropies", "is_reasoning")
+        }
+        losses[temperature] = stock._compute_loss(stock.model, stock_batch).detach()
+    loss = ours._compute_loss(ours.model, batch).detach()
+    torch.testing.assert_close(loss, losses[0.7], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(loss, losses[1.0], atol=1e-4)
+
+
+def test_rollout_offsets_shift_each_generation_of_a_group(make_trainer):
+    trainer = make_trainer(
+        "sampler.mode=single", "sampler.temperature=1.0", "sampler.rollout_offsets=true"
+    )
+    batch = rollout(trainer, prompts=2)
+    mask = batch["completion_mask"].bool()
+    want = [1.0, 1.0, 0.9, 1.1] * 2  # offsets 0, 0, -0.1, +0.1 within each group of 4
+    for row, temperature in enumerate(want):
+        assert torch.allclose(batch["temperatures"][row][mask[row]], torch.tensor(temperature))
+
+
+def test_trainer_refuses_a_grpo_temperature(make_trainer, smoke_config):
+    trainer = make_trainer()
+    args = grpo_config(smoke_config())
+    args.temperature = 0.7
+    args.reward_weights = None
+    with pytest.raises(ValueError, match="sampler config"):
+        type(trainer)(
+            model=trainer.model,
+            reward_funcs=trainer.reward_funcs,
+            args=args,
+            train_dataset=trainer.train_dataset,
+            processing_class=trainer.processing_class,
+        )
