@@ -1,0 +1,186 @@
+"""Launchers for our Triton kernels (forward only). Shapes are documented per function."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .attention import _block_sparse_attn_fwd
+from .scoring import _key_importance_kernel, _last_block_lse_kernel, _permute_rows_kernel
+from .selection import _select_blocks_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether our Triton kernels can run on the device of ``t``."""
+    return t.is_cuda or (interpreting() and t.device.type == "cpu")
+
+
+def _qk_block(head_dim: int, rows: int) -> int:
+    """Tile rows for the scoring kernels: small on the interpreter, 64 on the GPU."""
+    return max(16, min(64, triton.next_power_of_2(rows)))
+
+
+def key_importance(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float) -> torch.Tensor:
+    """Mean softmax attention of the last ``rows`` queries of every head of a group onto keys.
+
+    q: (B, HQ, N, D); k: (B, HKV, N, D). Returns (B, HKV, N) fp32.
+    """
+    B, HQ, N, D = q.shape
+    HKV = k.shape[1]
+    G = HQ // HKV
+    chunk = 1024 if q.is_cuda else 64 * triton.cdiv(N, 64 * 2)
+    n_chunks = triton.cdiv(N, chunk)
+    bq = 64 if q.is_cuda else _qk_block(D, G * rows)
+    bk = 64 if q.is_cuda else 32
+    m = torch.empty(B * HKV, G * rows, n_chunks, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    s2 = scale * LOG2E
+    grid = (triton.cdiv(G * rows, bq), B * HKV, n_chunks)
+    _last_block_lse_kernel[grid](
+        q, k, m, l, *q.stride()[:3], *k.stride()[:3], N, rows, chunk, s2,
+        G=G, HKV=HKV, HEAD_DIM=D, BLOCK_Q=bq, BLOCK_K=bk,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    mx = m.amax(-1, keepdim=True)
+    lse = (torch.log2((l * torch.exp2(m - mx)).sum(-1)) + mx.squeeze(-1)).contiguous()
+    imp = torch.empty(B, HKV, N, device=q.device, dtype=torch.float32)
+    bk2 = 128 if q.is_cuda else 32
+    _key_importance_kernel[(triton.cdiv(N, bk2), B * HKV)](
+        q, k, lse, imp, *q.stride()[:3], *k.stride()[:3], N, rows, s2, 1.0 / (G * rows),
+        G=G, HKV=HKV, HEAD_DIM=D, BLOCK_Q=bq, BLOCK_K=bk2,
+        num_warps=8 if q.is_cuda else 4, num_stages=2,
+    )  # fmt: skip
+    return imp
+
+
+def permute_rows(
+    k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor
+) -> None:
+    """kp[..., i, :] = k[..., perm[i], :] and the same for v. perm: (B, HKV, N) int32.
+
+    kp, vp: (B, HKV, >=N, D) outputs with identical strides (views of one buffer are fine).
+    """
+    B, HKV, N, D = k.shape
+    assert kp.stride() == vp.stride()
+    block = 64
+    _permute_rows_kernel[(triton.cdiv(N, block), B * HKV)](
+        k, v, perm, kp, vp, *k.stride()[:3], *v.stride()[:3], *perm.stride(), *kp.stride()[:3],
+        N, HKV=HKV, HEAD_DIM=D, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+
+
+def select_blocks(
+    logits: torch.Tensor, sink: torch.Tensor, threshold: float, blocks_per_seg: int, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept key blocks per query block. logits: (B, HQ, n_qb, n_kb) fp32 pooled scores in
+    log2 units; sink: (B, HKV) int32. Returns counts (B, HQ, n_qb) int32 and
+    indices (B, HQ, n_qb, n_kb) int32 (first ``counts`` entries valid, ascending)."""
+    B, HQ, n_qb, n_kb = logits.shape
+    counts = torch.empty(B, HQ, n_qb, device=logits.device, dtype=torch.int32)
+    idx = torch.empty(B, HQ, n_qb, n_kb, device=logits.device, dtype=torch.int32)
+    block_kb = max(16, triton.next_power_of_2(n_kb))
+    _select_blocks_kernel[(n_qb, B * HQ)](
+        logits, sink, counts, idx, n_kb, float(threshold),
+        HQ=HQ, G=groups, BLOCKS_PER_SEG=blocks_per_seg, BLOCK_KB=block_kb,
+        num_warps=4 if block_kb <= 1024 else 8,
+    )  # fmt: skip
+    return counts, idx
+
+
+def _attn_configs() -> list[triton.Config]:
+    out = []
+    for bm, bn, w, s in [
+        (128, 64, 8, 3),
+        (128, 128, 8, 2),
+        (128, 64, 4, 3),
+        (128, 32, 4, 3),
+        (64, 64, 4, 3),
+        (64, 32, 4, 4),
+    ]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        # Query tiles must not straddle a selection block; key tiles split a block evenly.
+        if block % bm or block % bn or bn > bm:
+            continue
+        if d <= 64 and bn < 64:  # small head dim: wide key tiles pay off
+            continue
+        keep.append(c)
+    return keep or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4)]
+
+
+_block_sparse_attn_tuned = triton.autotune(
+    configs=_attn_configs(),
+    key=["N_BUCKET", "HQ", "G", "HEAD_DIM", "BLOCK", "SEG"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_block_sparse_attn_fwd)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    counts: torch.Tensor,
+    idx: torch.Tensor,
+    block: int,
+    seg: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of q over its own segment (exact) and the listed blocks of kp/vp.
+
+    q: (B, HQ, N, D); k, v, kp, vp: (B, HKV, N, D) (kp/vp may be longer); counts, idx from
+    :func:`select_blocks`. Returns (B, HQ, N, D) in q's dtype (or fills ``out``).
+    """
+    B, HQ, N, D = q.shape
+    G = HQ // k.shape[1]
+    n_qb, n_kb = idx.shape[2], idx.shape[3]
+    o = torch.empty_like(q) if out is None else out
+    args = (
+        q, k, v, kp, vp, o, counts, idx,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *kp.stride()[:3], *vp.stride()[:3], *o.stride()[:3],
+        N, n_qb, n_kb, scale * LOG2E, triton.next_power_of_2(N),
+    )  # fmt: skip
+    meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg)
+    if q.is_cuda and not interpreting():
+
+        def grid(m):
+            return (triton.cdiv(N, m["BLOCK_M"]), B * HQ)
+
+        _block_sparse_attn_tuned[grid](*args, **meta)
+    else:
+        bm = min(block, 64)
+        bn = min(block, 32)
+        _block_sparse_attn_fwd[(triton.cdiv(N, bm), B * HQ)](
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4
+        )
+    return o
+
+
+__all__ = [
+    "available",
+    "block_sparse_attention",
+    "interpreting",
+    "key_importance",
+    "permute_rows",
+    "select_blocks",
+]
