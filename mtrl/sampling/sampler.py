@@ -8,7 +8,7 @@ One call takes the raw next-token logits of a decoding step, (batch, vocab), and
 3. picks each row's temperature (high for reasoning, low for knowledge; the single
    temperature in ``mode: single``), adds the rollout offset, clamps to ``min_temperature``;
 4. divides the logits by it, then applies top-k, top-p and min-p (in that order);
-5. draws a token with the exponential race (``argmax(log p - log E)``, E ~ Exp(1), which is
+5. draws a token with the exponential race (``argmax(p / E)``, E ~ Exp(1), which is
    exactly a draw from p) and returns its log-prob under that same distribution.
 
 Window semantics: the window threshold of a step is computed AFTER this step's active
@@ -145,13 +145,13 @@ class MultiTemperatureSampler:
         return out.to(self._device) if self._device is not None else out
 
     # ----------------------------------------------------------------- validity
-    def _check_logits(self, x: torch.Tensor) -> None:
+    def _check_logits(self, x: torch.Tensor, entropies: torch.Tensor) -> None:
         mode = self.config.nan_check
         if mode == "off":
             return
-        # One reduction catches NaN (max propagates it), +inf, and rows with no finite logit.
-        row_max = x.amax(dim=-1)
-        bad = ~torch.isfinite(row_max)
+        # The T = 1 softmax turns NaN, +inf and rows with no finite logit into a NaN
+        # entropy, so checking the (batch,) entropies costs no extra pass over the vocab.
+        bad = ~torch.isfinite(entropies)
         eager = mode == "eager" or (mode == "auto" and x.device.type == "cpu")
         if eager and not _capturing(x.device):
             if bool(bad.any()):
@@ -186,9 +186,8 @@ class MultiTemperatureSampler:
         cfg = self.config
         x = logits.float()
         self._ensure_state(x.device)
-        self._check_logits(x)
-
         entropies = token_entropy(x)
+        self._check_logits(x, entropies)
         if active is not None:
             active = active.to(device=x.device, dtype=torch.bool)
         threshold = self._threshold(entropies, active)
@@ -204,11 +203,15 @@ class MultiTemperatureSampler:
 
         scaled = x / temperatures[:, None]
         scaled = truncate(scaled, cfg.top_k, cfg.top_p, cfg.min_p)
-        log_norm = torch.logsumexp(scaled, dim=-1)
-        noise = torch.empty_like(scaled).exponential_(generator=self.generator)
-        # argmax(log p - log E) with E ~ Exp(1) is a draw from p; masked tokens stay -inf.
-        tokens = torch.argmax(scaled - noise.log_(), dim=-1)
-        logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - log_norm
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race, no host
+        # sync unlike torch.multinomial's checks); masked tokens have p = 0, never win.
+        ratio = probs.div_(noise)
+        tokens = torch.argmax(ratio, dim=-1, keepdim=True)
+        # p[token] = (p / E)[token] * E[token]; avoids keeping a second (batch, vocab) buffer
+        logprobs = torch.log(ratio.gather(1, tokens) * noise.gather(1, tokens)).squeeze(1)
+        tokens = tokens.squeeze(1)
 
         self.last_threshold = threshold
         return SamplerStep(
