@@ -11,9 +11,9 @@ Each decoding step is forward + sampling of the next token, the token fed back.
 Sampling variants:
   plain         HF generate's way: softmax(logits.float() / T), torch.multinomial
   multi         MultiTemperatureSampler (window mode, p = 0.2, window 100000), eager
-  multi-graph   the same sampler captured once in a CUDA graph and replayed each step
-                (capture fails on any host synchronisation, so a successful capture and
-                replay shows the sampler has none)
+  multi-graph   the same sampler through mtrl.sampling.CUDAGraphSampler: captured once in
+                a CUDA graph, replayed each step (capture fails on any host
+                synchronisation, so a successful capture and replay shows it has none)
 Plus the sampling step alone on fixed logits, eager and CUDA-graph replayed.
 """
 
@@ -34,7 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noqa: E402
+from mtrl.sampling import (  # noqa: E402
+    CUDAGraphSampler,
+    MultiTemperatureConfig,
+    MultiTemperatureSampler,
+)
 
 QWEN25_15B = dict(
     vocab_size=151936,
@@ -270,10 +274,11 @@ def main(argv=None) -> int:
     if cuda:
         graph_plain = GraphSampler(plain, logits)
         graph_multi_sampler = multi_sampler(args.window_size)
-        graph_multi = GraphSampler(lambda x: graph_multi_sampler(x).tokens, logits)
+        graph_multi = CUDAGraphSampler(graph_multi_sampler)
         alone["plain-graph"] = lambda: graph_plain(logits)
-        alone["multi-graph"] = lambda: graph_multi(logits)
+        alone["multi-graph"] = lambda: graph_multi(logits).tokens
         # the captured sampler keeps its state on the device: the window fills across replays
+        graph_multi(logits)  # first call captures
         count_before = int(graph_multi_sampler.window.count)
         for _ in range(4):
             graph_multi(logits)
@@ -301,8 +306,7 @@ def main(argv=None) -> int:
     first = decoder.first_logits.float()
     decode_samplers = {"plain": plain_sampler(1.0), "multi": multi_sampler(args.window_size)}
     if cuda:
-        s = multi_sampler(args.window_size)
-        decode_samplers["multi-graph"] = GraphSampler(lambda x: s(x).tokens, first)
+        decode_samplers["multi-graph"] = CUDAGraphSampler(multi_sampler(args.window_size))
     state = {"tokens": tokens_of(decode_samplers["plain"](first))}
 
     def make_step(sample):

@@ -11,11 +11,17 @@ sampler inside Hugging Face ``generate``.
 
 from mtrl.sampling.config import MultiTemperatureConfig, ScheduleConfig
 from mtrl.sampling.entropy import token_entropy
-from mtrl.sampling.sampler import MultiTemperatureSampler, SamplerStep, truncate
+from mtrl.sampling.sampler import (
+    CUDAGraphSampler,
+    MultiTemperatureSampler,
+    SamplerStep,
+    truncate,
+)
 from mtrl.sampling.schedules import rollout_offsets, schedule_value
 from mtrl.sampling.threshold import EntropyWindow
 
 __all__ = [
+    "CUDAGraphSampler",
     "EntropyWindow",
     "MultiTemperatureConfig",
     "MultiTemperatureLogitsProcessor",

@@ -276,3 +276,87 @@ def _invalid_message(x: torch.Tensor, bad: torch.Tensor) -> str:
         f"sampler: invalid logits ({', '.join(kinds)}) in rows {shown}{more} "
         f"of a ({x.shape[0]}, {x.shape[1]}) batch"
     )
+
+
+class CUDAGraphSampler:
+    """``MultiTemperatureSampler`` replayed from CUDA graphs (one per input signature).
+
+    An eager sampler call launches a few dozen small kernels; inside HF ``generate``, which
+    waits on the device every step, their host-side launch time adds to each step. This
+    wrapper captures the call once per (batch, vocab, dtype, active?, offsets?) and then
+    each call is three copies in, one graph replay and clones out. Same interface as the
+    sampler (``step``, ``check_finite``, ``config``, ``window`` pass through); on CPU, or
+    when the caller is itself capturing, it runs the sampler eagerly.
+
+    A warm-up call before each capture runs on the real state; the window, its pointer and
+    the NaN flag are restored afterwards, so captures leave no trace in the statistics.
+    """
+
+    def __init__(self, sampler: MultiTemperatureSampler):
+        self.sampler = sampler
+        self._graphs: dict[tuple, tuple] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+    @property
+    def step(self) -> int:
+        return self.sampler.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.sampler.step = value
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        active: torch.Tensor | None = None,
+        temperature_offsets: torch.Tensor | None = None,
+    ) -> SamplerStep:
+        if logits.device.type != "cuda" or _capturing(logits.device):
+            return self.sampler(logits, active, temperature_offsets)
+        key = (
+            tuple(logits.shape),
+            logits.dtype,
+            logits.device,
+            active is not None,
+            temperature_offsets is not None,
+        )
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(logits, active, temperature_offsets)
+        graph, s_logits, s_active, s_offsets, s_out = self._graphs[key]
+        s_logits.copy_(logits)
+        if s_active is not None:
+            s_active.copy_(active)
+        if s_offsets is not None:
+            s_offsets.copy_(temperature_offsets)
+        graph.replay()
+        out = SamplerStep(**{k: v.clone() for k, v in vars(s_out).items()})
+        self.sampler.last_threshold = out.threshold
+        return out
+
+    def _capture(self, logits, active, offsets):
+        s_logits = logits.clone()
+        s_active = None if active is None else active.to(torch.bool).clone()
+        s_offsets = None if offsets is None else offsets.to(logits.device, torch.float32).clone()
+        sampler = self.sampler
+        sampler._ensure_state(logits.device)
+        window = sampler.window
+        saved = [sampler._invalid.clone()]
+        if window is not None:
+            saved += [window.buffer.clone(), window.ptr.clone(), window.count.clone()]
+        stream = torch.cuda.Stream(device=logits.device)
+        stream.wait_stream(torch.cuda.current_stream(logits.device))
+        with torch.cuda.stream(stream):
+            sampler(s_logits, s_active, s_offsets)  # warm-up outside the capture
+        torch.cuda.current_stream(logits.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            s_out = sampler(s_logits, s_active, s_offsets)
+        # undo the warm-up call's effect on the statistics (capture itself runs nothing)
+        sampler._invalid.copy_(saved[0])
+        if window is not None:
+            window.buffer.copy_(saved[1])
+            window.ptr.copy_(saved[2])
+            window.count.copy_(saved[3])
+        return graph, s_logits, s_active, s_offsets, s_out
