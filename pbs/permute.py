@@ -72,12 +72,14 @@ def permute_kv(
     """Gather K and V in permuted order. k, v: (B, HKV, N, D); perm: (B, HKV, N) int32.
 
     kp, vp: optional outputs (B, HKV, >=N, D) with equal strides (e.g. views of one buffer).
+    With gradients wanted, the differentiable torch gather is used instead of the kernel.
     Returns (kp, vp), each (B, HKV, N, D) or the given buffers.
     """
     if kp is None:
         kp = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         vp = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    if kernels.available(k) and k.stride(-1) == 1 and v.stride(-1) == 1:
+    needs_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+    if kernels.available(k) and k.stride(-1) == 1 and v.stride(-1) == 1 and not needs_grad:
         kernels.permute_rows(k, v, perm, kp, vp)
     else:
         N = k.shape[2]

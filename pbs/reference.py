@@ -40,11 +40,12 @@ def visible_mask(plan: Plan, n_q_heads: int) -> torch.Tensor:
 
 
 def attend_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Dense masked softmax in fp32 over the keys the plan keeps. Returns q's dtype."""
+    """Dense masked softmax in fp32 (fp64 for fp64 inputs) over the keys the plan keeps. Returns q's dtype."""
     G = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(G, dim=1)
-    vf = v.float().repeat_interleave(G, dim=1)
-    s = (q.float() @ kf.transpose(-1, -2)) * plan.scale
+    dt = torch.promote_types(q.dtype, torch.float32)
+    kf = k.to(dt).repeat_interleave(G, dim=1)
+    vf = v.to(dt).repeat_interleave(G, dim=1)
+    s = (q.to(dt) @ kf.transpose(-1, -2)) * plan.scale
     s = s.masked_fill(~visible_mask(plan, q.shape[1]), float("-inf"))
     return (s.softmax(-1) @ vf).to(q.dtype)
 
