@@ -161,17 +161,17 @@ def block_sparse_attention(
         N, n_qb, n_kb, scale * LOG2E, triton.next_power_of_2(N),
     )  # fmt: skip
     meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg)
-    if q.is_cuda and not interpreting():
+    if q.is_cuda and not interpreting() and os.environ.get("PBS_AUTOTUNE", "1") != "0":
 
         def grid(m):
             return (triton.cdiv(N, m["BLOCK_M"]), B * HQ)
 
         _block_sparse_attn_tuned[grid](*args, **meta)
-    else:
-        bm = min(block, 64)
-        bn = min(block, 32)
+    else:  # interpreter, or PBS_AUTOTUNE=0 (tests): one fixed, always valid tile shape
+        bm = min(block, 64 if interpreting() else 128)
+        bn = min(block, 32 if interpreting() else 64)
         _block_sparse_attn_fwd[(triton.cdiv(N, bm), B * HQ)](
-            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm < 128 else 8
         )
     return o
 
