@@ -1,0 +1,522 @@
+"""Compare MLflow runs: `python launch/compare.py --experiment NAME [NAME ...] [--out DIR]`.
+
+Runs come from experiments (`--experiment`) or ids (`--runs`) in a tracking store
+(`--tracking-uri`, default sqlite:///mlflow.db). They are grouped by a label: by default the
+sampler setting (`sampler.mode` and its key parameters, rollout offsets), or any param or tag
+(`--group-by param.train.learning_rate`, `--group-by tag.mlflow.runName`). Runs of one group
+are repeats (typically different `train.seed`). The report folder (`--out`, default
+reports/<name>) gets PNG figures against the training step, each group's mean as a line and
+the spread across its runs as a band (min-max, or +-1 std with `--band std`):
+
+- reward.png          `reward` (GRPO's mean reward of the rollouts)
+- heldout.png         held-out accuracy: `eval/<bench>/avg_at_n`, `maj_at_n`, largest `pass_at_k`
+- reasoning_share.png `sampler/reasoning_share`
+- temperatures.png    `sampler/reasoning/temperature_mean` and `sampler/knowledge/...`
+- entropy.png         `sampler/entropy_mean`
+
+and report.md: a table of each group's final values (mean +- std over its runs) and the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REWARD = "reward"
+REASONING_SHARE = "sampler/reasoning_share"
+TEMPERATURES = ("sampler/reasoning/temperature_mean", "sampler/knowledge/temperature_mean")
+ENTROPY = "sampler/entropy_mean"
+HELDOUT = re.compile(r"^eval/[^/]+/(avg_at_\d+|maj_at_\d+|pass_at_\d+)$")
+
+
+@dataclass
+class Run:
+    run_id: str
+    name: str
+    experiment: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> str:
+        return self.params.get("train.seed", "?")
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def load_runs(client: Any, experiments: list[str], run_ids: list[str]) -> list[Run]:
+    """The runs named by experiment or id, with every metric's history, sorted by start time."""
+    found = []
+    if experiments:
+        ids, names = [], {}
+        for name in experiments:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise SystemExit(f"error: --experiment: no experiment named '{name}'")
+            ids.append(exp.experiment_id)
+            names[exp.experiment_id] = name
+        token = None
+        while True:
+            page = client.search_runs(ids, max_results=1000, page_token=token)
+            found += [(r, names[r.info.experiment_id]) for r in page]
+            token = page.token
+            if not token:
+                break
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except Exception as exc:
+            raise SystemExit(f"error: --runs: cannot read run {run_id}: {exc}") from None
+        exp = client.get_experiment(run.info.experiment_id)
+        found.append((run, exp.name))
+    runs, seen = [], set()
+    for run, exp_name in sorted(found, key=lambda x: x[0].info.start_time or 0):
+        if run.info.run_id in seen:
+            continue
+        seen.add(run.info.run_id)
+        item = Run(
+            run_id=run.info.run_id,
+            name=run.info.run_name or run.info.run_id[:8],
+            experiment=exp_name,
+            params=dict(run.data.params),
+            tags=dict(run.data.tags),
+        )
+        for key in run.data.metrics:
+            history = client.get_metric_history(run.info.run_id, key)
+            points: dict[int, float] = {}
+            for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
+                points[int(m.step)] = float(m.value)  # the latest value logged at a step wins
+            item.histories[key] = sorted(points.items())
+        runs.append(item)
+    return runs
+
+
+def sampler_label(params: dict[str, str]) -> str:
+    """`single T=1.0`, `multi p=0.2 T=1.2/0.8`, with schedules and rollout offsets noted."""
+    mode = params.get("sampler.mode")
+    if mode is None:
+        return "?"
+
+    def sched(name: str) -> str:
+        kind = params.get(f"sampler.{name}_schedule.kind", "constant")
+        if kind == "constant":
+            return ""
+        end = params.get(f"sampler.{name}_schedule.end")
+        return f"->{end}" if end not in (None, "None") else f"({kind})"
+
+    if mode == "single":
+        label = f"single T={params.get('sampler.temperature', '?')}{sched('temperature')}"
+    else:
+        label = (
+            f"multi p={params.get('sampler.reasoning_fraction', '?')}"
+            f"{sched('reasoning_fraction')} "
+            f"T={params.get('sampler.high_temperature', '?')}{sched('high_temperature')}"
+            f"/{params.get('sampler.low_temperature', '?')}{sched('low_temperature')}"
+        )
+        threshold = params.get("sampler.threshold_mode")
+        if threshold and threshold != "window":
+            label += f" {threshold}"
+    values = params.get("sampler.rollout_offset_values")
+    if values not in (None, "None"):
+        label += f" offsets={values}"
+    elif params.get("sampler.rollout_offsets") == "True":
+        label += f" offsets+-{params.get('sampler.rollout_offset_step', '?')}"
+    return label
+
+
+def group_label(run: Run, group_by: str | None) -> str:
+    if not group_by:
+        label = sampler_label(run.params)
+        return label if label != "?" else run.name
+    kind, _, key = group_by.partition(".")
+    if kind == "tag":
+        return f"{key}={run.tags.get(key, '?')}"
+    if kind != "param":
+        key = group_by
+    return f"{key}={run.params.get(key, '?')}"
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    """Trailing moving average over `window` logged points (1: unchanged)."""
+    if window <= 1:
+        return points
+    out = []
+    for i, (step, _) in enumerate(points):
+        chunk = [v for _, v in points[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        out.append((step, sum(chunk) / len(chunk) if chunk else math.nan))
+    return out
+
+
+def aggregate(histories: list[list[tuple[int, float]]]) -> dict[str, list[float]]:
+    """Per step over the runs that logged it: mean, std (sample; 0 for one run), min, max, n."""
+    by_step: dict[int, list[float]] = {}
+    for history in histories:
+        for step, value in history:
+            if math.isfinite(value):
+                by_step.setdefault(step, []).append(value)
+    out: dict[str, list[float]] = {k: [] for k in ("step", "mean", "std", "min", "max", "n")}
+    for step in sorted(by_step):
+        values = by_step[step]
+        out["step"].append(step)
+        out["mean"].append(statistics.fmean(values))
+        out["std"].append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        out["min"].append(min(values))
+        out["max"].append(max(values))
+        out["n"].append(len(values))
+    return out
+
+
+def final_value(history: list[tuple[int, float]], window: int = 1) -> float | None:
+    """Mean of the last `window` finite values of a history, None when it has none."""
+    values = [v for _, v in history if math.isfinite(v)][-window:]
+    return statistics.fmean(values) if values else None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def plot_metric(
+    ax: Any,
+    groups: dict[str, list[Run]],
+    key: str,
+    band: str,
+    smoothing: int,
+    colors: dict[str, Any],
+    linestyle: str = "-",
+    suffix: str = "",
+) -> bool:
+    drew = False
+    for label, runs in groups.items():
+        histories = [smooth(r.histories[key], smoothing) for r in runs if r.histories.get(key)]
+        if not histories:
+            continue
+        agg = aggregate(histories)
+        if not agg["step"]:
+            continue
+        color = colors[label]
+        marker = "o" if len(agg["step"]) <= 20 else None
+        ax.plot(
+            agg["step"],
+            agg["mean"],
+            linestyle,
+            color=color,
+            marker=marker,
+            markersize=3,
+            label=f"{label}{suffix} (n={len(histories)})",
+        )
+        if band == "std":
+            low = [m - s for m, s in zip(agg["mean"], agg["std"], strict=True)]
+            high = [m + s for m, s in zip(agg["mean"], agg["std"], strict=True)]
+        else:
+            low, high = agg["min"], agg["max"]
+        if len(histories) > 1:
+            ax.fill_between(agg["step"], low, high, color=color, alpha=0.2, linewidth=0)
+        drew = True
+    return drew
+
+
+def figure(
+    path: Path,
+    groups,
+    keys: list[str],
+    titles: list[str],
+    band: str,
+    smoothing: int,
+    colors,
+    ylabel: str = "",
+) -> bool:
+    """One subplot per key; False (and no file) when no run has any of the keys."""
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    drew_any = False
+    for ax, key, title in zip(axes.flat, keys, titles, strict=False):
+        drew = plot_metric(ax, groups, key, band, smoothing, colors)
+        drew_any |= drew
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drew:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    if drew_any:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drew_any
+
+
+def temperature_figure(path: Path, groups, band: str, smoothing: int, colors) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drew = plot_metric(ax, groups, TEMPERATURES[0], band, smoothing, colors, "-", " reasoning")
+    drew |= plot_metric(ax, groups, TEMPERATURES[1], band, smoothing, colors, "--", " knowledge")
+    ax.set_title(
+        "sampling temperature per token class (solid: reasoning, dashed: knowledge)", fontsize=9
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean temperature")
+    ax.grid(alpha=0.3)
+    if drew:
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drew
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def display(metric: str) -> str:
+    return re.sub(r"_at_(\d+)", r"@\1", metric)
+
+
+def heldout_keys(runs: list[Run]) -> list[str]:
+    """Held-out metrics to show: per benchmark avg@n, the largest pass@k, maj@n."""
+    keys = sorted({k for r in runs for k in r.histories if HELDOUT.match(k)})
+    out = []
+    for bench in sorted({k.split("/")[1] for k in keys}):
+        mine = [k for k in keys if k.split("/")[1] == bench]
+        avg = [k for k in mine if "/avg_at_" in k]
+        maj = [k for k in mine if "/maj_at_" in k]
+        passes = sorted(
+            (k for k in mine if "/pass_at_" in k), key=lambda k: int(k.rsplit("_", 1)[1])
+        )
+        largest = [k for k in passes[-1:] if not k.endswith("_at_1")]  # pass@1 is avg@n
+        out += avg + largest + maj
+        if not avg and passes:
+            out.append(passes[0])
+    return list(dict.fromkeys(out))
+
+
+def cell(values: list[float], start: list[float] | None = None, digits: int = 3) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    if start:
+        text += f" (from {statistics.fmean(start):.{digits}f})"
+    return text
+
+
+def table(groups: dict[str, list[Run]], eval_keys: list[str], reward_window: int) -> list[str]:
+    header = ["group", "runs", "seeds", f"final reward (last {reward_window})"]
+    header += [display(k.removeprefix("eval/")) for k in eval_keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, runs in groups.items():
+        rewards = [final_value(r.histories.get(REWARD, []), reward_window) for r in runs]
+        row = [
+            label.replace("|", "\\|"),
+            str(len(runs)),
+            ", ".join(sorted({r.seed for r in runs})),
+            cell([v for v in rewards if v is not None]),
+        ]
+        for key in eval_keys:
+            finals = [final_value(r.histories.get(key, [])) for r in runs]
+            starts = [
+                h[0][1] for r in runs if (h := r.histories.get(key)) and h[0][0] == 0 and len(h) > 1
+            ]
+            row.append(cell([v for v in finals if v is not None], starts or None))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def write_report(
+    runs: list[Run],
+    out: Path,
+    title: str,
+    tracking_uri: str,
+    group_by: str | None,
+    band: str,
+    smoothing: int,
+    reward_window: int,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(group_label(run, group_by), []).append(run)
+    cmap = plt.get_cmap("tab10")
+    colors = {label: cmap(i % 10) for i, label in enumerate(groups)}
+    eval_keys = heldout_keys(runs)
+    figures: list[tuple[str, str]] = []
+    missing: list[str] = []
+
+    def add(name: str, caption: str, drew: bool) -> None:
+        if drew:
+            figures.append((name, caption))
+        else:
+            (out / name).unlink(missing_ok=True)
+            missing.append(caption)
+
+    smoothed = f" ({smoothing}-point moving average)" if smoothing > 1 else ""
+    add(
+        "reward.png",
+        f"Reward{smoothed}",
+        figure(
+            out / "reward.png",
+            groups,
+            [REWARD],
+            [f"reward{smoothed}"],
+            band,
+            smoothing,
+            colors,
+            "mean reward",
+        ),
+    )
+    add(
+        "heldout.png",
+        "Held-out accuracy",
+        bool(eval_keys)
+        and figure(
+            out / "heldout.png",
+            groups,
+            eval_keys,
+            [display(k.removeprefix("eval/")) for k in eval_keys],
+            band,
+            1,
+            colors,
+            "accuracy",
+        ),
+    )
+    add(
+        "reasoning_share.png",
+        "Reasoning-token share",
+        figure(
+            out / "reasoning_share.png",
+            groups,
+            [REASONING_SHARE],
+            ["share of completion tokens classified as reasoning"],
+            band,
+            smoothing,
+            colors,
+        ),
+    )
+    add(
+        "temperatures.png",
+        "Temperatures per token class",
+        temperature_figure(out / "temperatures.png", groups, band, smoothing, colors),
+    )
+    add(
+        "entropy.png",
+        "Token entropy",
+        figure(
+            out / "entropy.png",
+            groups,
+            [ENTROPY],
+            ["mean token entropy (nats, T = 1)"],
+            band,
+            smoothing,
+            colors,
+        ),
+    )
+
+    spread = "±1 std" if band == "std" else "min-max"
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(runs)} runs from `{tracking_uri}`, grouped by "
+        f"{f'`{group_by}`' if group_by else 'sampler setting'}; runs of a group are repeats "
+        f"(seeds). Lines: mean over a group's runs; bands: {spread} across them.",
+        "",
+        f"Table: mean ± std (sample std over runs) of each run's final value; reward is the mean "
+        f"of its last {reward_window} logged steps, held-out metrics the last evaluation "
+        f"(in parentheses: the base model at step 0, where evaluated).",
+        "",
+        *table(groups, eval_keys, reward_window),
+        "",
+    ]
+    for name, caption in figures:
+        lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    if missing:
+        lines += ["No data for: " + ", ".join(missing) + ".", ""]
+    lines += [
+        "## Runs",
+        "",
+        "| group | run | experiment | seed | run id |",
+        "|---|---|---|---|---|",
+    ]
+    for label, members in groups.items():
+        for r in members:
+            lines.append(
+                f"| {label.replace('|', chr(92) + '|')} | {r.name} | {r.experiment} | "
+                f"{r.seed} | `{r.run_id}` |"
+            )
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", nargs="+", default=[], help="MLflow experiment names")
+    parser.add_argument("--runs", nargs="+", default=[], help="MLflow run ids")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--group-by", help="param.<key> or tag.<key> (default: sampler setting)")
+    parser.add_argument("--out", help="report folder (default: reports/<name>)")
+    parser.add_argument("--name", help="report name (default: the experiment names)")
+    parser.add_argument("--band", choices=("minmax", "std"), default="minmax")
+    parser.add_argument("--smooth", type=int, default=1, help="moving average over N points")
+    parser.add_argument(
+        "--final-window",
+        type=int,
+        default=10,
+        help="final reward = mean of a run's last N logged steps",
+    )
+    args = parser.parse_args(argv)
+    if not args.experiment and not args.runs:
+        parser.error("name runs with --experiment or --runs")
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=args.tracking_uri)
+    runs = load_runs(client, args.experiment, args.runs)
+    if not runs:
+        print("error: no runs found", file=sys.stderr)
+        return 1
+    name = args.name or ("-".join(args.experiment) if args.experiment else "runs")
+    out = Path(args.out) if args.out else Path("reports") / re.sub(r"[^\w.-]", "_", name)
+    path = write_report(
+        runs,
+        out,
+        f"Comparison: {name}",
+        args.tracking_uri,
+        args.group_by,
+        args.band,
+        max(1, args.smooth),
+        max(1, args.final_window),
+    )
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
