@@ -34,6 +34,7 @@ def resume_checkpoint(cfg: ExperimentConfig, output_dir: str) -> str | None:
 def build_trainer(cfg: ExperimentConfig, resume: bool = False) -> Any:
     """Load model, data and rewards; return a ready MultiTempGRPOTrainer with MLflow attached."""
     from mtrl.data import load_prompts
+    from mtrl.eval import EvalCallback
     from mtrl.models import load_model_and_tokenizer
     from mtrl.rewards import build_reward_funcs
     from mtrl.tracking import MLflowCallback
@@ -57,6 +58,8 @@ def build_trainer(cfg: ExperimentConfig, resume: bool = False) -> Any:
         sampler_config=OmegaConf.to_object(cfg.sampler),
     )
     tracker.trainer = trainer
+    if cfg.eval.every_n_steps and cfg.eval.benchmarks:
+        trainer.add_callback(EvalCallback(cfg, trainer))
     return trainer
 
 
