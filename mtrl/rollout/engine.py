@@ -1,0 +1,587 @@
+"""Fast rollouts: batched generation with a static KV cache and a CUDA-graph decode step.
+
+    engine = RolloutEngine(model, sampler, eos_token_ids=[eos], pad_token_id=pad,
+                           max_new_tokens=1024)
+    out = engine.generate(input_ids, attention_mask, temperature_offsets=None)
+    out.completion_ids, out.mask, out.temperatures, out.entropies, out.is_reasoning, out.logprobs
+
+How one ``generate`` runs (B rows, left-padded prompts of width P, T = ``max_new_tokens``):
+
+1. **Prefill** through the model's configured attention implementation (sdpa, flash, or
+   ``pbs`` so PBS-Attn serves long prompts) with a ``DynamicCache``, so the attention sees
+   query length == key length (no cached prefix); positions come from the attention mask
+   (``cumsum - 1``, as ``generate`` does). Only the last position's logits are computed
+   (``logits_to_keep=1``). The keys/values are then copied into a transformers
+   ``StaticCache`` of length ``round_up(P + T - 1, kv_bucket)``.
+2. **Token 0** is drawn from the prefill logits by the same ``_consume`` function the decode
+   step ends with (sampler call + finished-row bookkeeping).
+3. **Decode**: ``_decode_step`` = model forward of one token per row (positions and cache
+   position kept as device counters), the multi-temperature sampler, and the bookkeeping
+   (finished rows emit ``pad_token_id``, their mask is False, outputs are written at a device
+   column counter). Everything is on the device, with no host synchronisation. On CUDA the
+   step is captured once per (batch, cache length, key-length bucket) in a
+   ``torch.cuda.CUDAGraph`` (warm-up on a side stream, graphs share one memory pool) and
+   replayed; elsewhere (CPU, or ``use_cuda_graph=False``, or a failed capture) the very same
+   ``_decode_step`` runs eagerly. The host reads ``finished.all()`` only every
+   ``check_every`` steps to stop early.
+
+Decode attention: during decode steps the model's attention modules dispatch (through
+transformers' ``AttentionInterface``) to ``_decode_attention``: grouped-query heads are folded
+into the query length, so K/V are read once per KV head (no ``repeat_kv`` copy), keys are
+sliced to the step's bucket of ``kv_bucket`` positions (a separate graph per bucket, so early
+steps don't read the whole cache), and the padding + causal mask is one additive
+(B, 1, 1, L) tensor built once per step. The prefill keeps the configured implementation.
+
+Sampler RNG: the sampler's ``exponential_`` noise uses the default CUDA generator (or the
+sampler's own generator, registered with the graph), which CUDA graphs support through philox
+seed/offset bookkeeping: each replay draws fresh noise.
+
+Models: the policy is used in place (no weight copy; nothing to sync). LoRA: a ``PeftModel``
+runs **unmerged**; the adapter layers are part of the captured step, and since optimizer
+updates are in place the graphs keep seeing the current weights. If any parameter's storage
+moves (ZeRO-3 re-gathering, ``.to()``, merging), the graphs are re-captured on the next call.
+Gradient checkpointing and dropout are off during rollout (``model.eval()`` under
+``torch.no_grad()``; the previous train/eval mode is restored). Models whose caches
+``StaticCache`` cannot represent as plain full-attention layers (sliding-window, linear or
+hybrid caches, encoder-decoders), or whose attention does not go through transformers'
+``AttentionInterface``, raise ``UnsupportedModelError``: catch it and fall back to
+``generate``.
+
+Memory: the static cache, the output buffers and the graphs of the most recent shape are kept
+for the next call (rollouts in training repeat the same shape); ``release()`` frees them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+DECODE_ATTENTION = "mtrl_rollout_decode"
+
+
+class UnsupportedModelError(RuntimeError):
+    """The model can't be served by the engine (cache type, attention dispatch); use generate."""
+
+
+@dataclass
+class RolloutOutput:
+    """Completions and, aligned with them, what the sampler did; each (B, T).
+
+    Column j is the j-th generated token and the temperature/entropy/class/log-prob of the
+    distribution it was drawn from (the logits at position ``P + j - 1``). Positions where
+    ``mask`` is False (after the EOS) hold ``pad_token_id``, temperature 1.0, entropy 0.0,
+    reasoning False, log-prob 0.0. T is the longest completion (<= ``max_new_tokens``).
+    """
+
+    completion_ids: torch.Tensor  # long
+    mask: torch.Tensor  # bool, real tokens, the EOS included
+    temperatures: torch.Tensor  # fp32
+    entropies: torch.Tensor  # fp32, nats at T = 1
+    is_reasoning: torch.Tensor  # bool
+    logprobs: torch.Tensor  # fp32, under the tempered, truncated distribution drawn from
+    steps: int = 0  # token steps run (prefill sample + decode steps)
+    used_cuda_graph: bool = False
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(1)
+
+
+# ----------------------------------------------------------------------------- attention
+class _DecodeContext:
+    """What the decode attention reads; set by the engine before each eager step / capture."""
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None  # (B, 1, 1, L) additive, compute dtype
+        self.kv_len: int = 0
+        self.calls: int = 0
+
+
+_CTX = _DecodeContext()
+_REGISTERED = False
+
+
+@torch.compiler.disable
+def _decode_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """One-token attention over the static cache; GQA folded into the query length."""
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise UnsupportedModelError("rollout engine: soft-capped / sink attention is not supported")
+    _CTX.calls += 1
+    b, h, q_len, d = query.shape
+    kvh = key.shape[1]
+    n = _CTX.kv_len
+    mask = _CTX.mask
+    if mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    # Query head g * rep + r uses KV head g (repeat_kv's layout): (B, KVH, rep * q_len, D).
+    q = query.reshape(b, kvh, (h // kvh) * q_len, d)
+    out = F.scaled_dot_product_attention(
+        q, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scaling
+    )
+    return out.reshape(b, h, q_len, -1).transpose(1, 2), None
+
+
+def _register_attention() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+        _REGISTERED = True
+
+
+# ----------------------------------------------------------------------------- state
+class _Slot:
+    """Static buffers of one (batch, cache length) shape; graphs are keyed by key bucket."""
+
+    def __init__(self, batch: int, cache_len: int, new_tokens: int, device, cache, eos, pad):
+        self.batch, self.cache_len = batch, cache_len
+        self.cache = cache
+        long = dict(dtype=torch.long, device=device)
+        self.key_valid = torch.ones(batch, cache_len, dtype=torch.bool, device=device)
+        self.arange = torch.arange(cache_len, **long)
+        self.cur = torch.zeros(batch, **long)
+        self.pos = torch.zeros(batch, **long)
+        self.cache_pos = torch.zeros((), **long)
+        self.col = torch.zeros((), **long)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.offsets = torch.zeros(batch, dtype=torch.float32, device=device)
+        self.eos = torch.tensor(eos if eos else [-1], **long)
+        self.pad = torch.full((), pad, **long)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.out_tokens = torch.full((batch, new_tokens), pad, **long)
+        self.out_mask = torch.zeros(batch, new_tokens, dtype=torch.bool, device=device)
+        self.out_temperatures = torch.ones(batch, new_tokens, **f32)
+        self.out_entropies = torch.zeros(batch, new_tokens, **f32)
+        self.out_is_reasoning = torch.zeros(batch, new_tokens, dtype=torch.bool, device=device)
+        self.out_logprobs = torch.zeros(batch, new_tokens, **f32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.fingerprint: tuple | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+
+def _tensor_attrs(obj) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in vars(obj).items() if isinstance(v, torch.Tensor)}
+
+
+# ----------------------------------------------------------------------------- engine
+class RolloutEngine:
+    """Batched generation for the policy in place: static KV cache + CUDA-graph decode step.
+
+    ``RolloutEngine(model, sampler, eos_token_ids, pad_token_id, max_new_tokens,
+    use_cuda_graph=None, check_every=16, kv_bucket=256)``
+
+    - ``model``: a transformers causal LM (or a ``PeftModel`` around one; LoRA runs unmerged
+      inside the graph).
+    - ``sampler``: ``mtrl.sampling.MultiTemperatureSampler``; set ``sampler.step`` before
+      ``generate`` as usual (its schedule tensors are read by the graph on each replay).
+    - ``use_cuda_graph``: None = on CUDA devices; False = eager (the same step function).
+    - ``check_every``: decode steps between host checks of "all rows finished".
+    - ``kv_bucket``: cache length granularity and key-length bucket of the decode graphs.
+    - ``compile_decode``: run the decode forward through ``torch.compile`` (default mode, no
+      inductor CUDA graphs; the decode attention stays eager) inside the captured graph, which
+      fuses the many small elementwise kernels; costs one compilation per batch size.
+
+    Raises ``UnsupportedModelError`` (at construction or on the first ``generate``) for models
+    the static cache or the decode attention can't serve.
+    """
+
+    def __init__(
+        self,
+        model,
+        sampler,
+        eos_token_ids: int | Iterable[int] | None,
+        pad_token_id: int,
+        max_new_tokens: int,
+        use_cuda_graph: bool | None = None,
+        check_every: int = 16,
+        kv_bucket: int = 256,
+        compile_decode: bool = False,
+    ):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if check_every < 1:
+            raise ValueError(f"check_every: must be >= 1, got {check_every}")
+        if kv_bucket < 16 or kv_bucket % 16:
+            raise ValueError(f"kv_bucket: must be a positive multiple of 16, got {kv_bucket}")
+        self.model = model
+        self.sampler = sampler
+        if eos_token_ids is None:
+            eos = []
+        elif isinstance(eos_token_ids, int):
+            eos = [eos_token_ids]
+        else:
+            eos = [int(e) for e in eos_token_ids]
+        self.eos_token_ids = eos
+        if pad_token_id is None:
+            raise ValueError("pad_token_id: required (finished rows emit it)")
+        self.pad_token_id = int(pad_token_id)
+        self.max_new_tokens = int(max_new_tokens)
+        self.use_cuda_graph = use_cuda_graph
+        self.check_every = int(check_every)
+        self.kv_bucket = int(kv_bucket)
+        self.compile_decode = bool(compile_decode)
+        self._compiled = None
+        self._slot: _Slot | None = None
+        self._pool = None
+        self._graph_failed: str | None = None
+        self._base = self._base_model(model)
+        self._check_supported()
+        params = inspect.signature(self._base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self._configs = self._attention_configs()
+        _register_attention()
+
+    # ------------------------------------------------------------------ model checks
+    @staticmethod
+    def _base_model(model):
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            return model.get_base_model()
+        return model
+
+    def _check_supported(self) -> None:
+        config = getattr(self._base, "config", None)
+        if config is None:
+            raise UnsupportedModelError("rollout engine: the model has no transformers config")
+        if getattr(config, "is_encoder_decoder", False):
+            raise UnsupportedModelError("rollout engine: encoder-decoder models are not supported")
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        try:
+            cache = StaticCache(config=config, max_cache_len=self.kv_bucket)
+        except Exception as e:  # noqa: BLE001 - any failure means: not servable
+            raise UnsupportedModelError(
+                f"rollout engine: StaticCache does not support {type(self._base).__name__}: {e}"
+            ) from e
+        kinds = {type(layer).__name__ for layer in cache.layers}
+        if any(type(layer) is not StaticLayer for layer in cache.layers):
+            raise UnsupportedModelError(
+                "rollout engine: needs full-attention static cache layers only, "
+                f"{type(self._base).__name__} uses {sorted(kinds)}"
+            )
+
+    def _attention_configs(self) -> list:
+        seen, out = set(), []
+        for m in self._base.modules():
+            c = getattr(m, "config", None)
+            if c is not None and hasattr(c, "_attn_implementation_internal") and id(c) not in seen:
+                seen.add(id(c))
+                out.append(c)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _forward(self, cache, decode: bool = False, **kwargs):
+        kwargs[self._cache_kw] = cache
+        kwargs["use_cache"] = True
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        fn = self._base
+        if decode and self.compile_decode:
+            if self._compiled is None:
+                # The decode attention is excluded from compilation (a graph break per layer),
+                # so the fused code is independent of the key bucket: one compile per batch.
+                self._compiled = torch.compile(self._base, dynamic=False)
+            fn = self._compiled
+            # Each layer's frame specialises on its cache layer: allow one compile per layer.
+            limit = 8 * len(self._configs) + 4 * self._base.config.num_hidden_layers + 64
+            patch = {
+                k: limit
+                for k in ("recompile_limit", "cache_size_limit")
+                if hasattr(torch._dynamo.config, k)
+            }
+            with torch._dynamo.config.patch(**patch):
+                return fn(**kwargs).logits[:, -1]
+        out = fn(**kwargs)
+        return out.logits[:, -1]
+
+    def _set_decode_attention(self, on: bool) -> None:
+        if on:
+            self._saved_impl = [c._attn_implementation_internal for c in self._configs]
+            for c in self._configs:
+                c._attn_implementation_internal = DECODE_ATTENTION
+        else:
+            for c, impl in zip(self._configs, self._saved_impl, strict=True):
+                c._attn_implementation_internal = impl
+
+    def _fingerprint(self) -> tuple:
+        return tuple(p.data_ptr() for p in self._base.parameters()) + tuple(
+            b.data_ptr() for b in self._base.buffers()
+        )
+
+    def release(self) -> None:
+        """Free the static cache, buffers and graphs kept for the next call."""
+        self._slot = None
+        self._pool = None
+
+    def _bucket(self, cache_pos: int, cache_len: int) -> int:
+        """Key length a step writing cache position ``cache_pos`` attends over."""
+        return min(cache_len, (cache_pos // self.kv_bucket + 1) * self.kv_bucket)
+
+    def _graphs_wanted(self, device: torch.device) -> bool:
+        if device.type != "cuda":
+            return False
+        if self.use_cuda_graph is False or self._graph_failed is not None:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ slot
+    def _get_slot(self, batch: int, prompt_len: int, device) -> _Slot:
+        need = prompt_len + self.max_new_tokens - 1
+        cache_len = max(self.kv_bucket, math.ceil(need / self.kv_bucket) * self.kv_bucket)
+        s = self._slot
+        if s is not None and s.batch == batch and s.cache_len == cache_len:
+            if s.key_valid.device == device:
+                return s
+        self._slot = None  # free the old one first
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self._base.config, max_cache_len=cache_len)
+        self._slot = _Slot(
+            batch,
+            cache_len,
+            self.max_new_tokens,
+            device,
+            cache,
+            self.eos_token_ids,
+            self.pad_token_id,
+        )
+        return self._slot
+
+    def _reset(self, s: _Slot, attention_mask, offsets, prompt_len: int) -> None:
+        s.key_valid.fill_(True)
+        s.key_valid[:, :prompt_len].copy_(attention_mask.bool())
+        s.pos.copy_(attention_mask.long().sum(1))
+        s.cache_pos.fill_(prompt_len)
+        s.col.zero_()
+        s.finished.zero_()
+        if offsets is None:
+            s.offsets.zero_()
+        else:
+            s.offsets.copy_(offsets.reshape(-1).to(s.offsets))
+        s.out_tokens.fill_(self.pad_token_id)
+        s.out_mask.zero_()
+        s.out_temperatures.fill_(1.0)
+        s.out_entropies.zero_()
+        s.out_is_reasoning.zero_()
+        s.out_logprobs.zero_()
+
+    # ------------------------------------------------------------------ the step
+    def _prefill(self, s: _Slot, input_ids, attention_mask) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        position_ids.masked_fill_(attention_mask == 0, 1)
+        dyn = DynamicCache(config=self._base.config)
+        logits = self._forward(
+            dyn, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
+        p = input_ids.shape[1]
+        if len(dyn.layers) != len(s.cache.layers):
+            raise UnsupportedModelError(
+                f"rollout engine: prefill filled {len(dyn.layers)} cache layers, "
+                f"the static cache has {len(s.cache.layers)}"
+            )
+        for src, dst in zip(dyn.layers, s.cache.layers, strict=True):
+            if not dst.is_initialized:
+                dst.lazy_initialization(src.keys, src.values)
+            dst.keys[:, :, :p].copy_(src.keys)
+            dst.values[:, :, :p].copy_(src.values)
+            dst.cumulative_length.fill_(p)
+        return logits
+
+    def _consume(self, s: _Slot, logits: torch.Tensor) -> None:
+        """Sample one token per row and record it at column ``s.col`` (no host sync)."""
+        active = ~s.finished
+        step = self.sampler(logits, active=active, temperature_offsets=s.offsets)
+        tok = torch.where(active, step.tokens, s.pad)
+        col = s.col.view(1)
+        s.out_tokens.index_copy_(1, col, tok[:, None])
+        s.out_mask.index_copy_(1, col, active[:, None])
+        one = torch.ones_like(step.temperatures)
+        zero = torch.zeros_like(step.temperatures)
+        s.out_temperatures.index_copy_(1, col, torch.where(active, step.temperatures, one)[:, None])
+        s.out_entropies.index_copy_(1, col, torch.where(active, step.entropies, zero)[:, None])
+        s.out_is_reasoning.index_copy_(1, col, (active & step.is_reasoning)[:, None])
+        s.out_logprobs.index_copy_(1, col, torch.where(active, step.logprobs, zero)[:, None])
+        s.finished |= (tok[:, None] == s.eos[None, :]).any(1)
+        s.cur.copy_(tok)
+        s.col.add_(1)
+
+    def _decode_step(self, s: _Slot, kv_len: int) -> None:
+        """Forward of the last token per row + sampling + bookkeeping, all on the device."""
+        allowed = s.key_valid[:, :kv_len] & (s.arange[:kv_len] <= s.cache_pos)
+        mask = torch.zeros(allowed.shape, dtype=self._dtype, device=allowed.device)
+        _CTX.mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+        _CTX.kv_len = kv_len
+        logits = self._forward(
+            s.cache,
+            decode=True,
+            input_ids=s.cur[:, None],
+            position_ids=s.pos[:, None],
+            attention_mask=None,
+        )
+        s.pos.add_(1)
+        s.cache_pos.add_(1)
+        self._consume(s, logits)
+
+    # ------------------------------------------------------------------ graphs
+    def _snapshot(self, s: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        saved = [(t, t.clone()) for t in s.tensors().values()]
+        for layer in s.cache.layers:
+            saved.append((layer.cumulative_length, layer.cumulative_length.clone()))
+        for obj in (self.sampler, getattr(self.sampler, "window", None)):
+            if obj is not None:
+                saved += [(t, t.clone()) for t in _tensor_attrs(obj).values()]
+        return saved
+
+    def _capture(self, s: _Slot, buckets: list[int]) -> None:
+        """Warm up and capture the decode step for each key bucket; state is restored after."""
+        saved = self._snapshot(s)
+        gen = getattr(self.sampler, "generator", None)
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for kv_len in buckets:
+                    for _ in range(2):
+                        self._decode_step(s, kv_len)
+            torch.cuda.current_stream().wait_stream(side)
+            for kv_len in buckets:
+                graph = torch.cuda.CUDAGraph()
+                if gen is not None and gen.device.type == "cuda":
+                    graph.register_generator_state(gen)
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self._decode_step(s, kv_len)
+                s.graphs[kv_len] = graph
+        finally:
+            torch.cuda.synchronize()
+            for dst, src in saved:
+                dst.copy_(src)
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        temperature_offsets: torch.Tensor | None = None,
+    ) -> RolloutOutput:
+        """Generate up to ``max_new_tokens`` per row of a LEFT-padded prompt batch (B, P)."""
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids: must be (batch, prompt_len), got {tuple(input_ids.shape)}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError("attention_mask: must have the shape of input_ids")
+        device = input_ids.device
+        batch, prompt_len = input_ids.shape
+        self._dtype = self._base.get_input_embeddings().weight.dtype
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            s = self._get_slot(batch, prompt_len, device)
+            self._reset(s, attention_mask, temperature_offsets, prompt_len)
+            logits = self._prefill(s, input_ids, attention_mask)
+            self._consume(s, logits)
+            steps = 1
+            self._set_decode_attention(True)
+            try:
+                used_graph = self._decode(s, prompt_len, device)
+            finally:
+                self._set_decode_attention(False)
+        finally:
+            _CTX.mask = None
+            self.model.train(was_training)
+        self.sampler.check_finite()
+        steps = int(s.col)
+        width = max(int(s.out_mask.sum(1).max()), 1) if steps else 0
+        return RolloutOutput(
+            completion_ids=s.out_tokens[:, :width].clone(),
+            mask=s.out_mask[:, :width].clone(),
+            temperatures=s.out_temperatures[:, :width].clone(),
+            entropies=s.out_entropies[:, :width].clone(),
+            is_reasoning=s.out_is_reasoning[:, :width].clone(),
+            logprobs=s.out_logprobs[:, :width].clone(),
+            steps=steps,
+            used_cuda_graph=used_graph,
+        )
+
+    def _decode(self, s: _Slot, prompt_len: int, device) -> bool:
+        total = self.max_new_tokens
+        if total <= 1:
+            return False
+        first = self._bucket(prompt_len, s.cache_len)
+        last = self._bucket(prompt_len + total - 2, s.cache_len)
+        buckets = list(range(first, last + 1, self.kv_bucket))
+        if buckets[-1] != last:
+            buckets.append(last)
+        use_graph = self._graphs_wanted(device)
+        if not s.graphs or not self._check_done:
+            # First step eagerly: proves the attention goes through the interface.
+            _CTX.calls = 0
+            self._decode_step(s, first)
+            n_layers = len(s.cache.layers)
+            if _CTX.calls != n_layers:
+                raise UnsupportedModelError(
+                    f"rollout engine: {_CTX.calls} of {n_layers} attention layers dispatched "
+                    "through transformers' AttentionInterface during decoding"
+                )
+            self._check_done = True
+            done = 2
+        else:
+            done = 1
+        if use_graph:
+            fp = self._fingerprint()
+            if fp != s.fingerprint:
+                s.graphs.clear()
+                s.fingerprint = fp
+            missing = [b for b in buckets if b not in s.graphs]
+            if missing:
+                try:
+                    self._capture(s, missing)
+                except UnsupportedModelError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - fall back to the eager step
+                    self._graph_failed = f"{type(e).__name__}: {e}"
+                    s.graphs.clear()
+                    logger.warning(
+                        "rollout engine: CUDA graph capture failed, decoding eagerly: %s",
+                        self._graph_failed,
+                    )
+                    use_graph = False
+        for step in range(done, total):
+            if step % self.check_every == 0 and bool(s.finished.all()):
+                break
+            kv_len = self._bucket(prompt_len + step - 1, s.cache_len)
+            if use_graph:
+                s.graphs[kv_len].replay()
+            else:
+                self._decode_step(s, kv_len)
+        return use_graph
+
+    _check_done = False
