@@ -26,10 +26,13 @@ class PBSConfig:
     block_size: int = 128
     segment_size: int = 256
     threshold: float = 0.9
-    # Dense SDPA (cuDNN) wins below the crossover measured in bench/results/pbs.md.
-    min_seq_len: int = 8192
+    # Dense SDPA (cuDNN) wins below the crossover measured in bench/results/pbs.md: on an
+    # H200 at ~25% density dense won at 8K (0.62x) and PBS at 16K (1.56x).
+    min_seq_len: int = 16384
     force_sink: bool = True
     permute: bool = True
+    # triton measured faster end to end than flex at every length (flex pays ~13 ms at 128K
+    # for building its BlockMask); the attention phases alone are within 3% of each other.
     backend: str = "triton"
     scale: float | None = None
 

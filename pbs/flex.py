@@ -100,7 +100,13 @@ def pbs_flex_attention(
     plan = make_plan(q, k, v, config, kv_out=(kcat, vcat), timer=timer)
     mask = block_mask_from_plan(plan, N, q.shape[1], eager=not q.is_cuda)
     timer.mark("select")  # building the BlockMask is part of selection
-    fn = _flex() if q.is_cuda else flex_attention
-    out = fn(q, kcat, vcat, block_mask=mask, scale=plan.scale, enable_gqa=True)
+    if q.is_cuda:
+        # Flex's default tiles are 128 wide; our blocks must be a multiple of its tiles.
+        opts = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
+        out = _flex()(
+            q, kcat, vcat, block_mask=mask, scale=plan.scale, enable_gqa=True, kernel_options=opts
+        )
+    else:
+        out = flex_attention(q, kcat, vcat, block_mask=mask, scale=plan.scale, enable_gqa=True)
     timer.mark("attention")
     return out, plan
