@@ -85,6 +85,7 @@ class DataConfig:
     max_samples: int | None = None
     on_bad_row: str = "error"  # error | skip
     task: str | None = None  # reasoning-gym task name, e.g. basic_arithmetic
+    task_options: dict[str, Any] = field(default_factory=dict)  # the task's generator options
     size: int = 500  # reasoning-gym: number of generated problems
     seed: int = 0  # reasoning-gym generator seed
 

@@ -19,7 +19,8 @@ Sources (`data.source`):
   package; `data.subset: I` or `II` picks one paper.
 - `gsm8k`: the GSM8K test set (1319 problems) from the same package; the gold answer is
   the text after `####`, commas removed.
-- `reasoning_gym`: `data.size` problems of `data.task` generated with `data.seed`.
+- `reasoning_gym`: `data.size` problems of `data.task` generated with `data.seed` and the
+  generator options in `data.task_options` (e.g. `max_digits: 2` for basic_arithmetic).
 - a local `.jsonl`, `.json` or `.parquet` file, with `problem_column`/`answer_column`.
 - anything else (a hub id, or a local dataset folder): `datasets.load_dataset(source,
   subset, split=split)`, with `problem_column`/`answer_column`.
@@ -353,11 +354,23 @@ def _reasoning_gym_entries(cfg: Any) -> Any:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise DataError(f"data.task: unknown reasoning-gym task '{task}'{hint}")
     try:
-        return reasoning_gym.create_dataset(task, size=int(cfg.size), seed=int(cfg.seed))
+        # OmegaConf containers (from a config file) to plain dicts and lists.
+        options = json.loads(
+            json.dumps({k: _plain(v) for k, v in (cfg.task_options or {}).items()})
+        )
+        return reasoning_gym.create_dataset(task, size=int(cfg.size), seed=int(cfg.seed), **options)
     except Exception as exc:
         raise DataError(
             f"data.task: reasoning-gym cannot build '{task}': {_one_line(exc)}"
         ) from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value]
 
 
 def _jsonable(value: Any) -> Any:

@@ -245,3 +245,23 @@ def test_split_train_eval():
     assert set(train["problem"]).isdisjoint(held_out["problem"])
     again, _ = split_train_eval(ds, test_size=6, seed=1)
     assert again["problem"] == train["problem"]
+
+
+def test_reasoning_gym_task_options_reach_the_generator():
+    cfg = data_cfg(
+        source="reasoning_gym",
+        task="basic_arithmetic",
+        size=40,
+        task_options={"max_terms": 2, "max_digits": 1, "operators": ["+"], "allow_negation": False},
+    )
+    for row in load_prompts(cfg):
+        numbers = (
+            row["problem"].removeprefix("Calculate ").rstrip(".").replace("(", "").replace(")", "")
+        )
+        terms = [t for t in numbers.split() if t != "+"]
+        assert len(terms) <= 2 and all(len(t.lstrip("-")) == 1 for t in terms), row["problem"]
+        assert int(row["answer"]) == sum(int(t) for t in terms)
+    with pytest.raises(DataError, match="data.task: reasoning-gym cannot build"):
+        load_prompts(
+            data_cfg(source="reasoning_gym", task="basic_arithmetic", task_options={"digits": 3})
+        )
