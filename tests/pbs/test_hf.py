@@ -15,6 +15,7 @@ from pbs import kernels  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
+TOL = dict(atol=3e-2, rtol=3e-2) if DTYPE == torch.bfloat16 else dict(atol=2e-4, rtol=1e-3)
 pytestmark = pytest.mark.skipif(
     DEV == "cpu" and not kernels.interpreting(), reason="Triton needs a GPU or TRITON_INTERPRET=1"
 )
@@ -81,12 +82,12 @@ def test_left_padded_batch_matches_per_sequence_logits(registered, threshold):
         padded = model(ids, attention_mask=mask).logits.float()
         for i, L in enumerate(lengths):
             alone = model(ids[i : i + 1, n - L :]).logits.float()
-            torch.testing.assert_close(padded[i, n - L :], alone[0], atol=2e-4, rtol=1e-3)
+            torch.testing.assert_close(padded[i, n - L :], alone[0], **TOL)
         if threshold == 1.0:  # and then it is exactly what sdpa gives
             model.set_attn_implementation("sdpa")
             sdpa = model(ids, attention_mask=mask).logits.float()
             valid = mask.bool()
-            torch.testing.assert_close(padded[valid], sdpa[valid], atol=2e-4, rtol=1e-3)
+            torch.testing.assert_close(padded[valid], sdpa[valid], **TOL)
     assert not padded.isnan().any()
 
 
