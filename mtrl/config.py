@@ -104,6 +104,16 @@ class PBSSection:
 
 
 @dataclass
+class RolloutConfig:
+    """How rollouts are generated, and the correction for sampling/training mismatch."""
+
+    # Correct for the gap between the forward that sampled (cached decoding, other kernels)
+    # and the one that trains: weight each token's loss by min(p_train / p_sample, cap).
+    importance_sampling: bool = True
+    importance_sampling_cap: float = 2.0
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # an MLflow tracking URI: a local store or http(s)://server
     experiment: str | None = None  # default: the experiment file's name
@@ -133,6 +143,7 @@ class ExperimentConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
     sampler: MultiTemperatureConfig = field(default_factory=MultiTemperatureConfig)
     pbs: PBSSection = field(default_factory=PBSSection)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # Passed through to trl.GRPOConfig, plus `resume` (true or a checkpoint path).
     train: dict[str, Any] = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -277,6 +288,10 @@ def _check_ranges(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.rollout.importance_sampling_cap < 1:
+        raise ConfigError(
+            f"rollout.importance_sampling_cap: must be >= 1, got {cfg.rollout.importance_sampling_cap}"
+        )
     for key in ["eval.every_n_steps", "pbs.min_seq_len"]:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {OmegaConf.select(cfg, key)}")

@@ -56,6 +56,7 @@ def build_trainer(cfg: ExperimentConfig, resume: bool = False) -> Any:
         peft_config=peft_config,
         callbacks=[tracker],
         sampler_config=OmegaConf.to_object(cfg.sampler),
+        rollout_config=OmegaConf.to_object(cfg.rollout),
     )
     tracker.trainer = trainer
     if cfg.eval.every_n_steps and cfg.eval.benchmarks:

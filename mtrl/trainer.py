@@ -27,6 +27,7 @@ from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from mtrl.config import RolloutConfig
 from mtrl.sampling import (
     MultiTemperatureConfig,
     MultiTemperatureLogitsProcessor,
@@ -45,6 +46,7 @@ class RolloutStats:
     temperatures: torch.Tensor  # fp32, temperature each token was drawn at
     entropies: torch.Tensor  # fp32, nats at T = 1
     is_reasoning: torch.Tensor  # bool
+    logprobs: torch.Tensor  # fp32, of each token under the distribution it was drawn from
     mask: torch.Tensor  # bool, real completion tokens
 
     def entropy_histogram(self, bins: int = 40) -> dict:
@@ -76,10 +78,18 @@ class MultiTempGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose rollouts and log-probs use per-token temperatures.
 
     `sampler_config` configures the sampler; GRPOConfig's own temperature must stay 1.0.
+    `rollout_config` sets the importance-sampling correction of the sampling log-probs.
     """
 
-    def __init__(self, *args, sampler_config: MultiTemperatureConfig | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        sampler_config: MultiTemperatureConfig | None = None,
+        rollout_config: RolloutConfig | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.rollout_config = rollout_config or RolloutConfig()
         if self.temperature != 1.0 or self.top_p != 1.0 or self.top_k or self.min_p:
             raise ValueError(
                 "MultiTempGRPOTrainer: leave GRPOConfig temperature/top_p/top_k/min_p at their "
@@ -255,6 +265,7 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             temperatures=record.temperatures,
             entropies=record.entropies,
             is_reasoning=record.is_reasoning,
+            logprobs=record.logprobs,
             mask=mask,
         )
         completion_ids = [
@@ -274,11 +285,58 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         output["temperatures"] = _fit(stats.temperatures, width, 1.0)
         output["entropies"] = _fit(stats.entropies, width, 0.0)
         output["is_reasoning"] = _fit(stats.is_reasoning, width, False)
+        if self.rollout_config.importance_sampling:
+            output["importance_sampling_ratio"] = self._importance_ratio(output, stats)
         self._log_sampler_metrics(stats)
         return output
 
+    def _importance_ratio(self, batch: dict, stats: RolloutStats) -> torch.Tensor:
+        """min(p_train / p_sample, cap) per completion token, (batch, completion_len).
+
+        p_train is the training forward's probability of the token at its temperature (TRL's
+        old log-probs when it computed them), p_sample the one the rollout drew it from.
+        """
+        width = batch["completion_ids"].size(1)
+        mask = batch["completion_mask"].bool()
+        old = batch.get("old_per_token_logps")
+        if old is None:
+            input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+            attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+            self._scoring_temperatures = batch["temperatures"]
+            try:
+                with torch.no_grad():
+                    old, _, _ = self._get_per_token_logps_and_entropies(
+                        self.model,
+                        input_ids,
+                        attention_mask,
+                        width,
+                        batch_size=self.args.per_device_train_batch_size,
+                    )
+            finally:
+                self._scoring_temperatures = None
+        sampling = _fit(stats.logprobs, width, 0.0).to(old.device)
+        ratio = torch.exp((old - sampling).masked_fill(~mask, 0.0))
+        cap = self.rollout_config.importance_sampling_cap
+        mode = "train" if self.model.training else "eval"
+        summary = torch.stack(
+            [(ratio * mask).sum(), (ratio * mask).amax(), ((ratio > cap) & mask).sum(), mask.sum()]
+        ).float()
+        gathered = self.accelerator.gather(summary[None])
+        total, n = gathered[:, 0].sum(), gathered[:, 3].sum().clamp(min=1)
+        metrics = self._metrics[mode]
+        metrics["sampling/importance_ratio/mean"].append((total / n).item())
+        metrics["sampling/importance_ratio/max"].append(gathered[:, 1].max().item())
+        metrics["sampling/importance_ratio/clipped_share"].append((gathered[:, 2].sum() / n).item())
+        return ratio.clamp(max=cap)
+
     def _compute_loss(self, model, inputs):
-        # Why: the policy log-probs of the loss must use each token's sampling temperature.
+        # Why: the policy log-probs of the loss must use each token's sampling temperature,
+        # and TRL applies an importance-sampling correction only on its vLLM path. A weight
+        # r >= 0 on the advantage gives the corrected per-token loss, as
+        # -min(r A c1, r A c2) = -r min(A c1, A c2).
+        ratio = inputs.get("importance_sampling_ratio")
+        if ratio is not None:
+            inputs = {**inputs, "advantages": inputs["advantages"][:, None] * ratio}
         self._scoring_temperatures = inputs["temperatures"]
         try:
             return super()._compute_loss(model, inputs)

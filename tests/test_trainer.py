@@ -169,3 +169,41 @@ def test_trainer_refuses_a_grpo_temperature(make_trainer, smoke_config):
             train_dataset=trainer.train_dataset,
             processing_class=trainer.processing_class,
         )
+
+
+def test_importance_ratio_is_one_when_sampling_matches_training_and_capped_otherwise(make_trainer):
+    trainer = make_trainer(*MULTI, "rollout.importance_sampling_cap=2.0")
+    batch = rollout(trainer)
+    mask = batch["completion_mask"].bool()
+    ratio = batch["importance_sampling_ratio"]
+    # fp32 cached decoding and the uncached training forward agree to rounding.
+    torch.testing.assert_close(ratio[mask], torch.ones_like(ratio[mask]), atol=1e-4, rtol=0)
+    assert any(trainer._metrics[m]["sampling/importance_ratio/mean"] for m in ("train", "eval"))
+
+    stats = trainer.last_rollout_stats
+    lowered = type(stats)(**{**stats.__dict__, "logprobs": stats.logprobs - 1.0})
+    capped = trainer._importance_ratio(
+        {k: v for k, v in batch.items() if k != "old_per_token_logps"}, lowered
+    )
+    torch.testing.assert_close(capped[mask], torch.full_like(capped[mask], 2.0))
+    raised = type(stats)(**{**stats.__dict__, "logprobs": stats.logprobs + 0.5})
+    scaled = trainer._importance_ratio(batch, raised)
+    torch.testing.assert_close(
+        scaled[mask],
+        torch.full_like(scaled[mask], float(torch.exp(torch.tensor(-0.5)))),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_importance_ratio_weights_the_per_token_loss(make_trainer):
+    trainer = make_trainer(*MULTI)
+    batch = rollout(trainer)
+    mask = batch["completion_mask"].bool()
+    batch["old_per_token_logps"] = hand_logps(trainer.model, batch, batch["temperatures"])
+    ratio = torch.rand_like(batch["temperatures"]) * 2
+    batch["importance_sampling_ratio"] = ratio
+    loss = trainer._compute_loss(trainer.model, batch).detach()
+    advantages = batch["advantages"][:, None] * ratio
+    want = -(advantages * mask).sum() / mask.sum()  # every policy/old ratio is 1
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-4)
