@@ -36,3 +36,25 @@ test: lint
 
 clean:
 	rm -rf $(VENV) outputs mlflow.db mlruns
+
+# Offline install. On a machine with PyPI (it needs torch here, any build, to build deepspeed):
+#   make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64 SKIP="torch triton transformers accelerate peft" [OUT=wheelhouse]
+#   (WHEELHOUSE_ARGS="--dry-run", "--skip-deps" or "--installed target-freeze.txt": see tools/wheelhouse.py)
+# then, on the offline machine, from the checkout (reads nothing but that folder):
+#   make install-offline WHEELHOUSE=wheelhouse
+PY ?= 3.12
+PLATFORM ?= manylinux_2_28_x86_64
+SKIP ?=
+OUT ?= wheelhouse
+WHEELHOUSE ?= wheelhouse
+WHEELHOUSE_ARGS ?=
+
+.PHONY: wheelhouse install-offline
+
+wheelhouse: setup
+	$(BIN)/python tools/wheelhouse.py --python-version $(PY) --platform $(PLATFORM) --skip "$(SKIP)" --out $(OUT) $(WHEELHOUSE_ARGS)
+
+install-offline:
+	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements.txt
+	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) --no-deps .
+	$(PYTHON) -c "import mtrl, trl, deepspeed; print('mtrl installed offline; deepspeed', deepspeed.__version__)"

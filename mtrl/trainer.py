@@ -103,6 +103,17 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         self._scoring_temperatures: torch.Tensor | None = None
         self._hidden_scale: torch.Tensor | None = None
         self.logprob_path = self._install_hidden_scaling()
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            if self.args.ds3_gather_for_generation:
+                logger.info(
+                    "ZeRO-3: each rollout gathers the full parameters once, generates, then "
+                    "re-partitions them (train.ds3_gather_for_generation=true)"
+                )
+            else:
+                logger.info(
+                    "ZeRO-3: rollouts gather each layer's parameters on every forward "
+                    "(train.ds3_gather_for_generation=false: less memory, much slower)"
+                )
 
     # --- log-probs at per-token temperatures ----------------------------------------------
 
