@@ -57,4 +57,4 @@ wheelhouse: setup
 install-offline:
 	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements.txt
 	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) --no-deps .
-	$(PYTHON) -c "import mtrl, trl, deepspeed; print('mtrl installed offline; deepspeed', deepspeed.__version__)"
+	$(PYTHON) -c "import trl, mlflow, mtrl.run; print('mtrl installed offline')"
