@@ -281,7 +281,15 @@ def main() -> int:
         shown, rc, _ = launch(name, config, nproc, over, args, logs, results)
         commands.append((name, shown, rc))
 
-    rows = {name: summarise(results / name, args.warmup) for name in args.runs.split(",")}
+    # Runs from earlier calls with the same --work folder are reported too, so the set can be
+    # split over several calls (each under a time limit) and still give one table.
+    log_file = work / "commands.json"
+    done = json.loads(log_file.read_text()) if log_file.exists() else {}
+    done.update({name: [cmd, rc] for name, cmd, rc in commands})
+    log_file.write_text(json.dumps(done))
+    commands = [(name, cmd, rc) for name, (cmd, rc) in done.items()]
+    names = [n for n in runs if (results / n).is_dir()]
+    rows = {name: summarise(results / name, args.warmup) for name in names}
     single = rows.get("single")
     lines = [
         "| run | GPUs | params (trainable) | model states / GPU (GiB) | vs 1 GPU | "
