@@ -108,6 +108,10 @@ class PBSSection:
 class RolloutConfig:
     """How rollouts are generated, and the correction for sampling/training mismatch."""
 
+    # fast: our static-cache, CUDA-graph engine (mtrl.rollout); hf: transformers generate;
+    # auto: fast on CUDA, hf elsewhere.
+    engine: str = "auto"
+    check_every: int = 16  # fast engine: decode steps between host checks for finished rows
     # Correct for the gap between the forward that sampled (cached decoding, other kernels)
     # and the one that trains: weight each token's loss by min(p_train / p_sample, cap).
     importance_sampling: bool = True
@@ -159,6 +163,7 @@ CHOICES = {
     "data.prompt_format": ("chat", "text"),
     "data.on_bad_row": ("error", "skip"),
     "pbs.backend": ("triton", "flex"),
+    "rollout.engine": ("auto", "fast", "hf"),
 }
 
 
@@ -285,6 +290,7 @@ def _check_ranges(cfg: DictConfig) -> None:
         "eval.num_samples",
         "eval.max_new_tokens",
         "eval.batch_size",
+        "rollout.check_every",
     ]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:

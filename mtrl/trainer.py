@@ -28,6 +28,7 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from mtrl.config import RolloutConfig
+from mtrl.rollout import RolloutEngine, UnsupportedModelError
 from mtrl.sampling import (
     MultiTemperatureConfig,
     MultiTemperatureLogitsProcessor,
@@ -90,6 +91,8 @@ class MultiTempGRPOTrainer(GRPOTrainer):
     ):
         super().__init__(*args, **kwargs)
         self.rollout_config = rollout_config or RolloutConfig()
+        self._engine: RolloutEngine | None = None
+        self._engine_refused = False
         if self.temperature != 1.0 or self.top_p != 1.0 or self.top_k or self.min_p:
             raise ValueError(
                 "MultiTempGRPOTrainer: leave GRPOConfig temperature/top_p/top_k/min_p at their "
@@ -244,9 +247,6 @@ class MultiTempGRPOTrainer(GRPOTrainer):
                 len(prompt_ids),
                 first_index=self.accelerator.process_index * len(prompt_ids),
             ).to(device)
-        processor = MultiTemperatureLogitsProcessor(
-            self.sampler, eos_token_id=self.eos_token_ids, temperature_offsets=offsets
-        )
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -258,31 +258,64 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            sequences = unwrapped_model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=self.generation_config,
-                logits_processor=LogitsProcessorList([processor]),
-            )
-        completion = sequences[:, input_ids.size(1) :]
-        record = processor.result(sequences)
-        # Keep tokens up to and including the first EOS, as TRL does.
-        is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=device))
-        after_eos = (is_eos.cumsum(1) - is_eos.int()) > 0
-        mask = ~after_eos
+            engine = self._rollout_engine(unwrapped_model)
+            if engine is not None:
+                out = engine.generate(input_ids, attention_mask, temperature_offsets=offsets)
+                completion, mask = out.completion_ids, out.mask
+            else:
+                out, completion = self._hf_generate(
+                    unwrapped_model, input_ids, attention_mask, offsets
+                )
+                # Keep tokens up to and including the first EOS, as TRL does.
+                is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=device))
+                mask = (is_eos.cumsum(1) - is_eos.int()) == 0
         lengths = mask.sum(1).tolist()
-        self._scoring_temperatures = record.temperatures.masked_fill(~mask, 1.0)
+        self._scoring_temperatures = out.temperatures.masked_fill(~mask, 1.0)
         self.last_rollout_stats = RolloutStats(
-            temperatures=record.temperatures,
-            entropies=record.entropies,
-            is_reasoning=record.is_reasoning,
-            logprobs=record.logprobs,
+            temperatures=out.temperatures,
+            entropies=out.entropies,
+            is_reasoning=out.is_reasoning,
+            logprobs=out.logprobs,
             mask=mask,
         )
         completion_ids = [
             row[:n].tolist() for row, n in zip(completion.cpu(), lengths, strict=True)
         ]
         return completion_ids, None
+
+    def _hf_generate(self, model, input_ids, attention_mask, offsets):
+        """transformers generate, sampling through the sampler: (records, completion ids)."""
+        processor = MultiTemperatureLogitsProcessor(
+            self.sampler, eos_token_id=self.eos_token_ids, temperature_offsets=offsets
+        )
+        sequences = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self.generation_config,
+            logits_processor=LogitsProcessorList([processor]),
+        )
+        return processor.result(sequences), sequences[:, input_ids.size(1) :]
+
+    def _rollout_engine(self, model) -> RolloutEngine | None:
+        """The fast engine for `model` when configured and supported, else None (generate)."""
+        choice = self.rollout_config.engine
+        if choice == "hf" or (choice == "auto" and self.accelerator.device.type != "cuda"):
+            return None
+        if self._engine is None and not self._engine_refused:
+            try:
+                self._engine = RolloutEngine(
+                    model,
+                    self.sampler,
+                    eos_token_ids=self.eos_token_ids,
+                    pad_token_id=self._tokenizer.pad_token_id,
+                    max_new_tokens=self.max_completion_length,
+                    check_every=self.rollout_config.check_every,
+                )
+                logger.info("rollouts: fast engine (static KV cache, CUDA-graph decode step)")
+            except UnsupportedModelError as exc:
+                self._engine_refused = True
+                logger.warning("rollouts: transformers generate, the fast engine can't: %s", exc)
+        return self._engine
 
     def _generate_and_score_completions(self, inputs):
         # Why: the rollout's per-token temperatures must be in place while TRL scores the old

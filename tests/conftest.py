@@ -77,6 +77,7 @@ def make_trainer(smoke_config):
             peft_config=peft,
             callbacks=list(callbacks),
             sampler_config=OmegaConf.to_object(cfg.sampler),
+            rollout_config=OmegaConf.to_object(cfg.rollout),
         )
 
     return make

@@ -56,9 +56,11 @@ def test_rollout_carries_aligned_per_token_tensors(make_trainer):
     assert sum(hist["reasoning"]) + sum(hist["knowledge"]) == sum(hist["all"])
 
 
-def test_loss_log_probs_use_each_tokens_own_temperature(make_trainer):
-    trainer = make_trainer(*MULTI)
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+def test_loss_log_probs_use_each_tokens_own_temperature(make_trainer, engine):
+    trainer = make_trainer(*MULTI, f"rollout.engine={engine}")
     batch = rollout(trainer)
+    assert (trainer._engine is not None) == (engine == "fast")
     mask = batch["completion_mask"].bool()
     expected = hand_logps(trainer.model, batch, batch["temperatures"])
 
@@ -171,8 +173,13 @@ def test_trainer_refuses_a_grpo_temperature(make_trainer, smoke_config):
         )
 
 
-def test_importance_ratio_is_one_when_sampling_matches_training_and_capped_otherwise(make_trainer):
-    trainer = make_trainer(*MULTI, "rollout.importance_sampling_cap=2.0")
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+def test_importance_ratio_is_one_when_sampling_matches_training_and_capped_otherwise(
+    make_trainer, engine
+):
+    trainer = make_trainer(
+        *MULTI, "rollout.importance_sampling_cap=2.0", f"rollout.engine={engine}"
+    )
     batch = rollout(trainer)
     mask = batch["completion_mask"].bool()
     ratio = batch["importance_sampling_ratio"]
