@@ -112,6 +112,9 @@ class RolloutConfig:
     # auto: fast on CUDA, hf elsewhere.
     engine: str = "auto"
     check_every: int = 16  # fast engine: decode steps between host checks for finished rows
+    # fast engine: torch.compile the decode forward inside its CUDA graph (fuses small kernels;
+    # about 20 s of compilation once per batch size)
+    compile_decode: bool = True
     # Correct for the gap between the forward that sampled (cached decoding, other kernels)
     # and the one that trains: weight each token's loss by min(p_train / p_sample, cap).
     importance_sampling: bool = True

@@ -258,11 +258,15 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
+            out = None
             engine = self._rollout_engine(unwrapped_model)
             if engine is not None:
-                out = engine.generate(input_ids, attention_mask, temperature_offsets=offsets)
-                completion, mask = out.completion_ids, out.mask
-            else:
+                try:
+                    out = engine.generate(input_ids, attention_mask, temperature_offsets=offsets)
+                    completion, mask = out.completion_ids, out.mask
+                except UnsupportedModelError as exc:  # found only once the attention runs
+                    self._refuse_engine(exc)
+            if out is None:
                 out, completion = self._hf_generate(
                     unwrapped_model, input_ids, attention_mask, offsets
                 )
@@ -310,12 +314,17 @@ class MultiTempGRPOTrainer(GRPOTrainer):
                     pad_token_id=self._tokenizer.pad_token_id,
                     max_new_tokens=self.max_completion_length,
                     check_every=self.rollout_config.check_every,
+                    compile_decode=self.rollout_config.compile_decode
+                    and self.accelerator.device.type == "cuda",
                 )
                 logger.info("rollouts: fast engine (static KV cache, CUDA-graph decode step)")
             except UnsupportedModelError as exc:
-                self._engine_refused = True
-                logger.warning("rollouts: transformers generate, the fast engine can't: %s", exc)
+                self._refuse_engine(exc)
         return self._engine
+
+    def _refuse_engine(self, exc: Exception) -> None:
+        self._engine, self._engine_refused = None, True
+        logger.warning("rollouts: transformers generate, the fast engine can't: %s", exc)
 
     def _generate_and_score_completions(self, inputs):
         # Why: the rollout's per-token temperatures must be in place while TRL scores the old
