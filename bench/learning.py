@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--timeout", type=float, default=540, help="seconds for all runs")
+    parser.add_argument("--commit", help="the commit measured (default: git's HEAD)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
 
@@ -102,9 +103,12 @@ def main() -> int:
         ],
         check=True,
     )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    commit = (
+        args.commit
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    )
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [
         "# Learning: one temperature vs multi-temperature vs rollout offsets",
