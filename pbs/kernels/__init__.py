@@ -14,9 +14,14 @@ from .selection import _select_blocks_kernel
 LOG2E = 1.4426950408889634
 
 
+# triton.jit picks interpreted or compiled kernels when they are defined (at this import), so
+# the mode is read once, here, and not from the environment at call time.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when our kernels were defined under Triton's interpreter (TRITON_INTERPRET=1)."""
+    return _INTERPRET
 
 
 def available(t: torch.Tensor) -> bool:
