@@ -41,12 +41,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--timeout", type=float, default=540, help="seconds for all runs")
     parser.add_argument("--commit", help="the commit measured (default: git's HEAD)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: sqlite in --work; file:... for mlflow-skinny)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
 
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
     commands = {}
     for setting, overrides in SETTINGS.items():
         for seed in args.seeds:

@@ -453,6 +453,10 @@ def convert_smollm2(target: Path) -> Path:
         model.tie_weights()
         model.generation_config = quantized.generation_config
         tokenizer.model_max_length = config.max_position_embeddings
+        # The instruct model ends its turns with <|im_end|>; the GGUF's eos metadata is read as
+        # <|im_start|> by some transformers releases (5.17), so state it.
+        tokenizer.eos_token = "<|im_end|>"
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         _check_smollm2_tokenizer(tokenizer, model)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
