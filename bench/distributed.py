@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small model, 3 steps")
     parser.add_argument("--work", default="/tmp/mtrl-bench-distributed")
     parser.add_argument("--port", type=int, default=29533)
+    parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite in --work)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "distributed.md"))
     args = parser.parse_intermixed_args()
     if args.worker:
@@ -240,7 +241,7 @@ def main() -> int:
         "train.save_steps": 10_000,
         "train.logging_steps": 1,
         "train.learning_rate": 1e-6,
-        "tracking.uri": f"sqlite:///{work / 'mlflow.db'}",
+        "tracking.uri": args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
         "tracking.log_completions": "false",
     }
 
@@ -250,7 +251,11 @@ def main() -> int:
 
     t0 = time.time()
     path = resolve_model_path(
-        load_config(args.experiment, [f"{k}={v}" for k, v in base.items()]).model
+        load_config(
+            args.experiment,
+            [f"{k}={v}" for k, v in base.items()]
+            + [f"train.per_device_train_batch_size={args.global_batch}"],
+        ).model
     )
     print(f"model folder {path} ready in {time.time() - t0:.0f} s", flush=True)
 

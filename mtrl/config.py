@@ -109,7 +109,7 @@ class RolloutConfig:
     """How rollouts are generated, and the correction for sampling/training mismatch."""
 
     # fast: our static-cache, CUDA-graph engine (mtrl.rollout); hf: transformers generate;
-    # auto: fast on CUDA, hf elsewhere.
+    # auto: fast on CUDA without ZeRO-3, hf elsewhere.
     engine: str = "auto"
     check_every: int = 16  # fast engine: decode steps between host checks for finished rows
     # fast engine: torch.compile the decode forward inside its CUDA graph (fuses small kernels;

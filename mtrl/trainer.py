@@ -106,7 +106,10 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         self._scoring_temperatures: torch.Tensor | None = None
         self._hidden_scale: torch.Tensor | None = None
         self.logprob_path = self._install_hidden_scaling()
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        self._zero3 = (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if self._zero3:
             if self.args.ds3_gather_for_generation:
                 logger.info(
                     "ZeRO-3: each rollout gathers the full parameters once, generates, then "
@@ -303,6 +306,10 @@ class MultiTempGRPOTrainer(GRPOTrainer):
     def _rollout_engine(self, model) -> RolloutEngine | None:
         """The fast engine for `model` when configured and supported, else None (generate)."""
         choice = self.rollout_config.engine
+        if choice == "auto" and self._zero3:
+            # ZeRO-3 re-gathers the parameters into new storage every rollout, so the engine
+            # would re-capture its graphs each time; on 2 H200s that capture also failed.
+            choice = "hf"
         if choice == "hf" or (choice == "auto" and self.accelerator.device.type != "cuda"):
             return None
         if self._engine is None and not self._engine_refused:
