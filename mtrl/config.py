@@ -98,7 +98,7 @@ class PBSSection:
     block_size: int = 128
     segment_size: int = 256
     threshold: float = 0.9
-    min_seq_len: int = 8192
+    min_seq_len: int = 16384  # the measured crossover (bench/results/pbs.md)
     force_sink: bool = True
     permute: bool = True
     backend: str = "triton"  # triton | flex
