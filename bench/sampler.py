@@ -34,33 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shapes import QWEN25_15B, TINY  # noqa: E402  (bench/ is the script folder)
+
 from mtrl.sampling import (  # noqa: E402
     CUDAGraphSampler,
     MultiTemperatureConfig,
     MultiTemperatureSampler,
-)
-
-QWEN25_15B = dict(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
-TINY = dict(
-    vocab_size=1000,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
 )
 
 
