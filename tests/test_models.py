@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -198,40 +196,21 @@ def test_dtype_choices():
         models.resolve_dtype("int8")
 
 
-def test_pbs_attention_is_registered_with_the_pbs_section(cache, monkeypatch):
-    """`attn_implementation: pbs` calls pbs.hf.register with the section (stand-in pbs.hf)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def test_pbs_attention_is_registered_with_the_pbs_section(cache):
+    """`attn_implementation: pbs` registers pbs.hf with the `pbs` section's values."""
+    import pbs.hf
 
-    calls = []
-    fake = types.ModuleType("pbs.hf")
-
-    def register(**values):
-        calls.append(values)
-        AttentionInterface.register("pbs", sdpa_attention_forward)
-
-    fake.register = register
-    monkeypatch.setitem(sys.modules, "pbs.hf", fake)
-    # The stand-in registers into a copy of the registry, so other tests see only real ones.
-    monkeypatch.setattr(
-        AttentionInterface, "_global_mapping", dict(AttentionInterface._global_mapping)
-    )
-    section = OmegaConf.structured(PBSSection(block_size=64, threshold=0.5))
+    section = OmegaConf.structured(PBSSection(block_size=64, segment_size=128, threshold=0.5))
     model = models.load_model(model_cfg("tiny", cache, attn_implementation="pbs"), section)
-    assert calls == [
-        dict(
-            block_size=64,
-            segment_size=256,
-            threshold=0.5,
-            min_seq_len=8192,
-            force_sink=True,
-            permute=True,
-            backend="triton",
-        )
-    ]
+    used = pbs.hf.get_config()
+    assert (used.block_size, used.segment_size, used.threshold) == (64, 128, 0.5)
+    assert (used.min_seq_len, used.backend) == (section.min_seq_len, section.backend)
     assert model.config._attn_implementation == "pbs"
+    before = dict(pbs.hf.calls)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+    # A 3-token prompt is below min_seq_len: every layer took the dense path.
+    assert pbs.hf.calls["dense"] > before["dense"]
 
 
 # ---------------------------------------------------------------------------------------------
