@@ -14,33 +14,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 
-from mtrl.config import ConfigError, load_config, to_yaml  # noqa: E402
+from mtrl.cli import exit_with, parse_experiment  # noqa: E402
+from mtrl.config import ConfigError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="experiment YAML file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument("--output", help="JSON file to write (default: eval.output_file)")
     parser.add_argument("--step", type=int, help="step to log the metrics at (default 0)")
     parser.add_argument("--run-id", help="log into this existing MLflow run")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda:N")
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config and exit"
-    )
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+    args, cfg = parse_experiment(parser, argv)
     if not cfg.eval.benchmarks:
-        print("error: eval.benchmarks: name at least one benchmark", file=sys.stderr)
-        return 2
+        exit_with(ConfigError("eval.benchmarks: name at least one benchmark"))
 
     import torch
 
@@ -56,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         model.to(device)
         result = evaluate(model, tokenizer, cfg, step=None, output_file=args.output)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        exit_with(exc)
     result["step"] = args.step
     print(format_table(result))
     print(f"results: {result['output_file']}")
@@ -71,30 +57,17 @@ def log_run(cfg, result: dict, run_id: str | None, step: int) -> str:
     """Log the result to `run_id`, or to a new run in the experiment `<experiment>-eval`."""
     import mlflow
 
-    from mtrl.config import flatten
     from mtrl.eval import log_to_mlflow
-    from mtrl.tracking import _experiment_id, _param, _param_value, git_commit
+    from mtrl.tracking import create_run
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
     client = mlflow.MlflowClient()
     created = run_id is None
     if created:
         experiment = f"{cfg.tracking.experiment or cfg.name}-eval"
-        tags = {
-            "mtrl.kind": "eval",
-            "mtrl.experiment_file": cfg.name,
-            "mtrl.model": str(cfg.model.name),
-        }
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
         name = cfg.tracking.run_name or f"eval-{Path(str(cfg.model.name)).name}"
-        run = client.create_run(_experiment_id(client, experiment), run_name=name, tags=tags)
-        run_id = run.info.run_id
-        items = [(k, _param_value(v)) for k, v in flatten(cfg).items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=[_param(k, v) for k, v in items[i : i + 100]])
-        client.log_text(run_id, to_yaml(cfg), "config.yaml")
+        tags = {"mtrl.kind": "eval", "mtrl.model": str(cfg.model.name)}
+        run_id = create_run(client, cfg, experiment, name, tags)
     log_to_mlflow(result, run_id, step=step)
     if created:
         client.set_terminated(run_id, status="FINISHED")

@@ -10,25 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 
-from mtrl.config import ConfigError, load_config, to_yaml  # noqa: E402
+from mtrl.cli import exit_with, parse_experiment  # noqa: E402
+from mtrl.config import ConfigError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="experiment YAML file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config and exit"
-    )
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+    _, cfg = parse_experiment(parser, argv)
 
     from mtrl.data import DataError
     from mtrl.run import train
@@ -36,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        exit_with(exc)
     return 0
 
 

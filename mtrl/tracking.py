@@ -79,20 +79,11 @@ class MLflowCallback(TrainerCallback):
             client.update_run(self.run_id, status="RUNNING")
             logger.info("MLflow: resuming run %s", self.run_id)
             return self.run_id
-        experiment_id = _experiment_id(client, experiment)
-        tags = {"mtrl.experiment_file": self.cfg.name}
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        run = client.create_run(experiment_id, run_name=self.cfg.tracking.run_name, tags=tags)
-        self.run_id = run.info.run_id
+        self.run_id = create_run(
+            client, self.cfg, experiment, self.cfg.tracking.run_name, {"mtrl.kind": "train"}
+        )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         run_id_file.write_text(self.run_id)
-        params = {k: _param_value(v) for k, v in flatten(self.cfg).items()}
-        items = list(params.items())
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
-            client.log_batch(self.run_id, params=[_param(k, v) for k, v in items[i : i + 100]])
-        client.log_text(self.run_id, to_yaml(self.cfg), "config.yaml")
         logger.info(
             "MLflow: run %s in experiment '%s' at %s",
             self.run_id,
@@ -189,6 +180,23 @@ class MLflowCallback(TrainerCallback):
         run_id = self.run_id
         name = f"entropy/step_{step:06d}.json"
         self._call(name, lambda: client.log_text(run_id, json.dumps(histogram), name))
+
+
+def create_run(
+    client, cfg: ExperimentConfig, experiment: str, run_name: str | None, tags: dict[str, str]
+) -> str:
+    """A new run in `experiment` holding the config (params and config.yaml) and git commit."""
+    tags = {"mtrl.experiment_file": cfg.name, **tags}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(_experiment_id(client, experiment), run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    items = [(k, _param_value(v)) for k, v in flatten(cfg).items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
+        client.log_batch(run_id, params=[_param(k, v) for k, v in items[i : i + 100]])
+    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    return run_id
 
 
 def _experiment_id(client, name: str) -> str:
