@@ -234,6 +234,11 @@ def main() -> int:
     base = {
         **shape,
         "model.cache_dir": str(work / "models"),
+        # fp32 weights everywhere (bf16 autocast): DeepSpeed keeps fp32 master weights and
+        # Adam states, so a bf16-weight single-GPU baseline would hold fewer bytes a parameter.
+        "model.dtype": "float32",
+        # One rollout path for all runs: the fast engine's graphs don't survive ZeRO-3.
+        "rollout.engine": "hf",
         "data.size": 512,
         "train.max_steps": args.steps,
         "train.num_generations": args.num_generations,
