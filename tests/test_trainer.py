@@ -214,3 +214,14 @@ def test_importance_ratio_weights_the_per_token_loss(make_trainer):
     advantages = batch["advantages"][:, None] * ratio
     want = -(advantages * mask).sum() / mask.sum()  # every policy/old ratio is 1
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_engine_uses_generate_under_zero3(make_trainer, monkeypatch):
+    from accelerate import Accelerator
+
+    trainer = make_trainer("rollout.engine=auto")
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("cuda")))
+    trainer._zero3 = True  # parameters re-gathered each rollout: graphs would not survive
+    assert trainer._rollout_engine(trainer.model) is None
+    trainer._zero3 = False
+    assert trainer._rollout_engine(trainer.model) is not None  # CUDA without ZeRO-3: fast
