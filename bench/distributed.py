@@ -11,13 +11,23 @@ Needs only torch, transformers, accelerate and peft on the machine, plus the whe
 wheelhouse/requirements.txt`); the project itself is used from this checkout (no install).
 
 Runs, each an `accelerate launch` of this file in `--worker` mode with a config from
-launch/accelerate/ (the same global batch everywhere: per-GPU batch x GPUs is constant):
+launch/accelerate/. Every run trains on the same global batch (`--global-batch` completions per
+optimizer step) in micro-batches of `--micro-batch` rows per GPU: one GPU accumulates
+gradients over twice as many micro-batches as each of two GPUs does.
 
-    single   1 GPU, no DeepSpeed (launch/accelerate/single_gpu.yaml)
-    zero2    N GPUs, DeepSpeed ZeRO-2
-    zero3    N GPUs, DeepSpeed ZeRO-3 (generation gathers the weights once per rollout)
+    single       1 GPU, bf16 weights, no DeepSpeed (launch/accelerate/single_gpu.yaml):
+                 the throughput baseline of zero2
+    zero2        N GPUs, DeepSpeed ZeRO-2, bf16 weights
+    single-fp32  1 GPU, fp32 weights (bf16 autocast), transformers generate: the memory
+                 baseline of the ZeRO-3 runs, which keep fp32 master weights and fp32 Adam
+                 states (a bf16 baseline would hold fewer bytes a parameter than any ZeRO run)
+    zero3        N GPUs, DeepSpeed ZeRO-3 (generation gathers the weights once per rollout)
     zero3-lora   ZeRO-3 with LoRA adapters (model.lora.enabled=true)
     zero3-resume ZeRO-3, stopped after a checkpoint and resumed from it (train.resume=true)
+
+Rollouts use `rollout.engine: auto`: the fast engine for single and zero2, transformers
+generate under ZeRO-3 (and in single-fp32, so that no rollout buffers stay allocated between
+steps and the memory comparison holds model states only).
 
 The model is Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960)
 with random weights and the project's small test tokenizer, so its embedding is smaller than
@@ -25,10 +35,11 @@ the real model's (vocabulary 1,024 instead of 151,936): ~1.31B parameters instea
 It is built once, in one process, before any launch (building it under ZeRO-3's sharded
 init would save empty tensors).
 
-Measured on every rank by a trainer callback: the median step time (CUDA-synchronised,
-first `--warmup` steps left out), peak allocated memory over the run (generation and
-activations included), and "model states": memory allocated at the end of a step, after the
-optimizer step, when parameters, gradients and optimizer states are what is left.
+Measured on every rank by a trainer callback: the median step time (CUDA-synchronised, one
+optimizer step with its rollout and all its micro-batches, first `--warmup` steps left out),
+peak allocated memory over the run (generation and activations included), and "model states":
+memory allocated right after the optimizer step, before gradients are zeroed, when parameters,
+gradients and optimizer states are what is left (activations are freed after backward).
 """
 
 from __future__ import annotations
@@ -91,10 +102,12 @@ def worker(args: argparse.Namespace) -> int:
             sync()
             self.t0 = time.perf_counter()
 
+        def on_optimizer_step(self, a, state, control, **kw):
+            self.state_mem.append(allocated())
+
         def on_step_end(self, a, state, control, **kw):
             sync()
             self.times.append(time.perf_counter() - self.t0)
-            self.state_mem.append(allocated())
 
     probe = Probe()
     if cuda:
@@ -204,12 +217,13 @@ def main() -> int:
     parser.add_argument("experiment", nargs="?", default="experiments/smoke.yaml")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--global-batch", type=int, default=64, help="completions per step")
+    parser.add_argument("--global-batch", type=int, default=512, help="completions per step")
+    parser.add_argument("--micro-batch", type=int, default=32, help="rows per GPU per micro-step")
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--completion-length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
-    parser.add_argument("--runs", default="single,zero2,zero3,zero3-lora,zero3-resume")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1, help="steps left out of the timing")
+    parser.add_argument("--runs", default="single,zero2,single-fp32,zero3,zero3-lora,zero3-resume")
     parser.add_argument("--quick", action="store_true", help="small model, 3 steps")
     parser.add_argument("--work", default="/tmp/mtrl-bench-distributed")
     parser.add_argument("--port", type=int, default=29533)
@@ -226,6 +240,7 @@ def main() -> int:
         return 1
     if args.quick:
         args.steps, args.warmup, args.completion_length = 3, 1, 32
+        args.global_batch, args.micro_batch = 64, 16
     work = Path(args.work)
     results, logs = work / "results", work / "logs"
     for d in (results, logs):
@@ -234,12 +249,7 @@ def main() -> int:
     base = {
         **shape,
         "model.cache_dir": str(work / "models"),
-        # fp32 weights everywhere (bf16 autocast): DeepSpeed keeps fp32 master weights and
-        # Adam states, so a bf16-weight single-GPU baseline would hold fewer bytes a parameter.
-        "model.dtype": "float32",
-        # One rollout path for all runs: the fast engine's graphs don't survive ZeRO-3.
-        "rollout.engine": "hf",
-        "data.size": 512,
+        "data.size": 4 * args.global_batch,
         "train.max_steps": args.steps,
         "train.num_generations": args.num_generations,
         "train.max_completion_length": args.completion_length,
@@ -259,26 +269,33 @@ def main() -> int:
         load_config(
             args.experiment,
             [f"{k}={v}" for k, v in base.items()]
-            + [f"train.per_device_train_batch_size={args.global_batch}"],
+            + [f"train.per_device_train_batch_size={args.micro_batch}"],
         ).model
     )
     print(f"model folder {path} ready in {time.time() - t0:.0f} s", flush=True)
 
     n = args.gpus
-    per = {1: args.global_batch, n: args.global_batch // n}
-    runs = {
-        "single": ("single_gpu.yaml", 1, {}),
-        "zero2": ("zero2.yaml", n, {}),
-        "zero3": ("zero3.yaml", n, {}),
-        "zero3-lora": ("zero3.yaml", n, {"model.lora.enabled": "true"}),
-        "zero3-resume": ("zero3.yaml", n, {}),
+    if args.global_batch % (n * args.micro_batch):
+        parser.error(f"--global-batch must be a multiple of {n} x --micro-batch")
+    bf16 = {"model.dtype": "bfloat16"}
+    fp32 = {"model.dtype": "float32"}
+    runs = {  # name: (accelerate config, processes, overrides)
+        "single": ("single_gpu.yaml", 1, bf16),
+        "zero2": ("zero2.yaml", n, bf16),
+        "single-fp32": ("single_gpu.yaml", 1, {**fp32, "rollout.engine": "hf"}),
+        "zero3": ("zero3.yaml", n, fp32),
+        "zero3-lora": ("zero3.yaml", n, {**fp32, "model.lora.enabled": "true"}),
+        "zero3-resume": ("zero3.yaml", n, fp32),
     }
+    baseline = {"zero2": "single", "zero3": "single-fp32", "zero3-lora": "single-fp32"}
+    baseline["zero3-resume"] = "single-fp32"
     commands: list[tuple[str, str, int]] = []
     for name in args.runs.split(","):
         config, nproc, extra = runs[name]
         over = {
             **base,
-            "train.per_device_train_batch_size": per[nproc],
+            "train.per_device_train_batch_size": args.micro_batch,
+            "train.gradient_accumulation_steps": args.global_batch // (nproc * args.micro_batch),
             "train.output_dir": str(work / "out" / name),
             **extra,
         }
@@ -300,28 +317,30 @@ def main() -> int:
     commands = [(name, cmd, rc) for name, (cmd, rc) in done.items()]
     names = [n for n in runs if (results / n).is_dir()]
     rows = {name: summarise(results / name, args.warmup) for name in names}
-    single = rows.get("single")
     lines = [
-        "| run | GPUs | params (trainable) | model states / GPU (GiB) | vs 1 GPU | "
-        "peak / GPU (GiB) | step (s) | throughput vs 1 GPU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | GPUs | weights | params (trainable) | model states / GPU (GiB) | "
+        "vs baseline | peak / GPU (GiB) | step (s) | throughput vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         if r is None:
-            lines.append(f"| {name} | failed | | | | | | |")
+            lines.append(f"| {name} | failed | | | | | | | |")
             continue
-        mem_ratio = r["state_gib"] / single["state_gib"] if single else float("nan")
-        speed = single["step_s"] / r["step_s"] if single else float("nan")
+        base_name = baseline.get(name)
+        ref = rows.get(base_name) if base_name else None
+        mem = f"{r['state_gib'] / ref['state_gib']:.2f}x {base_name}" if ref else "-"
+        speed = f"{ref['step_s'] / r['step_s']:.2f}x {base_name}" if ref else "-"
         params = f"{r['params'] / 1e9:.2f}B ({r['trainable'] / 1e6:.1f}M)" if r["params"] else ""
         lines.append(
-            f"| {name} | {r['gpus']} | {params} | {r['state_gib']:.2f} | {mem_ratio:.2f}x | "
-            f"{r['peak_gib']:.2f} | {r['step_s']:.2f} | {speed:.2f}x |"
+            f"| {name} | {r['gpus']} | {runs[name][2]['model.dtype']} | {params} | "
+            f"{r['state_gib']:.2f} | {mem} | {r['peak_gib']:.2f} | {r['step_s']:.2f} | {speed} |"
         )
     table = "\n".join(lines)
     checks = []
+    single, single32 = rows.get("single"), rows.get("single-fp32")
     z2, z3, res = rows.get("zero2"), rows.get("zero3"), rows.get("zero3-resume")
-    if single and z3:
-        ratio = z3["state_gib"] / single["state_gib"]
+    if single32 and z3:
+        ratio = z3["state_gib"] / single32["state_gib"]
         checks.append(
             f"- ZeRO-3 model states per GPU: {ratio:.2f}x one GPU (goal <= 0.55x): "
             f"{'PASS' if ratio <= 0.55 else 'FAIL'}"
@@ -352,11 +371,15 @@ Cards: {", ".join(devices)} ({torch.cuda.device_count()} visible); torch {torch.
 
 Model: Qwen2.5-1.5B's shape with random weights{" (--quick: small shapes)" if args.quick else ""};
 the project's test tokenizer (vocabulary 1,024). Data: reasoning-gym basic_arithmetic.
-Global batch {args.global_batch} completions per step ({args.num_generations} per prompt),
-{args.completion_length} completion tokens, {args.steps} steps, first {args.warmup} not timed.
-Step time: median over timed steps of the slowest rank. Model states: memory allocated at a
-step's end (parameters, gradients, optimizer states; the highest rank). Peak: the highest
-rank's peak allocated memory (generation and activations included).
+Global batch {args.global_batch} completions per optimizer step ({args.num_generations} per
+prompt) in micro-batches of {args.micro_batch} rows per GPU (gradient accumulation makes up the
+rest), {args.completion_length} completion tokens, {args.steps} steps, first {args.warmup} not
+timed. Step time: median over timed steps of the slowest rank. Model states: memory allocated
+right after the optimizer step, before gradients are zeroed (parameters, gradients, optimizer
+states; the highest rank). Peak: the highest rank's peak allocated memory (generation and
+activations included). Baselines: zero2 against single (bf16 weights, both with the fast
+rollout engine); the ZeRO-3 runs against single-fp32 (fp32 weights and Adam states, as
+DeepSpeed's master copy; transformers generate, as under ZeRO-3).
 
 {table}
 
