@@ -104,8 +104,9 @@ def select_blocks(
 def _attn_configs() -> list[triton.Config]:
     out = []
     for bm, bn, w, s in [
-        (128, 64, 8, 3),
+        (128, 128, 8, 3),  # the best on H200 at 32K-128K, d=128 (bench/results/pbs.md)
         (128, 128, 8, 2),
+        (128, 64, 8, 3),
         (128, 64, 4, 3),
         (128, 32, 4, 3),
         (64, 64, 4, 3),

@@ -16,27 +16,28 @@ import triton.language as tl
 
 @triton.jit
 def _online_softmax_step(
-    acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, N, qk_scale,
+    acc, m_i, l_i, q, k, v, start_n, offs_m, N, qk_scale,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Fold one BLOCK_N tile of keys into the running (acc, max, sum); log2 domain."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    """Fold one BLOCK_N tile of keys into the running (acc, max, sum); log2 domain.
+
+    The scale multiplies the row max rather than the tile, so the unmasked path costs one
+    fused multiply-subtract per score before exp2.
+    """
+    qk = tl.dot(q, tl.trans(k))
     if MASKED:
-        k = tl.load(k_ptrs, mask=(offs_n < N)[:, None], other=0.0)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < N)
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_new[:, None]
     else:
-        k = tl.load(k_ptrs)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    if MASKED:
-        s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < N), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_new[:, None]
+    p = tl.exp2(qk)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=(offs_n < N)[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
@@ -74,46 +75,47 @@ def _block_sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    # 1. Kept blocks of earlier segments, from the permuted copies.
-    qb = start_m // BLOCK
-    row = (b * HQ + h) * n_qb + qb
-    count = tl.load(COUNTS + row)
+    # 1. Kept blocks of earlier segments, from the permuted copies. Tile offsets are built once;
+    # each tile only adds its (int64) row start.
+    kp_tile = offs_n[:, None] * spkn + offs_d[None, :]
+    vp_tile = offs_n[:, None] * spvn + offs_d[None, :]
     kp_base = KP + b * spkb + hkv * spkh
     vp_base = VP + b * spvb + hkv * spvh
-    for i in range(count):
+    row = (b * HQ + h) * n_qb + start_m // BLOCK
+    count = tl.load(COUNTS + row)
+    for i in tl.range(0, count):
         kb = tl.load(IDX + row * n_kb + i)
         for sub in tl.static_range(BLOCK // BLOCK_N):
             start_n = kb * BLOCK + sub * BLOCK_N
-            rows_n = (start_n + offs_n)[:, None].to(tl.int64)
+            r = tl.cast(start_n, tl.int64)
+            k = tl.load(kp_base + r * spkn + kp_tile)
+            v = tl.load(vp_base + r * spvn + vp_tile)
             acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, q,
-                kp_base + rows_n * spkn + offs_d[None, :],
-                vp_base + rows_n * spvn + offs_d[None, :],
-                start_n, offs_m, N, qk_scale, False, BLOCK_N,
-            )  # fmt: skip
+                acc, m_i, l_i, q, k, v, start_n, offs_m, N, qk_scale, False, BLOCK_N
+            )
 
     # 2. Own segment before this query tile: original order, entirely visible.
+    k_tile = offs_n[:, None] * skn + offs_d[None, :]
+    v_tile = offs_n[:, None] * svn + offs_d[None, :]
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
-    seg_start = (start_m // SEG) * SEG
-    for start_n in range(seg_start, start_m, BLOCK_N):
-        rows_n = (start_n + offs_n)[:, None].to(tl.int64)
+    for start_n in tl.range((start_m // SEG) * SEG, start_m, BLOCK_N):
+        r = tl.cast(start_n, tl.int64)
+        k = tl.load(k_base + r * skn + k_tile)
+        v = tl.load(v_base + r * svn + v_tile)
         acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, q,
-            k_base + rows_n * skn + offs_d[None, :],
-            v_base + rows_n * svn + offs_d[None, :],
-            start_n, offs_m, N, qk_scale, False, BLOCK_N,
-        )  # fmt: skip
+            acc, m_i, l_i, q, k, v, start_n, offs_m, N, qk_scale, False, BLOCK_N
+        )
 
     # 3. Diagonal: token-level causal mask on original positions (and the sequence end).
-    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, N), BLOCK_N):
-        rows_n = (start_n + offs_n)[:, None].to(tl.int64)
+    for start_n in tl.range(start_m, tl.minimum(start_m + BLOCK_M, N), BLOCK_N):
+        r = tl.cast(start_n, tl.int64)
+        inside = (start_n + offs_n < N)[:, None]
+        k = tl.load(k_base + r * skn + k_tile, mask=inside, other=0.0)
+        v = tl.load(v_base + r * svn + v_tile, mask=inside, other=0.0)
         acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, q,
-            k_base + rows_n * skn + offs_d[None, :],
-            v_base + rows_n * svn + offs_d[None, :],
-            start_n, offs_m, N, qk_scale, True, BLOCK_N,
-        )  # fmt: skip
+            acc, m_i, l_i, q, k, v, start_n, offs_m, N, qk_scale, True, BLOCK_N
+        )
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :]
