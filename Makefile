@@ -42,7 +42,7 @@ clean:
 
 # Offline install. On a machine with PyPI (it needs torch here, any build, to build deepspeed):
 #   make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64 SKIP="torch triton transformers accelerate peft" [OUT=wheelhouse]
-#   (WHEELHOUSE_ARGS="--dry-run", "--skip-deps" or "--installed target-freeze.txt": see tools/wheelhouse.py)
+#   (WHEELHOUSE_ARGS="--dry-run", "--skip-deps", "--without reasoning-gym" or "--installed target-freeze.txt": see tools/wheelhouse.py)
 # then, on the offline machine, from the checkout (reads nothing but that folder):
 #   make install-offline WHEELHOUSE=wheelhouse
 PY ?= 3.12

@@ -31,6 +31,10 @@ How it works, in order:
    are written next to them. At install time pip's resolver picks from the folder, so versions
    already installed on the target are kept when they satisfy the requirements.
 
+`--without NAMES` leaves out project requirements that the target's runs never import, and
+what only they need: `--without reasoning-gym` for nodes that train on math data only
+(reasoning-gym brings matplotlib and pillow, about 33 MB).
+
 `--dry-run` does steps 1-4 (the deepspeed wheel goes to a temporary folder) and prints what it
 would download.
 """
@@ -370,12 +374,19 @@ def main(argv: list[str] | None = None) -> int:
         "(true where they were installed by pip; a too-old one then fails the offline install)",
     )
     parser.add_argument(
+        "--without",
+        default="",
+        help="project requirements the target's runs never import (reasoning-gym where no run "
+        "uses its tasks): left out, with what only they need",
+    )
+    parser.add_argument(
         "--build-python", help="a Python of the target's version, for sdists that compile"
     )
     parser.add_argument("--dry-run", action="store_true", help="resolve and print, download none")
     args = parser.parse_args(argv)
 
     skip = {norm(s) for s in re.split(r"[\s,]+", args.skip) if s}
+    without = {norm(s) for s in re.split(r"[\s,]+", args.without) if s}
     swaps = dict(
         (norm(a), b.strip()) for a, b in (s.split("=", 1) for s in args.swap.split(",") if s)
     )
@@ -383,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     env = target_env(args.python_version, args.platform)
     reqs = project_requirements(extras, swaps)
     roots = [
-        r for r in reqs if norm(r.name) not in skip and (r.marker is None or r.marker.evaluate(env))
+        r
+        for r in reqs
+        if norm(r.name) not in skip | without and (r.marker is None or r.marker.evaluate(env))
     ]
     build_roots = [Requirement(s) for s in BUILD_ONLY]
 
@@ -421,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"target: Python {args.python_version}, {args.platform}")
         print(f"skipped ({len(skip)}): {' '.join(sorted(skip)) or '-'}")
+        print(f"without ({len(without)}): {' '.join(sorted(without)) or '-'}")
         print(f"dropped ({len(dropped)}):")
         for name, why in sorted(dropped.items()):
             print(f"  {name}: {why}")
@@ -446,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python_version": args.python_version,
                     "platform": args.platform,
                     "skip": sorted(skip),
+                    "without": sorted(without),
                     "swaps": swaps,
                     "extras": extras,
                     "requirements": [str(r) for r in roots],
