@@ -16,9 +16,12 @@ Variants:
                   call of the same shape that captures the graphs. Wall time includes prefill.
   engine-single   the same with mode=single (one temperature): the sampler's cost
   engine-eager    the same step function without CUDA graphs (short run, per-step time)
-  engine+compile  RolloutEngine(compile_decode=True): the decode forward through torch.compile
-                  (inductor kernels, no inductor CUDA graphs) inside the captured graph;
-                  first new-token count only; compile time excluded (warm-up call)
+  engine+compile  RolloutEngine(compile_decode=True): the decode forward and the sampler's
+                  tensor work through torch.compile (inductor kernels, no inductor CUDA graphs)
+                  inside the captured graph; first new-token count only; compile time
+                  excluded (warm-up call)
+  engine+compile, eager sampler   the same with sampler.compile(False): what compiling the
+                  sampler saves
   hf-dynamic      generate(do_sample=True) with the default dynamic cache (TRL's stock path,
                   TRL sets disable_compile=True); timed over --hf-tokens new tokens
   hf-static       generate with cache_implementation="static" and its compiled decode step
@@ -315,33 +318,38 @@ def main(argv=None):
     if not args.skip_compile and device.type == "cuda":
         n_c = new_tokens[0]
         for batch in compile_batches:
-            if over_budget("engine+compile"):
-                break
-            ids, mask = prompts(batch, prompt_len, vocab, device, no_eos)
-            eng = RolloutEngine(model, multi_sampler(), None, 0, n_c, compile_decode=True)
-            try:
-                first = clock(lambda e=eng, i=ids, m=mask: e.generate(i, m))
-                t = statistics.median(
-                    clock(lambda e=eng, i=ids, m=mask: e.generate(i, m)) for _ in range(2)
-                )
-            except Exception as e:  # noqa: BLE001 - report, keep the rest of the table
-                log(f"engine+compile failed: {type(e).__name__}: {e}")
-                rows.append(
-                    dict(
-                        method="engine+compile",
-                        batch=batch,
-                        new=n_c,
-                        timed=0,
-                        ms=float("nan"),
-                        tps=float("nan"),
-                        floor=float("nan"),
-                        note=f"failed: {type(e).__name__}",
+            for name, fused_sampler in (
+                ("engine+compile", True),
+                ("engine+compile, eager sampler", False),
+            ):
+                if over_budget(name):
+                    break
+                ids, mask = prompts(batch, prompt_len, vocab, device, no_eos)
+                eng = RolloutEngine(model, multi_sampler(), None, 0, n_c, compile_decode=True)
+                eng.sampler.compile(fused_sampler)
+                try:
+                    first = clock(lambda e=eng, i=ids, m=mask: e.generate(i, m))
+                    t = statistics.median(
+                        clock(lambda e=eng, i=ids, m=mask: e.generate(i, m)) for _ in range(2)
                     )
-                )
-                break
-            note = f"graphs={eng._slot is not None and bool(eng._slot.graphs)}; first call (compile + capture) {first:.1f} s"
-            row("engine+compile", batch, n_c, n_c, t / n_c * 1e3, note)
-            eng.release()
+                except Exception as e:  # noqa: BLE001 - report, keep the rest of the table
+                    log(f"{name} failed: {type(e).__name__}: {e}")
+                    rows.append(
+                        dict(
+                            method=name,
+                            batch=batch,
+                            new=n_c,
+                            timed=0,
+                            ms=float("nan"),
+                            tps=float("nan"),
+                            floor=float("nan"),
+                            note=f"failed: {type(e).__name__}",
+                        )
+                    )
+                    continue
+                note = f"graphs={eng._slot is not None and bool(eng._slot.graphs)}; first call (compile + capture) {first:.1f} s"
+                row(name, batch, n_c, n_c, t / n_c * 1e3, note)
+                eng.release()
     flush()
 
 

@@ -197,9 +197,10 @@ class RolloutEngine:
     - ``use_cuda_graph``: None = on CUDA devices; False = eager (the same step function).
     - ``check_every``: decode steps between host checks of "all rows finished".
     - ``kv_bucket``: cache length granularity and key-length bucket of the decode graphs.
-    - ``compile_decode``: run the decode forward through ``torch.compile`` (default mode, no
-      inductor CUDA graphs; the decode attention stays eager) inside the captured graph, which
-      fuses the many small elementwise kernels; costs one compilation per batch size.
+    - ``compile_decode``: run the decode forward and the sampler's tensor work
+      (``sampler.compile()``) through ``torch.compile`` (default mode, no inductor CUDA
+      graphs; the decode attention stays eager) inside the captured graph, which fuses the many
+      small elementwise kernels; costs one compilation per batch size.
 
     Raises ``UnsupportedModelError`` (at construction or on the first ``generate``) for models
     the static cache or the decode attention can't serve.
@@ -240,6 +241,8 @@ class RolloutEngine:
         self.check_every = int(check_every)
         self.kv_bucket = int(kv_bucket)
         self.compile_decode = bool(compile_decode)
+        if self.compile_decode:
+            sampler.compile()
         self._compiled = None
         self._slot: _Slot | None = None
         self._pool = None

@@ -70,6 +70,7 @@ class MultiTemperatureSampler:
         self.window: EntropyWindow | None = None
         self.last_threshold: torch.Tensor | None = None
         self._invalid: torch.Tensor | None = None
+        self.compile(False)
 
     # ----------------------------------------------------------------- schedules
     @property
@@ -173,6 +174,20 @@ class MultiTemperatureSampler:
             )
 
     # ----------------------------------------------------------------- sampling
+    def compile(self, enabled: bool = True) -> None:
+        """Run the per-call tensor work through ``torch.compile`` (``enabled=False``: eager).
+
+        For decode loops on CUDA: a call is a few dozen small kernels over (batch, vocab), which
+        inductor fuses into a handful; the rollout engine's ``compile_decode`` turns this on.
+        The noise stays an eager ``exponential_`` on ``generator``, so the draws come from the
+        same random stream either way.
+        """
+        if enabled:
+            self._entropy_fn = torch.compile(token_entropy, dynamic=False)
+            self._draw_fn = torch.compile(self._draw, dynamic=False)
+        else:
+            self._entropy_fn, self._draw_fn = token_entropy, self._draw
+
     def __call__(
         self,
         logits: torch.Tensor,
@@ -183,36 +198,18 @@ class MultiTemperatureSampler:
             raise ValueError(
                 f"sampler: logits must be (batch, vocab), got shape {tuple(logits.shape)}"
             )
-        cfg = self.config
-        x = logits.float()
-        self._ensure_state(x.device)
-        entropies = token_entropy(x)
-        self._check_logits(x, entropies)
+        self._ensure_state(logits.device)
         if active is not None:
-            active = active.to(device=x.device, dtype=torch.bool)
-        threshold = self._threshold(entropies, active)
-        is_reasoning = entropies >= threshold
-
-        if cfg.mode == "multi":
-            temperatures = torch.where(is_reasoning, self._high, self._low)
-        else:
-            temperatures = self._single.expand(x.shape[0])
+            active = active.to(device=logits.device, dtype=torch.bool)
         if temperature_offsets is not None:
-            temperatures = temperatures + temperature_offsets.to(x.device, torch.float32)
-        temperatures = temperatures.clamp(min=cfg.min_temperature)
-
-        scaled = x / temperatures[:, None]
-        scaled = truncate(scaled, cfg.top_k, cfg.top_p, cfg.min_p)
-        probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race, no host
-        # sync unlike torch.multinomial's checks); masked tokens have p = 0, never win.
-        ratio = probs.div_(noise)
-        tokens = torch.argmax(ratio, dim=-1, keepdim=True)
-        # p[token] = (p / E)[token] * E[token]; avoids keeping a second (batch, vocab) buffer
-        logprobs = torch.log(ratio.gather(1, tokens) * noise.gather(1, tokens)).squeeze(1)
-        tokens = tokens.squeeze(1)
-
+            temperature_offsets = temperature_offsets.to(logits.device, torch.float32)
+        entropies = self._entropy_fn(logits)
+        self._check_logits(logits, entropies)
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        noise.exponential_(generator=self.generator)
+        tokens, temperatures, is_reasoning, logprobs, threshold = self._draw_fn(
+            logits, entropies, noise, active, temperature_offsets
+        )
         self.last_threshold = threshold
         return SamplerStep(
             tokens=tokens,
@@ -222,6 +219,40 @@ class MultiTemperatureSampler:
             logprobs=logprobs,
             threshold=threshold,
         )
+
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        entropies: torch.Tensor,
+        noise: torch.Tensor,
+        active: torch.Tensor | None,
+        temperature_offsets: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Steps 2-5 for (batch, vocab) logits, given their entropies and Exp(1) noise.
+
+        Returns tokens, temperatures, is_reasoning, logprobs (each (batch,)) and the threshold.
+        """
+        cfg = self.config
+        threshold = self._threshold(entropies, active)
+        is_reasoning = entropies >= threshold
+        if cfg.mode == "multi":
+            temperatures = torch.where(is_reasoning, self._high, self._low)
+        else:
+            temperatures = self._single.expand(logits.shape[0])
+        if temperature_offsets is not None:
+            temperatures = temperatures + temperature_offsets
+        temperatures = temperatures.clamp(min=cfg.min_temperature)
+
+        scaled = logits.float() / temperatures[:, None]
+        scaled = truncate(scaled, cfg.top_k, cfg.top_p, cfg.min_p)
+        probs = torch.softmax(scaled, dim=-1)
+        # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race, no host
+        # sync unlike torch.multinomial's checks); masked tokens have p = 0, never win.
+        ratio = probs.div_(noise)
+        tokens = torch.argmax(ratio, dim=-1, keepdim=True)
+        # p[token] = (p / E)[token] * E[token]; avoids keeping a second (batch, vocab) buffer
+        logprobs = torch.log(ratio.gather(1, tokens) * noise.gather(1, tokens)).squeeze(1)
+        return tokens.squeeze(1), temperatures, is_reasoning, logprobs, threshold
 
     def _threshold(self, entropies: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
         mode = self.config.threshold_mode
