@@ -146,12 +146,14 @@ def accuracy(args) -> None:
                     sub = Plan1(plan, h, G)
                     keep = visible_mask(sub, 1)[0, 0]
                     cov.append((p * keep).sum(-1).mean().item())
-                    if needle is not None:  # the question's last token sees the needle
-                        found.append(keep[-1, needle].float().mean().item())
+                    if needle is not None:  # the question's last token onto the needle
+                        found.append(
+                            (p[-1, needle].sum(), (p[-1, needle] * keep[-1, needle]).sum())
+                        )
                     ps = s.masked_fill(~keep, float("-inf")).softmax(-1)
                     o, od = ps @ v[0, h // G], p @ v[0, h // G]
                     err.append(((o - od).norm() / od.norm()).item())
-            kept = f" {sum(found) / len(found):.3f} |" if found else ""
+            kept = f" {sum(k for _, k in found) / sum(d for d, _ in found):.3f} |" if found else ""
             rows.append(
                 f"| {permute} | {thr} | {sum(dens) / len(dens):.3f} | {sum(cov) / len(cov):.4f} "
                 f"| {sum(err) / len(err):.4f} |{kept}"
@@ -167,8 +169,8 @@ def accuracy(args) -> None:
         "- block 128, segment 256, sink kept; coverage = dense attention mass on kept keys, "
         "mean over queries and heads; error = ||out - dense|| / ||dense|| per head, mean"
         + (
-            "; needle kept = share of the needle's tokens the prompt's last token attends to, "
-            "mean over heads"
+            "; needle kept = of the dense attention the prompt's last token gives the needle's "
+            "tokens (summed over heads and layers), the share on kept keys"
             if needle is not None
             else ""
         ),
