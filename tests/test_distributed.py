@@ -3,9 +3,11 @@ wheelhouse resolution, and a 2-process (gloo) CPU run of the smoke experiment.""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,13 @@ def test_deepspeed_plugin_accepts_config(name):
     assert plugin.zero3_init_flag == (zero["stage"] == 3)
     if EXPECTED[name][3]:
         assert plugin.deepspeed_config["optimizer"]["type"] == "AdamW"  # CPU Adam under offload
+
+
+def test_setup_installs_the_gpu_extras_deepspeed():
+    """`make setup` builds DeepSpeed itself (source only); its pin must be the `gpu` extra's."""
+    pin = re.search(r"^DEEPSPEED \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert pin in project["optional-dependencies"]["gpu"]
 
 
 def test_platform_tags_cover_older_manylinux():
