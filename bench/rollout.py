@@ -173,21 +173,26 @@ def main(argv=None):
     t_start = time.perf_counter()
     state = {"overhead": float("nan")}
 
+    def unmeasured(method, batch, n_new, note):
+        """A table row for a variant that was skipped or failed (no times)."""
+        nan = float("nan")
+        rows.append(
+            dict(
+                method=method,
+                batch=batch,
+                new=n_new,
+                timed=0,
+                ms=nan,
+                tps=nan,
+                floor=nan,
+                note=note,
+            )
+        )
+
     def over_budget(section):
         if time.perf_counter() - t_start > args.budget_s:
             log(f"skipped {section}: past --budget-s {args.budget_s}")
-            rows.append(
-                dict(
-                    method=section,
-                    batch=0,
-                    new=0,
-                    timed=0,
-                    ms=float("nan"),
-                    tps=float("nan"),
-                    floor=float("nan"),
-                    note="skipped (time budget)",
-                )
-            )
+            unmeasured(section, 0, 0, "skipped (time budget)")
             return True
         return False
 
@@ -334,18 +339,7 @@ def main(argv=None):
                     )
                 except Exception as e:  # noqa: BLE001 - report, keep the rest of the table
                     log(f"{name} failed: {type(e).__name__}: {e}")
-                    rows.append(
-                        dict(
-                            method=name,
-                            batch=batch,
-                            new=n_c,
-                            timed=0,
-                            ms=float("nan"),
-                            tps=float("nan"),
-                            floor=float("nan"),
-                            note=f"failed: {type(e).__name__}",
-                        )
-                    )
+                    unmeasured(name, batch, n_c, f"failed: {type(e).__name__}")
                     continue
                 note = f"graphs={eng._slot is not None and bool(eng._slot.graphs)}; first call (compile + capture) {first:.1f} s"
                 row(name, batch, n_c, n_c, t / n_c * 1e3, note)
