@@ -10,6 +10,9 @@ padding. No early EOS: the engine gets no EOS id (the finished-row bookkeeping s
 a sentinel id), HF generate gets one with min_new_tokens equal to its run length (so the EOS
 logit is masked), so every row runs the full length.
 
+The model's q/k/v and gate/up weights are made adjacent once (``fuse_projections``, as the
+trainer does), so every engine variant runs one GEMM per group unless it says otherwise.
+
 Variants:
   engine          RolloutEngine, multi-temperature sampler (window mode, p = 0.2, window
                   100000), CUDA graphs; timed over the full new-token count, after one warm-up
@@ -20,6 +23,8 @@ Variants:
                   tensor work through torch.compile (inductor kernels, no inductor CUDA graphs)
                   inside the captured graph; first new-token count only; compile time
                   excluded (warm-up call)
+  engine+compile, separate projections   the same with fused_projections=False: one GEMM
+                  per q/k/v/gate/up projection instead of one per group
   engine+compile, eager sampler   the same with sampler.compile(False): what compiling the
                   sampler saves
   hf-dynamic      generate(do_sample=True) with the default dynamic cache (TRL's stock path,
@@ -51,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shapes import QWEN25_15B, TINY  # noqa: E402  (bench/ is the script folder)
 
-from mtrl.rollout import RolloutEngine  # noqa: E402
+from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noqa: E402
 
 
@@ -161,6 +166,7 @@ def main(argv=None):
     torch.manual_seed(0)
 
     model = build_model(shape, dtype, device)
+    fused_groups = fuse_projections(model)  # as the trainer does before training
     vocab = shape["vocab_size"]
     # No early EOS: the engine gets no EOS id (its finished-row bookkeeping still runs, against
     # a sentinel); HF gets this id with min_new_tokens = its run length, so it is never drawn.
@@ -197,7 +203,17 @@ def main(argv=None):
         return False
 
     def flush():
-        write_table(args, device, rows, param_bytes, bw, floor_ms, state["overhead"], prompt_len)
+        write_table(
+            args,
+            device,
+            rows,
+            param_bytes,
+            bw,
+            floor_ms,
+            state["overhead"],
+            prompt_len,
+            fused_groups,
+        )
 
     def row(method, batch, n_new, timed, ms_step, note=""):
         tps = batch / (ms_step / 1e3)
@@ -323,14 +339,23 @@ def main(argv=None):
     if not args.skip_compile and device.type == "cuda":
         n_c = new_tokens[0]
         for batch in compile_batches:
-            for name, fused_sampler in (
-                ("engine+compile", True),
-                ("engine+compile, eager sampler", False),
+            for name, fused_sampler, fused_proj in (
+                ("engine+compile", True, True),
+                ("engine+compile, separate projections", True, False),
+                ("engine+compile, eager sampler", False, True),
             ):
                 if over_budget(name):
                     break
                 ids, mask = prompts(batch, prompt_len, vocab, device, no_eos)
-                eng = RolloutEngine(model, multi_sampler(), None, 0, n_c, compile_decode=True)
+                eng = RolloutEngine(
+                    model,
+                    multi_sampler(),
+                    None,
+                    0,
+                    n_c,
+                    compile_decode=True,
+                    fused_projections=fused_proj,
+                )
                 eng.sampler.compile(fused_sampler)
                 try:
                     first = clock(lambda e=eng, i=ids, m=mask: e.generate(i, m))
@@ -347,7 +372,7 @@ def main(argv=None):
     flush()
 
 
-def write_table(args, device, rows, param_bytes, bw, floor_ms, overhead, prompt_len):
+def write_table(args, device, rows, param_bytes, bw, floor_ms, overhead, prompt_len, fused_groups):
     commit = args.commit
     if commit is None:
         try:
@@ -375,6 +400,7 @@ def write_table(args, device, rows, param_bytes, bw, floor_ms, overhead, prompt_
         f"- model: {'tiny' if args.tiny else 'Qwen2.5-1.5B shape'}, random weights, "
         f"{param_bytes / 1e9:.3f} GB of parameters; prompt length {prompt_len}, no padding, "
         "no early EOS",
+        f"- projection groups with adjacent weights (`fuse_projections`): {fused_groups}",
         f"- weight-read floor: {floor_ms:.3f} ms/step (copy bandwidth {bw / 1e12:.2f} TB/s, "
         "read + write)",
         f"- multi-temperature over single-temperature in the engine: {overhead * 100:+.1f}%",

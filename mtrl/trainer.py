@@ -28,7 +28,7 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from mtrl.config import RolloutConfig
-from mtrl.rollout import RolloutEngine, UnsupportedModelError
+from mtrl.rollout import RolloutEngine, UnsupportedModelError, fuse_projections
 from mtrl.sampling import (
     MultiTemperatureConfig,
     MultiTemperatureLogitsProcessor,
@@ -109,6 +109,12 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         self._zero3 = (
             self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         )
+        if self._fast_engine_configured() and not self._zero3:
+            # The engine runs q/k/v and gate/up as one GEMM each where their weights are
+            # adjacent: make them so now, on the model's device, before the optimizer and any
+            # distributed wrapper hold the parameters (training itself is unchanged).
+            fused = fuse_projections(self.model)
+            logger.info("rollouts: %d q/k/v and gate/up weight groups made adjacent", fused)
         if self._zero3:
             if self.args.ds3_gather_for_generation:
                 logger.info(
@@ -305,12 +311,7 @@ class MultiTempGRPOTrainer(GRPOTrainer):
 
     def _rollout_engine(self, model) -> RolloutEngine | None:
         """The fast engine for `model` when configured and supported, else None (generate)."""
-        choice = self.rollout_config.engine
-        if choice == "auto" and self._zero3:
-            # ZeRO-3 re-gathers the parameters into new storage every rollout, so the engine
-            # would re-capture its graphs each time; on 2 H200s that capture also failed.
-            choice = "hf"
-        if choice == "hf" or (choice == "auto" and self.accelerator.device.type != "cuda"):
+        if not self._fast_engine_configured():
             return None
         if self._engine is None and not self._engine_refused:
             try:
@@ -328,6 +329,14 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             except UnsupportedModelError as exc:
                 self._refuse_engine(exc)
         return self._engine
+
+    def _fast_engine_configured(self) -> bool:
+        choice = self.rollout_config.engine
+        if choice == "auto":
+            # ZeRO-3 re-gathers the parameters into new storage every rollout, so the engine
+            # would re-capture its graphs each time; on 2 H200s that capture also failed.
+            return not self._zero3 and self.accelerator.device.type == "cuda"
+        return choice == "fast"
 
     def _refuse_engine(self, exc: Exception) -> None:
         self._engine, self._engine_refused = None, True

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mtrl.rollout import RolloutEngine, UnsupportedModelError
+from mtrl.rollout import RolloutEngine, UnsupportedModelError, fuse_projections
+from mtrl.rollout.fused import ProjectionGroups
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler, truncate
 
 VOCAB = 128
@@ -271,7 +272,10 @@ def test_lora_unmerged():
     peft = pytest.importorskip("peft")
     base = tiny_model()
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    assert fuse_projections(base) == 4
     model = peft.get_peft_model(base, cfg)
+    # q/v carry adapters, so q/k/v run separately; gate/up (no adapter) stay one GEMM.
+    assert len(ProjectionGroups(model)) == 2
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -284,6 +288,70 @@ def test_lora_unmerged():
     assert not torch.equal(ref, plain)  # the adapter matters
     eng = RolloutEngine(model, sampler(top_k=1, threshold_mode="fixed"), NO_EOS, PAD, 12)
     assert torch.equal(eng.generate(ids, mask).completion_ids, ref)
+
+
+# --------------------------------------------------------------------------- fused projections
+def test_fused_projections_same_logits_through_training_and_saving(tmp_path):
+    model = tiny_model()
+    ids, mask = left_padded([6, 4])
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    ref = logits()
+    assert len(ProjectionGroups(model)) == 0  # from_config allocates each weight on its own
+    assert fuse_projections(model) == 4  # 2 layers x (q/k/v, gate/up)
+    assert fuse_projections(model) == 4  # already adjacent: nothing moves
+    groups = ProjectionGroups(model)
+    assert len(groups) == 4
+    with groups:
+        torch.testing.assert_close(logits(), ref)
+        attn = model.model.layers[0].self_attn
+        x = torch.randn(3, 32)
+        q, k = attn.q_proj(x), attn.k_proj(x)
+        # k is the column slice of q's one GEMM, computed once
+        assert k.data_ptr() == q.data_ptr() + q.shape[-1] * q.element_size()
+        torch.testing.assert_close(k, x @ attn.k_proj.weight.T + attn.k_proj.bias)
+        other = torch.randn(3, 32)  # another input: its own GEMM, still right
+        torch.testing.assert_close(
+            attn.v_proj(other), other @ attn.v_proj.weight.T + attn.v_proj.bias
+        )
+    assert "forward" not in vars(attn.q_proj)  # removed on exit
+
+    # Training updates the parameters in place: the fused views see the new weights.
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    trained = logits()
+    assert not torch.allclose(trained, ref)
+    with groups:
+        torch.testing.assert_close(logits(), trained)
+
+    model.save_pretrained(tmp_path)  # shared storage: transformers saves copies
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, trained)
+
+    model.to(torch.float64)  # new storage per parameter: no longer adjacent, nothing fused
+    assert len(ProjectionGroups(model)) == 0
+
+
+def test_engine_fused_projections_greedy_matches_generate(model):
+    fused = tiny_model()
+    fuse_projections(fused)
+    ids, mask = left_padded([9, 5, 2, 7])
+    ref = hf_greedy(model, ids, mask, 20, NO_EOS)
+    outs = {}
+    for on in (True, False):
+        eng = RolloutEngine(
+            fused, sampler(top_k=1, threshold_mode="fixed"), NO_EOS, PAD, 20, fused_projections=on
+        )
+        outs[on] = eng.generate(ids, mask).completion_ids
+        assert len(eng._groups) == (4 if on else 0)
+    assert torch.equal(outs[True], ref) and torch.equal(outs[False], ref)
 
 
 def test_unsupported_cache_raises():
@@ -375,14 +443,21 @@ def test_bf16_greedy_graph_matches_generate():
 @pytest.mark.gpu
 def test_compile_decode_graph_matches_eager_fp32():
     model = tiny_model(device="cuda")
+    fuse_projections(model)  # the trainer's layout: compiled q/k/v and gate/up as one GEMM each
     ids, mask = left_padded([9, 4, 7, 2], device="cuda")
     ref = RolloutEngine(
-        model, sampler(top_k=1, threshold_mode="fixed"), NO_EOS, PAD, 20, use_cuda_graph=False
+        model,
+        sampler(top_k=1, threshold_mode="fixed"),
+        NO_EOS,
+        PAD,
+        20,
+        use_cuda_graph=False,
+        fused_projections=False,
     ).generate(ids, mask)
     eng = RolloutEngine(
         model, sampler(top_k=1, threshold_mode="fixed"), NO_EOS, PAD, 20, compile_decode=True
     )
     eng.generate(ids, mask)
     out = eng.generate(ids, mask)
-    assert out.used_cuda_graph
+    assert out.used_cuda_graph and len(eng._groups) == 4
     assert torch.equal(out.completion_ids, ref.completion_ids)

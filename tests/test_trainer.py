@@ -61,6 +61,8 @@ def test_loss_log_probs_use_each_tokens_own_temperature(make_trainer, engine):
     trainer = make_trainer(*MULTI, f"rollout.engine={engine}")
     batch = rollout(trainer)
     assert (trainer._engine is not None) == (engine == "fast")
+    if engine == "fast":  # the trainer made q/k/v and gate/up adjacent: one GEMM each
+        assert len(trainer._engine._groups) == 2 * trainer.model.config.num_hidden_layers
     mask = batch["completion_mask"].bool()
     expected = hand_logps(trainer.model, batch, batch["temperatures"])
 

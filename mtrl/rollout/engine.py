@@ -32,6 +32,11 @@ sliced to the step's bucket of ``kv_bucket`` positions (a separate graph per buc
 steps don't read the whole cache), and the padding + causal mask is one additive
 (B, 1, 1, L) tensor built once per step. The prefill keeps the configured implementation.
 
+Projections: where a layer's q/k/v (and gate/up) weights are adjacent in memory
+(``fuse_projections(model)`` makes them so, once; the trainer does it), prefill and decode run
+one GEMM per group over a view of them (``mtrl.rollout.fused``): at batch 64 the separate small
+GEMMs are latency-bound. Groups are re-detected whenever parameter storage moves.
+
 Sampler RNG: the sampler's ``exponential_`` noise uses the default CUDA generator (or the
 sampler's own generator, registered with the graph), which CUDA graphs support through philox
 seed/offset bookkeeping: each replay draws fresh noise.
@@ -61,6 +66,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from mtrl.rollout.fused import ProjectionGroups
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +205,9 @@ class RolloutEngine:
     - ``use_cuda_graph``: None = on CUDA devices; False = eager (the same step function).
     - ``check_every``: decode steps between host checks of "all rows finished".
     - ``kv_bucket``: cache length granularity and key-length bucket of the decode graphs.
+    - ``fused_projections``: route q/k/v and gate/up to one GEMM per group where the weights
+      are adjacent in memory (see ``mtrl.rollout.fused``; ``fuse_projections(model)`` makes
+      them so, once). Groups that aren't adjacent run as before.
     - ``compile_decode``: run the decode forward and the sampler's tensor work
       (``sampler.compile()``) through ``torch.compile`` (default mode, no inductor CUDA
       graphs; the decode attention stays eager) inside the captured graph, which fuses the many
@@ -217,6 +228,7 @@ class RolloutEngine:
         check_every: int = 16,
         kv_bucket: int = 256,
         compile_decode: bool = False,
+        fused_projections: bool = True,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
@@ -241,6 +253,9 @@ class RolloutEngine:
         self.check_every = int(check_every)
         self.kv_bucket = int(kv_bucket)
         self.compile_decode = bool(compile_decode)
+        self.fused_projections = bool(fused_projections)
+        self._groups = ProjectionGroups(nn.Module())  # none until the first generate
+        self._groups_fingerprint: tuple | None = None
         if self.compile_decode:
             sampler.compile()
         self._compiled = None
@@ -506,17 +521,22 @@ class RolloutEngine:
         self._dtype = self._base.get_input_embeddings().weight.dtype
         was_training = self.model.training
         self.model.eval()
+        fingerprint = self._fingerprint()
+        if self.fused_projections and fingerprint != self._groups_fingerprint:
+            self._groups = ProjectionGroups(self._base)
+            self._groups_fingerprint = fingerprint
+            logger.info("rollout engine: %d projection groups run as one GEMM", len(self._groups))
         try:
             s = self._get_slot(batch, prompt_len, device)
             self._reset(s, attention_mask, temperature_offsets, prompt_len)
-            logits = self._prefill(s, input_ids, attention_mask)
-            self._consume(s, logits)
-            steps = 1
-            self._set_decode_attention(True)
-            try:
-                used_graph = self._decode(s, prompt_len, device)
-            finally:
-                self._set_decode_attention(False)
+            with self._groups:
+                logits = self._prefill(s, input_ids, attention_mask)
+                self._consume(s, logits)
+                self._set_decode_attention(True)
+                try:
+                    used_graph = self._decode(s, prompt_len, device, fingerprint)
+                finally:
+                    self._set_decode_attention(False)
         finally:
             _CTX.mask = None
             self.model.train(was_training)
@@ -534,7 +554,7 @@ class RolloutEngine:
             used_cuda_graph=used_graph,
         )
 
-    def _decode(self, s: _Slot, prompt_len: int, device) -> bool:
+    def _decode(self, s: _Slot, prompt_len: int, device, fingerprint: tuple) -> bool:
         total = self.max_new_tokens
         if total <= 1:
             return False
@@ -559,10 +579,9 @@ class RolloutEngine:
         else:
             done = 1
         if use_graph:
-            fp = self._fingerprint()
-            if fp != s.fingerprint:
+            if fingerprint != s.fingerprint:
                 s.graphs.clear()
-                s.fingerprint = fp
+                s.fingerprint = fingerprint
             missing = [b for b in buckets if b not in s.graphs]
             if missing:
                 try:
