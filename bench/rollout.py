@@ -25,6 +25,8 @@ Variants:
                   excluded (warm-up call)
   engine+compile, separate projections   the same with fused_projections=False: one GEMM
                   per q/k/v/gate/up projection instead of one per group
+  engine+compile, SDPA decode attention   the same with split_kv_attention=False: SDPA
+                  (cuDNN) for the decode steps' attention instead of our split-KV kernel
   engine+compile, eager sampler   the same with sampler.compile(False): what compiling the
                   sampler saves
   hf-dynamic      generate(do_sample=True) with the default dynamic cache (TRL's stock path,
@@ -339,22 +341,17 @@ def main(argv=None):
     if not args.skip_compile and device.type == "cuda":
         n_c = new_tokens[0]
         for batch in compile_batches:
-            for name, fused_sampler, fused_proj in (
-                ("engine+compile", True, True),
-                ("engine+compile, separate projections", True, False),
-                ("engine+compile, eager sampler", False, True),
+            for name, fused_sampler, options in (
+                ("engine+compile", True, {}),
+                ("engine+compile, separate projections", True, {"fused_projections": False}),
+                ("engine+compile, SDPA decode attention", True, {"split_kv_attention": False}),
+                ("engine+compile, eager sampler", False, {}),
             ):
                 if over_budget(name):
                     break
                 ids, mask = prompts(batch, prompt_len, vocab, device, no_eos)
                 eng = RolloutEngine(
-                    model,
-                    multi_sampler(),
-                    None,
-                    0,
-                    n_c,
-                    compile_decode=True,
-                    fused_projections=fused_proj,
+                    model, multi_sampler(), None, 0, n_c, compile_decode=True, **options
                 )
                 eng.sampler.compile(fused_sampler)
                 try:

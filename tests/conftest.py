@@ -14,6 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # Our Triton kernels run on the CPU through the interpreter; the variable is read when a
+    # kernel is defined, so it must be set before any test module imports one.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -30,7 +30,10 @@ transformers' ``AttentionInterface``) to ``_decode_attention``: grouped-query he
 into the query length, so K/V are read once per KV head (no ``repeat_kv`` copy), keys are
 sliced to the step's bucket of ``kv_bucket`` positions (a separate graph per bucket, so early
 steps don't read the whole cache), and the padding + causal mask is one additive
-(B, 1, 1, L) tensor built once per step. The prefill keeps the configured implementation.
+(B, 1, 1, L) tensor built once per step. On CUDA the attention is our split-KV Triton kernel
+(``mtrl.rollout.decode_attention``): SDPA backends run one program per (row, KV head) over all
+its keys, too few programs to stream K/V at full bandwidth. The prefill keeps the configured
+implementation.
 
 Projections: where a layer's q/k/v (and gate/up) weights are adjacent in memory
 (``fuse_projections(model)`` makes them so, once; the trainer does it), prefill and decode run
@@ -68,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtrl.rollout.decode_attention import decode_attention
 from mtrl.rollout.fused import ProjectionGroups
 
 logger = logging.getLogger(__name__)
@@ -111,6 +115,7 @@ class _DecodeContext:
         self.mask: torch.Tensor | None = None  # (B, 1, 1, L) additive, compute dtype
         self.kv_len: int = 0
         self.calls: int = 0
+        self.split_kv: bool = False  # our Triton split-KV kernel instead of SDPA
 
 
 _CTX = _DecodeContext()
@@ -140,9 +145,12 @@ def _decode_attention(
         mask = mask.to(query.dtype)
     # Query head g * rep + r uses KV head g (repeat_kv's layout): (B, KVH, rep * q_len, D).
     q = query.reshape(b, kvh, (h // kvh) * q_len, d)
-    out = F.scaled_dot_product_attention(
-        q, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scaling
-    )
+    if _CTX.split_kv:
+        out = decode_attention(q, key[:, :, :n], value[:, :, :n], mask, scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scaling
+        )
     return out.reshape(b, h, q_len, -1).transpose(1, 2), None
 
 
@@ -208,6 +216,8 @@ class RolloutEngine:
     - ``fused_projections``: route q/k/v and gate/up to one GEMM per group where the weights
       are adjacent in memory (see ``mtrl.rollout.fused``; ``fuse_projections(model)`` makes
       them so, once). Groups that aren't adjacent run as before.
+    - ``split_kv_attention``: on CUDA, decode attention through our split-KV Triton kernel
+      (``mtrl.rollout.decode_attention``); False, or on other devices: SDPA.
     - ``compile_decode``: run the decode forward and the sampler's tensor work
       (``sampler.compile()``) through ``torch.compile`` (default mode, no inductor CUDA
       graphs; the decode attention stays eager) inside the captured graph, which fuses the many
@@ -229,6 +239,7 @@ class RolloutEngine:
         kv_bucket: int = 256,
         compile_decode: bool = False,
         fused_projections: bool = True,
+        split_kv_attention: bool = True,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
@@ -254,6 +265,7 @@ class RolloutEngine:
         self.kv_bucket = int(kv_bucket)
         self.compile_decode = bool(compile_decode)
         self.fused_projections = bool(fused_projections)
+        self.split_kv_attention = bool(split_kv_attention)
         self._groups = ProjectionGroups(nn.Module())  # none until the first generate
         self._groups_fingerprint: tuple | None = None
         if self.compile_decode:
@@ -452,6 +464,7 @@ class RolloutEngine:
         mask = torch.zeros(allowed.shape, dtype=self._dtype, device=allowed.device)
         _CTX.mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
         _CTX.kv_len = kv_len
+        _CTX.split_kv = self.split_kv_attention and allowed.device.type == "cuda"
         logits = self._forward(
             s.cache,
             decode=True,

@@ -1,0 +1,272 @@
+"""Split-KV ("flash-decoding") attention for one-token decode steps over a static KV cache.
+
+    out = decode_attention(q, k, v, mask, scale)          # (B, KVH, R, D), q's dtype
+
+Shapes (the engine's ``_decode_attention`` layout, grouped-query heads folded into the rows):
+  q:    (B, KVH, R, D); R = (query heads / KV heads) * query length, the rows sharing a KV head
+  k, v: (B, KVH, n, D), usually ``cache[:, :, :n]``, non-contiguous slices of a longer static
+        cache: strides are passed, nothing is copied (only the last dim must be contiguous)
+  mask: (B, n) or (B, 1, 1, n) additive float mask, any float dtype, 0 or -inf (a longer last
+        dim is fine: its first n columns are used); every row should keep at least one key
+  scale: softmax scale applied to q.k (default 1 / sqrt(D))
+D must be a power of two in 16..256.
+
+Why split: a decode step has B * KVH (batch, KV head) pairs, each with only R query rows, so a
+kernel with one program per pair (what SDPA backends launch) puts ~128 programs on ~132 SMs,
+each streaming the whole key range: far from the memory-bandwidth floor. Here the key range is
+cut into ``num_splits`` chunks of whole BLOCK_N tiles:
+1. ``_split_kv_partial_kernel``, grid (B * KVH, num_splits): one program folds one key chunk
+   into an online softmax for all R rows of one (batch, KV head); scores are an
+   (R padded to 16) x BLOCK_N ``tl.dot``; statistics in fp32, log2 units (exp2, the scale
+   times log2(e) folded into one multiply). It writes the unnormalised partial output and the
+   running max and sum per row (fp32 scratch).
+2. ``_split_kv_combine_kernel``, grid (B * KVH, R): merges the splits of one row with the
+   log-sum-exp trick. A split whose keys are all masked has max -inf and sum 0 and gets
+   weight 0 (no NaN).
+With one split the partial kernel normalises and writes the output itself (no scratch, one
+launch).
+
+Graph capture: the launch logic reads shapes only (no host synchronisation, no ``.item()``);
+the scratch buffers come from ``torch.empty`` (the graph's memory pool when captured). Tiles
+are fixed launch parameters, not autotuned, so the first call compiles and later calls and
+captures reuse the kernel.
+
+Numerics: softmax statistics and the accumulator are fp32; P is rounded to K/V's dtype before
+the P @ V product (as in FlashAttention). On a GPU fp32 inputs go through TF32 ``tl.dot``.
+Masked scores are multiplied by log2(e), so a finite mask value below about -2.4e38 counts as
+-inf. A row with every key masked gives 0, not NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Kernels may read only constexpr globals.
+_LOG2E = tl.constexpr(LOG2E)
+# Default programs per SM for the split heuristic: enough resident programs to keep the
+# memory system busy, few enough that the combine step stays small.
+PROGRAMS_PER_SM = 3
+CPU_SPLITS = 4
+
+
+@triton.jit
+def _split_kv_partial_kernel(
+    Q, K, V, MASK, O, M, L,
+    sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smn,
+    KVH, R, n_keys, chunk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of all R rows of one (batch, KV head) over one chunk of keys.
+
+    Grid: (B * KVH, num_splits); split s covers keys [s * chunk, min((s + 1) * chunk, n_keys)),
+    chunk a multiple of BLOCK_N. qk_scale = scale * log2(e).
+    FINAL (num_splits == 1): O is the (B, KVH, R, D) output, written normalised.
+    Otherwise O: (B * KVH, num_splits, R, D) fp32 unnormalised sums of p * v;
+    M, L: (B * KVH, num_splits, R) fp32 running max (log2 units) and sum of p.
+    """
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // KVH).to(tl.int64)
+    h = (pid_bh % KVH).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_r < R
+
+    # Padded rows (R..BLOCK_R) read zeros: tl.dot needs at least 16 rows.
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_r[:, None] * sqr + offs_d[None, :],
+        mask=row_ok[:, None], other=0.0,
+    )  # fmt: skip
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    mask_base = MASK + b * smb
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, n_keys)
+    for start_n in tl.range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        inside = cols < end
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=inside[:, None], other=0.0)
+        bias = tl.load(mask_base + cols * smn, mask=inside, other=float("-inf")).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :] * _LOG2E
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While every key so far is masked m_new is -inf; subtracting 0 instead keeps
+        # exp2(-inf - -inf) = NaN out: p and alpha are 0, acc and l_i stay 0.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    # The FINAL output (B, KVH, R, D) has the partials' layout with one split.
+    row = (pid_bh * tl.num_programs(1) + split).to(tl.int64) * R + offs_r
+    o_ptrs = O + row[:, None] * HEAD_DIM + offs_d[None, :]
+    if FINAL:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, acc, mask=row_ok[:, None])
+        tl.store(M + row, m_i, mask=row_ok)
+        tl.store(L + row, l_i, mask=row_ok)
+
+
+@triton.jit
+def _split_kv_combine_kernel(
+    O_PART, M, L, O, R, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Merge the splits of one row: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m).
+
+    Grid: (B * KVH, R). O_PART, M, L as written by the partial kernel; O: (B, KVH, R, D).
+    """
+    pid_bh = tl.program_id(0)
+    r = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = offs_s < num_splits
+    row = (pid_bh * num_splits + offs_s).to(tl.int64) * R + r
+    m = tl.load(M + row, mask=valid, other=float("-inf"))
+    l = tl.load(L + row, mask=valid, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every key masked: all weights 0
+    w = tl.exp2(m - m_max)  # an all-masked split: exp2(-inf) = 0
+    acc = tl.load(
+        O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0
+    )
+    out = tl.sum(acc * w[:, None], 0)
+    denom = tl.sum(l * w, 0)
+    out = out / tl.where(denom > 0, denom, 1.0)
+    tl.store(O + (pid_bh * R + r).to(tl.int64) * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch_kv_heads: int, n: int, device: torch.device, block_n: int = 64) -> int:
+    """Splits per (batch, KV head) so that about PROGRAMS_PER_SM programs run per SM (CUDA) or
+    CPU_SPLITS (elsewhere), capped at one BLOCK_N tile per split."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        splits = triton.cdiv(PROGRAMS_PER_SM * _sm_count(index), batch_kv_heads)
+    else:
+        splits = CPU_SPLITS
+    return max(1, min(splits, triton.cdiv(n, block_n)))
+
+
+def split_plan(n: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """(splits, chunk): chunk = keys per split, a multiple of block_n; splits = cdiv(n, chunk)
+    <= num_splits, so no split is empty (a request above cdiv(n, block_n) is clamped)."""
+    tiles = triton.cdiv(n, block_n)
+    chunk = triton.cdiv(tiles, max(1, min(num_splits, tiles))) * block_n
+    return triton.cdiv(n, chunk), chunk
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Validate shapes (host-side, shapes only); returns the mask as a (B, >=n) view."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-d, got {tuple(q.shape)}, {k.shape}, {v.shape}")
+    B, KVH, _, D = q.shape
+    n = k.shape[2]
+    if k.shape != (B, KVH, n, D) or v.shape != k.shape:
+        raise ValueError(
+            f"k, v must be (B, KVH, n, D) = {(B, KVH, n, D)}, got {k.shape}, {v.shape}"
+        )
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two in 16..256, got {D}")
+    if n < 1:
+        raise ValueError("need at least one key")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask.dim() == 4:
+        if mask.shape[1] != 1 or mask.shape[2] != 1:
+            raise ValueError(f"a 4-d mask must be (B, 1, 1, n), got {tuple(mask.shape)}")
+        mask = mask[:, 0, 0]
+    if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < n or not mask.is_floating_point():
+        raise ValueError(
+            f"mask must be additive float (B, n) = {(B, n)}, got {mask.shape} {mask.dtype}"
+        )
+    return mask
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    *,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for every row of q; (B, KVH, R, D) in q's dtype.
+
+    Shapes in the module docstring. num_splits: key chunks per (batch, KV head), default
+    ``default_num_splits``; clamped to cdiv(n, block_n). block_n (keys per tile, a power of
+    two >= 16), num_warps and num_stages are the kernels' tuning knobs.
+    """
+    mask = _check(q, k, v, mask)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    B, KVH, R, D = q.shape
+    n = k.shape[2]
+    # The kernels index the head dim with unit stride; other layouts are copied.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if num_splits is None:
+        num_splits = default_num_splits(B * KVH, n, q.device, block_n)
+    splits, chunk = split_plan(n, num_splits, block_n)
+    block_r = max(16, triton.next_power_of_2(R))
+
+    out = torch.empty(B, KVH, R, D, device=q.device, dtype=q.dtype)
+    if splits == 1:
+        o_part, m, l = out, out, out  # M, L unused when FINAL
+    else:
+        o_part = torch.empty(B * KVH, splits, R, D, device=q.device, dtype=torch.float32)
+        m = torch.empty(B * KVH, splits, R, device=q.device, dtype=torch.float32)
+        l = torch.empty_like(m)
+    _split_kv_partial_kernel[(B * KVH, splits)](
+        q, k, v, mask, o_part, m, l,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask.stride(),
+        KVH, R, n, chunk, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_R=block_r, BLOCK_N=block_n, FINAL=splits == 1,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _split_kv_combine_kernel[(B * KVH, R)](
+            o_part, m, l, out, R, splits,
+            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), num_warps=num_warps,
+        )  # fmt: skip
+    return out
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch softmax(q k^T * scale + mask) v in fp32; (B, KVH, R, D) fp32."""
+    mask = _check(q, k, v, mask)
+    n = k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = q.float() @ k.float().transpose(-1, -2) * scale + mask[:, None, None, :n].float()
+    return torch.softmax(scores, dim=-1) @ v.float()

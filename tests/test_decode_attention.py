@@ -1,0 +1,199 @@
+"""Split-KV decode attention against the plain PyTorch reference.
+
+CPU: the Triton kernels run through Triton's interpreter, in fp32 and fp16 (the interpreter
+mishandles bf16), on small awkward shapes (key counts off the tile grid, cache slices, masked
+splits). GPU (marked ``gpu``): bf16 at the engine's shapes, and capture in a CUDA graph.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # run the kernels on the CPU; must precede importing triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mtrl.rollout.decode_attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    default_num_splits,
+    split_plan,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+needs_triton = pytest.mark.skipif(
+    DEV == "cpu" and not INTERPRET, reason="Triton needs a GPU or TRITON_INTERPRET=1"
+)
+# Max abs error on outputs of size ~1. fp32: the interpreter's dot is exact (GPU: TF32).
+# Half types: P is rounded to the K/V dtype before P @ V.
+TOL = {torch.float32: 1e-5 if DEV == "cpu" else 3e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def make_inputs(b, kvh, r, d, n, cache_len, dtype, mask_kind, seed=0, device=DEV):
+    """q (B, KVH, R, D); k, v = cache[:, :, :n] of a longer cache (non-contiguous slices);
+    mask (B, n) additive fp32, 0 or -inf, at least one 0 per row.
+
+    mask_kind: "none"; "left" (left padding: row 0 none, row 1 all but the last 16 keys, others
+    random); "random" (each key dropped with probability 1/2); "left+random".
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, kvh, r, d, generator=g).to(device, dtype)
+    k_cache = torch.randn(b, kvh, cache_len, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(b, kvh, cache_len, d, generator=g).to(device, dtype)
+    keep = torch.ones(b, n, dtype=torch.bool)
+    if "left" in mask_kind:
+        pads = torch.randint(0, n, (b,), generator=g)
+        pads[0] = 0
+        if b > 1:
+            pads[1] = n - 16
+        keep &= torch.arange(n)[None, :] >= pads[:, None]
+    if "random" in mask_kind:
+        keep &= torch.rand(b, n, generator=g) < 0.5
+    keep[torch.arange(b), torch.randint(0, n, (b,), generator=g)] |= ~keep.any(1)
+    mask = torch.zeros(b, n).masked_fill_(~keep, float("-inf")).to(device)
+    return q, k_cache[:, :, :n], v_cache[:, :, :n], mask
+
+
+def check(out, q, k, v, mask, scale=None):
+    ref = decode_attention_reference(q, k, v, mask, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref).abs().max().item()
+    assert err < TOL[q.dtype], f"max abs error {err:.2e}"
+
+
+# (B, KVH, R, D, n, cache_len, dtype, mask_kind, num_splits, block_n)
+CASES = [
+    (1, 1, 1, 64, 16, 32, torch.float32, "none", 1, 16),
+    (3, 2, 5, 64, 80, 96, torch.float32, "left", 5, 16),
+    (3, 1, 6, 128, 80, 112, torch.float16, "random", 2, 16),
+    (1, 2, 8, 128, 272, 288, torch.float16, "left+random", 5, 64),
+    (3, 2, 16, 64, 272, 320, torch.float32, "left", 2, 64),
+    (3, 2, 6, 128, 272, 288, torch.float16, "left", 5, 64),
+    (1, 2, 5, 64, 80, 96, torch.float16, "left+random", None, 16),
+    (3, 1, 1, 128, 16, 48, torch.float16, "random", 5, 16),
+    (1, 1, 16, 128, 80, 128, torch.float32, "random", 1, 64),
+    (3, 2, 8, 64, 272, 288, torch.float32, "left+random", None, 64),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "b,kvh,r,d,n,cache_len,dtype,mask_kind,num_splits,block_n",
+    CASES,
+    ids=[
+        f"B{c[0]}-KVH{c[1]}-R{c[2]}-D{c[3]}-n{c[4]}-{str(c[6])[6:]}-{c[7]}-s{c[8]}" for c in CASES
+    ],
+)
+def test_matches_reference(b, kvh, r, d, n, cache_len, dtype, mask_kind, num_splits, block_n):
+    q, k, v, mask = make_inputs(b, kvh, r, d, n, cache_len, dtype, mask_kind, seed=n + r)
+    assert k.untyped_storage().nbytes() > k.numel() * k.element_size()  # a slice of the cache
+    out = decode_attention(q, k, v, mask, None, num_splits, block_n=block_n)
+    check(out, q, k, v, mask)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_fully_masked_splits(num_splits):
+    """Left padding of 250 of 272 keys: with 64-key chunks splits 0-2 see only -inf (max -inf,
+    sum 0); with 2 splits (192-key chunks) split 0 does. No NaN, same result."""
+    q, k, v, _ = make_inputs(2, 1, 6, 64, 272, 288, torch.float32, "none", seed=1)
+    mask = torch.zeros(2, 1, 1, 272, device=DEV, dtype=torch.float16)  # 4-d, half mask
+    mask[..., :250] = float("-inf")
+    out = decode_attention(q, k, v, mask, 0.3, num_splits, block_n=64)
+    check(out, q, k, v, mask, 0.3)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fully_masked_row_is_zero(num_splits):
+    """Outside the contract (every row keeps a key), but documented: 0, not NaN."""
+    q, k, v, mask = make_inputs(2, 1, 5, 64, 80, 96, torch.float32, "none", seed=5)
+    mask[1] = float("-inf")
+    out = decode_attention(q, k, v, mask, None, num_splits, block_n=16)
+    assert (out[1] == 0).all()
+    ref = decode_attention_reference(q, k, v, mask)
+    assert (out[0] - ref[0]).abs().max().item() < TOL[torch.float32]
+
+
+@needs_triton
+def test_strided_layouts():
+    """Cache stored (B, L, KVH, D) and viewed as (B, KVH, L, D); q from a transpose; mask wider
+    than n (its first n columns count)."""
+    b, kvh, r, d, n, cache_len = 2, 2, 6, 64, 80, 100
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(b, cache_len, kvh, d, generator=g).to(DEV).transpose(1, 2)[:, :, :n]
+    v = torch.randn(b, cache_len, kvh, d, generator=g).to(DEV).transpose(1, 2)[:, :, :n]
+    q = torch.randn(b, r, kvh, d, generator=g).to(DEV).transpose(1, 2)
+    mask = torch.zeros(b, 1, 1, cache_len, device=DEV)
+    mask[0, ..., :30] = float("-inf")
+    mask[..., n:] = float("-inf")  # beyond n: must be ignored, not read as keys
+    out = decode_attention(q, k, v, mask, None, 3, block_n=16)
+    check(out, q, k, v, mask)
+
+
+def test_split_plan():
+    for n in (16, 80, 256, 272, 4096):
+        for block_n in (16, 64):
+            for want in (1, 2, 3, 5, 8, 1000):
+                splits, chunk = split_plan(n, want, block_n)
+                assert chunk % block_n == 0 and 1 <= splits <= want
+                assert (splits - 1) * chunk < n <= splits * chunk  # covers n, none empty
+    assert default_num_splits(8, 272, torch.device("cpu"), 64) == 4
+    assert default_num_splits(8, 80, torch.device("cpu"), 64) == 2
+
+
+def test_reference_matches_sdpa():
+    q, k, v, mask = make_inputs(3, 2, 6, 64, 80, 96, torch.float32, "left+random", device="cpu")
+    ref = decode_attention_reference(q, k, v, mask, 0.2)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], scale=0.2)
+    torch.testing.assert_close(ref, sdpa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [8, 96, 512])
+def test_rejects_bad_head_dim(d):
+    q = torch.zeros(1, 1, 2, d)
+    k = torch.zeros(1, 1, 16, d)
+    with pytest.raises(ValueError, match="head dim"):
+        decode_attention(q, k, k, torch.zeros(1, 16))
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "b,n,num_splits",
+    [(64, 256, None), (3, 272, 5), (16, 1024, None), (64, 4096, 1), (5, 4096, 64)],
+)
+def test_gpu_bf16(b, n, num_splits):
+    q, k, v, mask = make_inputs(b, 2, 6, 128, n, n + 64, torch.bfloat16, "left+random", seed=n)
+    mask = mask.to(torch.bfloat16)[:, None, None, :]  # the engine's (B, 1, 1, n) mask
+    out = decode_attention(q, k, v, mask, None, num_splits)
+    check(out, q, k, v, mask)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay():
+    """Captured once; after the inputs change in place, a replay gives the new result."""
+    q, k, v, mask = make_inputs(8, 2, 6, 128, 256, 512, torch.bfloat16, "left", seed=3)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_attention(q, k, v, mask, None)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, mask, None)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, q, k, v, mask)
+
+    q2, k2, v2, mask2 = make_inputs(8, 2, 6, 128, 256, 512, torch.bfloat16, "random", seed=4)
+    for dst, src in ((q, q2), (k, k2), (v, v2), (mask, mask2)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, q, k, v, mask)
+    torch.testing.assert_close(out, decode_attention(q, k, v, mask, None), atol=0, rtol=0)
