@@ -6,6 +6,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mtrl.rollout import RolloutEngine, UnsupportedModelError, fuse_projections
+from mtrl.rollout.decode_attention import decode_attention
 from mtrl.rollout.fused import ProjectionGroups
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler, truncate
 
@@ -420,8 +421,17 @@ def assert_greedy_equal_up_to_near_ties(model, ids, mask, got, ref, rel=0.02):
 
 
 @pytest.mark.gpu
-def test_bf16_greedy_graph_matches_generate():
-    model = tiny_model(device="cuda", dtype=torch.bfloat16)
+def test_bf16_greedy_graph_matches_generate(monkeypatch):
+    # head dim 16: decode attention runs through the split-KV Triton kernel
+    model = tiny_model(device="cuda", dtype=torch.bfloat16, hidden_size=64, intermediate_size=128)
+    fuse_projections(model)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr("mtrl.rollout.engine.decode_attention", counted)
     ids, mask = left_padded([9, 5, 2, 7, 9, 4, 8, 3], device="cuda")
     n = 40
     eos = pick_eos(hf_greedy(model, ids, mask, n, NO_EOS))
@@ -433,6 +443,7 @@ def test_bf16_greedy_graph_matches_generate():
     eager = RolloutEngine(
         model, sampler(top_k=1, threshold_mode="fixed"), eos, PAD, n, use_cuda_graph=False
     ).generate(ids, mask)
+    assert calls  # the kernel served the eager steps and the captures
     exact = [torch.equal(o.completion_ids, ref) for o in (out, out2, eager)]
     print("bf16 greedy == generate exactly (first call, replayed, eager):", exact)
     for o in (out, out2, eager):

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtrl.rollout.decode_attention import decode_attention
+from mtrl.rollout.decode_attention import decode_attention, supports_head_dim
 from mtrl.rollout.fused import ProjectionGroups
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def _decode_attention(
         mask = mask.to(query.dtype)
     # Query head g * rep + r uses KV head g (repeat_kv's layout): (B, KVH, rep * q_len, D).
     q = query.reshape(b, kvh, (h // kvh) * q_len, d)
-    if _CTX.split_kv:
+    if _CTX.split_kv and supports_head_dim(d):
         out = decode_attention(q, key[:, :, :n], value[:, :, :n], mask, scale=scaling)
     else:
         out = F.scaled_dot_product_attention(
@@ -217,7 +217,8 @@ class RolloutEngine:
       are adjacent in memory (see ``mtrl.rollout.fused``; ``fuse_projections(model)`` makes
       them so, once). Groups that aren't adjacent run as before.
     - ``split_kv_attention``: on CUDA, decode attention through our split-KV Triton kernel
-      (``mtrl.rollout.decode_attention``); False, or on other devices: SDPA.
+      (``mtrl.rollout.decode_attention``; head dims that are powers of two in 16..256); False,
+      other head dims or other devices: SDPA.
     - ``compile_decode``: run the decode forward and the sampler's tensor work
       (``sampler.compile()``) through ``torch.compile`` (default mode, no inductor CUDA
       graphs; the decode attention stays eager) inside the captured graph, which fuses the many
