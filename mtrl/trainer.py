@@ -331,6 +331,7 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         return self._engine
 
     def _fast_engine_configured(self) -> bool:
+        """Whether rollouts should try the fast engine (rollout.engine, device, ZeRO stage)."""
         choice = self.rollout_config.engine
         if choice == "auto":
             # ZeRO-3 re-gathers the parameters into new storage every rollout, so the engine

@@ -69,7 +69,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mtrl.rollout.decode_attention import decode_attention, supports_head_dim
 from mtrl.rollout.fused import ProjectionGroups
@@ -267,7 +266,7 @@ class RolloutEngine:
         self.compile_decode = bool(compile_decode)
         self.fused_projections = bool(fused_projections)
         self.split_kv_attention = bool(split_kv_attention)
-        self._groups = ProjectionGroups(nn.Module())  # none until the first generate
+        self._groups = ProjectionGroups()  # found at the first generate
         self._groups_fingerprint: tuple | None = None
         if self.compile_decode:
             sampler.compile()

@@ -134,11 +134,12 @@ class ProjectionGroups:
     ``groups = ProjectionGroups(model)``; ``with groups: ...`` runs the model with the fused
     GEMMs (instance ``forward`` overrides on the member linears, removed on exit). Rebuild it
     when parameter storage may have moved; ``len(groups)`` is the number of fused groups.
+    ``ProjectionGroups()`` (no model) has none.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module | None = None):
         self.groups = []
-        for linears in _linear_groups(model):
+        for linears in _linear_groups(model) if model is not None else []:
             tensors = [[lin.weight for lin in linears]]
             if linears[0].bias is not None:
                 tensors.append([lin.bias for lin in linears])
