@@ -23,6 +23,8 @@ Variants:
                   tensor work through torch.compile (inductor kernels, no inductor CUDA graphs)
                   inside the captured graph; first new-token count only; compile time
                   excluded (warm-up call)
+  engine+compile, single temperature   the same with mode=single: the multi-temperature
+                  sampler's cost in the trainer's default (compiled) engine
   engine+compile, separate projections   the same with fused_projections=False: one GEMM
                   per q/k/v/gate/up projection instead of one per group
   engine+compile, SDPA decode attention   the same with split_kv_attention=False: SDPA
@@ -341,17 +343,28 @@ def main(argv=None):
     if not args.skip_compile and device.type == "cuda":
         n_c = new_tokens[0]
         for batch in compile_batches:
-            for name, fused_sampler, options in (
-                ("engine+compile", True, {}),
-                ("engine+compile, separate projections", True, {"fused_projections": False}),
-                ("engine+compile, SDPA decode attention", True, {"split_kv_attention": False}),
-                ("engine+compile, eager sampler", False, {}),
+            for name, make_sampler, fused_sampler, options in (
+                ("engine+compile", multi_sampler, True, {}),
+                ("engine+compile, single temperature", single_sampler, True, {}),
+                (
+                    "engine+compile, separate projections",
+                    multi_sampler,
+                    True,
+                    {"fused_projections": False},
+                ),
+                (
+                    "engine+compile, SDPA decode attention",
+                    multi_sampler,
+                    True,
+                    {"split_kv_attention": False},
+                ),
+                ("engine+compile, eager sampler", multi_sampler, False, {}),
             ):
                 if over_budget(name):
                     break
                 ids, mask = prompts(batch, prompt_len, vocab, device, no_eos)
                 eng = RolloutEngine(
-                    model, multi_sampler(), None, 0, n_c, compile_decode=True, **options
+                    model, make_sampler(), None, 0, n_c, compile_decode=True, **options
                 )
                 eng.sampler.compile(fused_sampler)
                 try:
