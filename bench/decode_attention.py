@@ -213,11 +213,13 @@ def main(argv=None) -> int:
         for n in ints(args.lens):
             rows += bench_shape(args, batch, n, bw, l2)
             torch.cuda.empty_cache()
-            write_table(args, rows, bw, l2)  # after every shape: partial results survive
+            text = write_table(args, rows, bw, l2)  # after every shape: partial results survive
+    print(text)
     return 0
 
 
-def write_table(args, rows, bw, l2):
+def write_table(args, rows, bw, l2) -> str:
+    """Write the markdown table of ``rows`` to --out; returns its text."""
     commit = args.commit
     if commit is None:
         try:
@@ -264,7 +266,7 @@ def write_table(args, rows, bw, l2):
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
