@@ -31,7 +31,6 @@ import argparse
 import datetime
 import math
 import statistics
-import subprocess
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import git_commit  # noqa: E402  (bench/ is the script folder)
 
 from mtrl.rollout.decode_attention import (  # noqa: E402
     decode_attention,
@@ -220,14 +221,7 @@ def main(argv=None) -> int:
 
 def write_table(args, rows, bw, l2) -> str:
     """Write the markdown table of ``rows`` to --out; returns its text."""
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except Exception:  # noqa: BLE001
-            commit = "unknown"
+    commit = git_commit(args.commit)
     import triton
 
     cmd = "python " + " ".join(sys.argv)

@@ -49,7 +49,6 @@ import argparse
 import datetime
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,6 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report import git_commit  # noqa: E402  (bench/ is the script folder)
 from shapes import QWEN25_15B, TINY  # noqa: E402  (bench/ is the script folder)
 
 from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
@@ -383,14 +383,7 @@ def main(argv=None):
 
 
 def write_table(args, device, rows, param_bytes, bw, floor_ms, overhead, prompt_len, fused_groups):
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except Exception:  # noqa: BLE001
-            commit = "unknown"
+    commit = git_commit(args.commit)
     import transformers
 
     card = (
