@@ -214,7 +214,7 @@ def last_row_visible(plan, h: int, groups: int) -> torch.Tensor:
     pos = torch.empty(n, dtype=torch.long)  # permuted position of each original key
     pos[plan.perm[0, h // groups].long()] = torch.arange(n)
     earlier = torch.arange(n) // seg < (n - 1) // seg
-    return ~earlier | (earlier & kept[(pos // bs).clamp(max=kept.numel() - 1)])
+    return ~earlier | kept[(pos // bs).clamp(max=kept.numel() - 1)]
 
 
 def needle_rows(model, tok, tokens: int, depths, configs, first) -> list[str]:
