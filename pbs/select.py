@@ -18,16 +18,18 @@ from .kernels import LOG2E
 def mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean over blocks of ``block_size`` tokens (the last may be partial).
 
-    x: (B, H, N, D) -> (B, H, cdiv(N, block_size), D) fp32.
+    x: (B, H, N, D) -> (B, H, cdiv(N, block_size), D) fp32. The reduction accumulates in fp32
+    while reading ``x`` in its own dtype: an fp32 copy of q would cost more than the rest of
+    the selection (2.3 of 3.3 ms at 128K on an H100).
     """
     N = x.shape[2]
     n_full = N // block_size
     parts = []
     if n_full:
-        parts.append(x[:, :, : n_full * block_size].unflatten(2, (n_full, block_size)).float())
-        parts[0] = parts[0].mean(3)
+        full = x[:, :, : n_full * block_size].unflatten(2, (n_full, block_size))
+        parts.append(full.mean(3, dtype=torch.float32))
     if N % block_size:
-        parts.append(x[:, :, n_full * block_size :].float().mean(2, keepdim=True))
+        parts.append(x[:, :, n_full * block_size :].mean(2, keepdim=True, dtype=torch.float32))
     return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
@@ -36,12 +38,12 @@ def block_logits(q: torch.Tensor, kp: torch.Tensor, block_size: int, scale: floa
     float tensor of the method. q: (B, HQ, N, D); kp: (B, HKV, N, D) permuted keys."""
     B, HQ = q.shape[:2]
     HKV = kp.shape[1]
-    qp = mean_pool(q, block_size)
+    qp = mean_pool(q, block_size) * (scale * LOG2E)  # scaling (N/block, D) beats (N/block)^2
     kpool = mean_pool(kp, block_size)
     n_qb = qp.shape[2]
     # GQA: query heads hkv*G .. hkv*G+G-1 share KV head hkv; fold them into the row dim.
     s = qp.reshape(B, HKV, -1, qp.shape[-1]) @ kpool.transpose(-1, -2)
-    return (s * (scale * LOG2E)).reshape(B, HQ, n_qb, -1)
+    return s.reshape(B, HQ, n_qb, -1)
 
 
 def sink_block(perm: torch.Tensor, block_size: int, segment_size: int) -> torch.Tensor:
