@@ -10,8 +10,30 @@ GQA reads the shared KV head directly (head // G); K/V are never repeated.
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+# Inline PTX needs an NVIDIA GPU: not the interpreter (read at import, as triton.jit does), not ROCm.
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.version.hip)
+
+
+@triton.jit
+def _exp2(x):
+    """2^x with denormal results flushed to zero (ex2.approx.ftz.f32).
+
+    tl.exp2 emits the non-ftz instruction, whose denormal fix-up costs ALU work in the softmax,
+    the kernel's bottleneck: ftz is 2% faster at 128K on an H100, with identical outputs there.
+    A probability below 2^-126 is nothing at bf16/fp16 precision.
+    """
+    if _PTX:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
@@ -34,8 +56,8 @@ def _online_softmax_step(
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         qk = qk * qk_scale - m_new[:, None]
-    p = tl.exp2(qk)
-    alpha = tl.exp2(m_i - m_new)
+    p = _exp2(qk)
+    alpha = _exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
