@@ -1,6 +1,8 @@
 """RolloutEngine on a tiny random Qwen2: greedy == generate, padding/early stop, log-prob and
 temperature alignment, the sampled distribution per class, fallbacks; CUDA-graph tests on GPU."""
 
+import logging
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -353,6 +355,39 @@ def test_engine_fused_projections_greedy_matches_generate(model):
         outs[on] = eng.generate(ids, mask).completion_ids
         assert len(eng._groups) == (4 if on else 0)
     assert torch.equal(outs[True], ref) and torch.equal(outs[False], ref)
+
+
+def test_engine_reports_projection_groups_once_and_on_change(caplog):
+    m = tiny_model()
+    fuse_projections(m)
+    ids, mask = left_padded([9, 5])
+    eng = RolloutEngine(m, sampler(top_k=1, threshold_mode="fixed"), NO_EOS, PAD, 2)
+
+    def reported() -> list[str]:
+        out = [r.getMessage() for r in caplog.records if "projection groups" in r.getMessage()]
+        caplog.clear()
+        return out
+
+    def move_storage() -> None:  # what ZeRO-3's gather does to every parameter
+        for p in m.parameters():
+            p.data = p.data.clone()
+
+    with caplog.at_level(logging.INFO, logger="mtrl.rollout.engine"):
+        eng.generate(ids, mask)
+        assert reported() == ["rollout engine: 4 projection groups run as one GEMM"]
+        eng.generate(ids, mask)
+        assert reported() == []
+        move_storage()
+        eng.generate(ids, mask)
+        assert reported() == ["rollout engine: 0 projection groups run as one GEMM"]
+        fuse_projections(m)
+        eng.generate(ids, mask)
+        assert reported() == ["rollout engine: 4 projection groups run as one GEMM"]
+        move_storage()
+        fuse_projections(m)  # new buffers, the same groups: nothing new to say
+        eng.generate(ids, mask)
+        assert reported() == []
+        assert len(eng._groups) == 4
 
 
 def test_unsupported_cache_raises():

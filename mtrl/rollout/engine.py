@@ -536,9 +536,11 @@ class RolloutEngine:
         self.model.eval()
         fingerprint = self._fingerprint()
         if self.fused_projections and fingerprint != self._groups_fingerprint:
-            self._groups = ProjectionGroups(self._base)
-            self._groups_fingerprint = fingerprint
-            logger.info("rollout engine: %d projection groups run as one GEMM", len(self._groups))
+            groups = ProjectionGroups(self._base)
+            # Storage moves at every rollout under ZeRO-3: say it once, then only on a change.
+            if self._groups_fingerprint is None or len(groups) != len(self._groups):
+                logger.info("rollout engine: %d projection groups run as one GEMM", len(groups))
+            self._groups, self._groups_fingerprint = groups, fingerprint
         try:
             s = self._get_slot(batch, prompt_len, device)
             self._reset(s, attention_mask, temperature_offsets, prompt_len)
