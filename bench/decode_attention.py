@@ -28,7 +28,6 @@ output is compared with the fp32 reference (max abs error; flagged above 5e-2).
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import statistics
 import sys
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from report import git_commit  # noqa: E402  (bench/ is the script folder)
+from report import git_commit, header  # noqa: E402  (bench/ is the script folder)
 
 from mtrl.rollout.decode_attention import (  # noqa: E402
     decode_attention,
@@ -224,14 +223,7 @@ def write_table(args, rows, bw, l2) -> str:
     commit = git_commit(args.commit)
     import triton
 
-    cmd = "python " + " ".join(sys.argv)
-    lines = [
-        "# Decode attention benchmark",
-        "",
-        f"- card: {torch.cuda.get_device_name(0)}",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- commit: {commit}",
-        f"- command: `{cmd}`",
+    lines = header("Decode attention benchmark", torch.cuda.get_device_name(0), commit) + [
         f"- torch {torch.__version__}, triton {triton.__version__}",
         f"- shape: KV heads {args.kv_heads}, R {args.rows} query rows per KV head, head dim "
         f"{args.head_dim}, bf16; K/V sliced from a cache of n + 256 positions; additive bf16 "

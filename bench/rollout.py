@@ -46,7 +46,6 @@ grows with length).
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import statistics
 import sys
@@ -57,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from report import git_commit  # noqa: E402  (bench/ is the script folder)
+from report import git_commit, header  # noqa: E402  (bench/ is the script folder)
 from shapes import QWEN25_15B, TINY  # noqa: E402  (bench/ is the script folder)
 
 from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
@@ -391,14 +390,7 @@ def write_table(args, device, rows, param_bytes, bw, floor_ms, overhead, prompt_
         if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
-    cmd = "python " + " ".join(sys.argv)
-    lines = [
-        "# Rollout engine benchmark",
-        "",
-        f"- card: {card}",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- commit: {commit}",
-        f"- command: `{cmd}`",
+    lines = header("Rollout engine benchmark", card, commit) + [
         f"- torch {torch.__version__}, transformers {transformers.__version__}",
         f"- model: {'tiny' if args.tiny else 'Qwen2.5-1.5B shape'}, random weights, "
         f"{param_bytes / 1e9:.3f} GB of parameters; prompt length {prompt_len}, no padding, "
