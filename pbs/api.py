@@ -142,8 +142,9 @@ def pbs_attention(
 
     q: (B, HQ, N, D); k, v: (B, HKV, N, D), HQ a multiple of HKV. Returns (B, HQ, N, D) in q's
     dtype, laid out and scaled like SDPA(is_causal=True, enable_gqa=True); with
-    ``return_stats`` also a dict: path, backend, density, kept/causal blocks and, when
-    ``timing``, the time split score_permute_ms / select_ms / attention_ms.
+    ``return_stats`` also a dict: path, backend, density, kept/causal blocks, the attention
+    kernel of the triton backend ("sm90" or "generic", see :func:`pbs.kernels.attention_kernel`)
+    and, when ``timing``, the time split score_permute_ms / select_ms / attention_ms.
     """
     config = config or PBSConfig()
     _check(q, k, v)
@@ -163,9 +164,10 @@ def pbs_attention(
     else:
         plan = make_plan(q, k, v, config, timer=timer)
         if kernels.available(q):
+            kernel = kernels.attention_kernel(q, config.block_size)
             out = kernels.block_sparse_attention(
                 q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,
-                config.block_size, config.segment_size, scale,
+                config.block_size, config.segment_size, scale, kernel=kernel,
             )  # fmt: skip
         else:  # no Triton here (CPU without the interpreter): same result, dense masked
             from .reference import attend_plan
@@ -177,4 +179,6 @@ def pbs_attention(
     d, kept, causal = density(plan, N)
     stats = {"path": "sparse", "backend": backend, "density": d, "kept_blocks": kept,
              "causal_blocks": causal, **timer.result()}  # fmt: skip
+    if backend == "triton":
+        stats["kernel"] = kernel
     return out, stats

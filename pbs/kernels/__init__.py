@@ -18,6 +18,13 @@ LOG2E = 1.4426950408889634
 # the mode is read once, here, and not from the environment at call time.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+try:  # Gluon (Triton's tile-level language, for the Hopper kernel) came with Triton 3.5
+    from . import attention_sm90
+except ImportError:
+    attention_sm90 = None
+
+KERNELS = ("auto", "sm90", "generic")
+
 
 def interpreting() -> bool:
     """True when our kernels were defined under Triton's interpreter (TRITON_INTERPRET=1)."""
@@ -138,6 +145,22 @@ _block_sparse_attn_tuned = triton.autotune(
 )(_block_sparse_attn_fwd)
 
 
+def attention_kernel(q: torch.Tensor, block: int, kernel: str = "auto") -> str:
+    """Which attention kernel runs q (B, HQ, N, D): "sm90" (Gluon, TMA and async wgmma; Hopper
+    GPUs, bf16/fp16, head dim 64/128, block 64/128) or "generic" (any GPU, the interpreter).
+    ``kernel="auto"`` picks sm90 wherever it runs; naming one that cannot run is an error."""
+    if kernel not in KERNELS:
+        raise ValueError(f"pbs: kernel must be one of {KERNELS}, got {kernel!r}")
+    sm90 = attention_sm90 is not None and not interpreting() and attention_sm90.supported(q, block)
+    if kernel == "sm90" and not sm90:
+        raise ValueError(
+            "pbs: kernel='sm90' needs an sm_90 GPU, Triton with Gluon, bf16/fp16, head dim 64 "
+            f"or 128 and block 64 or 128; got {q.device} {q.dtype}, head dim {q.shape[-1]}, "
+            f"block {block}"
+        )
+    return "sm90" if kernel == "sm90" or (kernel == "auto" and sm90) else "generic"
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -150,16 +173,22 @@ def block_sparse_attention(
     seg: int,
     scale: float,
     out: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Causal attention of q over its own segment (exact) and the listed blocks of kp/vp.
 
     q: (B, HQ, N, D); k, v, kp, vp: (B, HKV, N, D) (kp/vp may be longer); counts, idx from
-    :func:`select_blocks`. Returns (B, HQ, N, D) in q's dtype (or fills ``out``).
+    :func:`select_blocks`; ``kernel`` as in :func:`attention_kernel`. Returns (B, HQ, N, D) in
+    q's dtype (or fills ``out``).
     """
     B, HQ, N, D = q.shape
+    o = torch.empty_like(q) if out is None else out
+    if attention_kernel(q, block, kernel) == "sm90":
+        return attention_sm90.block_sparse_attention_sm90(
+            q, k, v, kp, vp, counts, idx, block, seg, scale, o
+        )
     G = HQ // k.shape[1]
     n_qb, n_kb = idx.shape[2], idx.shape[3]
-    o = torch.empty_like(q) if out is None else out
     args = (
         q, k, v, kp, vp, o, counts, idx,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -183,6 +212,8 @@ def block_sparse_attention(
 
 
 __all__ = [
+    "KERNELS",
+    "attention_kernel",
     "available",
     "block_sparse_attention",
     "interpreting",
