@@ -147,7 +147,7 @@ _block_sparse_attn_tuned = triton.autotune(
 
 def attention_kernel(q: torch.Tensor, block: int, kernel: str = "auto") -> str:
     """Which attention kernel runs q (B, HQ, N, D): "sm90" (Gluon, TMA and async wgmma; Hopper
-    GPUs, bf16/fp16, head dim 64/128, block 64/128) or "generic" (any GPU, the interpreter).
+    GPUs, bf16/fp16, head dim 64/128, block 128) or "generic" (any GPU, the interpreter).
     ``kernel="auto"`` picks sm90 wherever it runs; naming one that cannot run is an error."""
     if kernel not in KERNELS:
         raise ValueError(f"pbs: kernel must be one of {KERNELS}, got {kernel!r}")
@@ -155,7 +155,7 @@ def attention_kernel(q: torch.Tensor, block: int, kernel: str = "auto") -> str:
     if kernel == "sm90" and not sm90:
         raise ValueError(
             "pbs: kernel='sm90' needs an sm_90 GPU, Triton with Gluon, bf16/fp16, head dim 64 "
-            f"or 128 and block 64 or 128; got {q.device} {q.dtype}, head dim {q.shape[-1]}, "
+            f"or 128 and block 128; got {q.device} {q.dtype}, head dim {q.shape[-1]}, "
             f"block {block}"
         )
     return "sm90" if kernel == "sm90" or (kernel == "auto" and sm90) else "generic"
