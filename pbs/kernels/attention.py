@@ -6,6 +6,8 @@ One program computes BLOCK_M query rows of one (batch, query head). It visits, i
 2. the own segment up to the query tile, read from the original K/V (no mask needed);
 3. the diagonal tile(s), original K/V, with the exact token-level causal mask.
 GQA reads the shared KV head directly (head // G); K/V are never repeated.
+This is the portable kernel (any GPU, and Triton's interpreter for the CPU tests); on Hopper
+the triton backend runs the warp-specialised twin in attention_sm90.py instead.
 """
 
 from __future__ import annotations
