@@ -87,10 +87,10 @@ def _producer(n_tiles, n_kept, desc_perm, desc, perm_row0, row0, own0, idx_ptr, 
 
 @gluon.jit
 def _consumer(part: gl.constexpr, q_smem, q_bar, q_desc, k_ring, v_ring, k_ready, v_ready,
-              k_empty, v_empty, O, sob, soh, son, b, h, q_row0, start_m, n_tiles, first_diag,
-              N, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):  # fmt: skip
-    """One warpgroup: rows [start_m + part*ROWS, +ROWS) of the query block, over every tile.
+              k_empty, v_empty, O, sob, soh, son, b, h, q_row0, start_m, n_tiles, N, qk_scale,
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """One warpgroup: rows [start_m + part*ROWS, +ROWS) of the query block, over every tile;
+    the last tile is the diagonal one (keys from start_m on), masked.
 
     Scores are in log2 units and the scale multiplies the row max, so an unmasked score costs
     one FMA before exp2. The output goes straight to O (B, HQ, N, HEAD_DIM), rows past N masked.
@@ -116,7 +116,7 @@ def _consumer(part: gl.constexpr, q_smem, q_bar, q_desc, k_ring, v_ring, k_ready
     mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), no_acc, use_acc=False)
     mbarrier.arrive(k_empty.index(0), count=1)
-    if first_diag == 0:
+    if n_tiles == 1:
         s = _causal_mask(s, start_m, offs_m, cols, N)
     m_i = gl.max(s, 1) * qk_scale
     p = _exp2(s * qk_scale - m_i[:, None])
@@ -135,8 +135,8 @@ def _consumer(part: gl.constexpr, q_smem, q_bar, q_desc, k_ring, v_ring, k_ready
         # wgmma groups retire in order: one outstanding means QK of t is done, PV may run on.
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(slot), count=1)
-        if t >= first_diag:
-            s = _causal_mask(s, start_m + (t - first_diag) * BLOCK_N, offs_m, cols, N)
+        if t == n_tiles - 1:
+            s = _causal_mask(s, start_m, offs_m, cols, N)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = _exp2(m_i - m_new)
         p = _exp2(s * qk_scale - m_new[:, None])
@@ -207,7 +207,6 @@ def _block_sparse_attn_fwd_sm90(
     idx_ptr = IDX + row.to(gl.int64) * n_kb
     own0 = (start_m // SEG) * SEG
     n_tiles = n_kept + (start_m - own0) // BLOCK + 1
-    first_diag = n_tiles - 1
     kv_head = b * (HQ // G) + h // G
     perm_row0 = kv_head * NP
     row0 = kv_head * N
@@ -216,10 +215,10 @@ def _block_sparse_attn_fwd_sm90(
         [
             (_consumer, (0, q_smem.index(0), q_bar.index(0), q_desc, k_ring, v_ring, k_ready,
                          v_ready, k_empty, v_empty, O, sob, soh, son, b, h, pid_bh * N, start_m,
-                         n_tiles, first_diag, N, qk_scale, HEAD_DIM, BLOCK, STAGES)),
+                         n_tiles, N, qk_scale, HEAD_DIM, BLOCK, STAGES)),
             (_consumer, (1, q_smem.index(1), q_bar.index(1), q_desc, k_ring, v_ring, k_ready,
                          v_ready, k_empty, v_empty, O, sob, soh, son, b, h, pid_bh * N, start_m,
-                         n_tiles, first_diag, N, qk_scale, HEAD_DIM, BLOCK, STAGES)),
+                         n_tiles, N, qk_scale, HEAD_DIM, BLOCK, STAGES)),
             (_producer, (n_tiles, n_kept, kp_desc, k_desc, perm_row0, row0, own0, idx_ptr,
                          k_ready, k_empty, k_ring, BLOCK, STAGES)),
             (_producer, (n_tiles, n_kept, vp_desc, v_desc, perm_row0, row0, own0, idx_ptr,
