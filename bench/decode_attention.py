@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from report import git_commit, header  # noqa: E402  (bench/ is the script folder)
+from report import copy_bandwidth, git_commit, header  # noqa: E402  (bench/ is the script folder)
 
 from mtrl.rollout.decode_attention import (  # noqa: E402
     decode_attention,
@@ -71,24 +71,6 @@ def parse_args(argv=None):
 
 def ints(s):
     return [int(x) for x in s.split(",") if x]
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy, read + write counted."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n / statistics.median(times)
 
 
 def make_inputs(args, batch, n, copies, seed):

@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from report import git_commit, header  # noqa: E402  (bench/ is the script folder)
+from report import copy_bandwidth, git_commit, header  # noqa: E402  (bench/ is the script folder)
 from shapes import QWEN25_15B, TINY  # noqa: E402  (bench/ is the script folder)
 
 from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
@@ -103,17 +103,6 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
-
-
-def copy_bandwidth(device, clock) -> float:
-    """Bytes/s of a device-to-device copy, read + write counted."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 26)
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = [clock(lambda: dst.copy_(src)) for _ in range(10)]
-    return 2 * n / statistics.median(times)
 
 
 def build_model(shape, dtype, device):
@@ -175,7 +164,7 @@ def main(argv=None):
     # a sentinel); HF gets this id with min_new_tokens = its run length, so it is never drawn.
     no_eos = vocab - 1
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = copy_bandwidth(device, clock)
+    bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 26))
     floor_ms = param_bytes / bw * 1e3
     rows: list[dict] = []
     log = print

@@ -25,7 +25,6 @@ import inspect
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shapes import QWEN25_15B, TINY  # noqa: E402  (bench/ is the script folder)
+from report import git_commit  # noqa: E402  (bench/ is the script folder)
+from shapes import QWEN25_15B, TINY  # noqa: E402
 
 from mtrl.sampling import (  # noqa: E402
     CUDAGraphSampler,
@@ -210,25 +210,6 @@ class Decoder:
 
 
 # --------------------------------------------------------------------------- main
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "mtrl/sampling", "bench/sampler.py"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode == 0:
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -320,7 +301,7 @@ def main(argv=None) -> int:
     import transformers
 
     cmd = "python " + " ".join([sys.argv[0]] + sys.argv[1:]) if argv is None else str(argv)
-    commit = args.commit or git_commit()
+    commit = git_commit(args.commit, watch=("mtrl/sampling", "bench/sampler.py"))
     base = decode_ms["plain"]
     lines = [
         "# Multi-temperature sampler overhead",
