@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 
 from pbs import PBSConfig, kernels, pbs_attention  # noqa: E402
-from pbs.api import density, make_plan  # noqa: E402
 from pbs.flex import _flex, block_mask_from_plan  # noqa: E402
 from pbs.permute import key_importance, permute_kv, segment_permutation  # noqa: E402
+from pbs.plan import density, make_plan  # noqa: E402
 from pbs.select import block_logits, select_blocks, sink_block  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -62,7 +62,7 @@ def threshold_for(q, k, v, target: float) -> tuple[float, float]:
     lo, hi, best = 0.05, 1.0, (1.0, 1.0)
     for _ in range(8):
         mid = (lo + hi) / 2
-        d = density(make_plan(q, k, v, PBSConfig(threshold=mid, min_seq_len=0)), q.shape[2])[0]
+        d = density(make_plan(q, k, v, PBSConfig(threshold=mid, min_seq_len=0)))[0]
         if abs(d - target) < abs(best[1] - target):
             best = (mid, d)
         lo, hi = (mid, hi) if d < target else (lo, mid)
@@ -99,7 +99,7 @@ def phases(q, k, v, cfg: PBSConfig) -> dict:
     t["total_triton"] = bench(lambda: pbs_attention(q, k, v, config=cfg))
     fcfg = PBSConfig(**{**cfg.__dict__, "backend": "flex"})
     t["total_flex"] = bench(lambda: pbs_attention(q, k, v, config=fcfg))
-    t["density"] = density(plan, n)[0]
+    t["density"] = density(plan)[0]
     return t
 
 

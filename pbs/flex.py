@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .api import Plan, _Timer, make_plan
 from .config import PBSConfig
+from .plan import Plan, Timer, make_plan
 
 _compiled = None
 
@@ -81,7 +81,7 @@ def block_mask_from_plan(plan: Plan, n: int, n_q_heads: int, eager: bool = False
 
 
 def pbs_flex_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig, timer: _Timer
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig, timer: Timer
 ) -> tuple[torch.Tensor, Plan]:
     """Plan with the shared code, then run FlexAttention on the concatenated KV.
 

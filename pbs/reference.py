@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .api import Plan, _check, dense_attention, make_plan, resolve_scale
 from .config import PBSConfig
+from .plan import Plan, check_inputs, dense_attention, make_plan, resolve_scale
 
 
 def visible_mask(plan: Plan, n_q_heads: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def reference_attention(
     q: (B, HQ, N, D); k, v: (B, HKV, N, D). Returns (B, HQ, N, D) in q's dtype.
     """
     config = config or PBSConfig()
-    _check(q, k, v)
+    check_inputs(q, k, v)
     if q.shape[2] < config.min_seq_len:
         return dense_attention(
             q.float(), k.float(), v.float(), resolve_scale(config, q.shape[-1])

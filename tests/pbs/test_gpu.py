@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pbs import PBSConfig, kernels, pbs_attention, reference_attention
-from pbs.api import make_plan
+from pbs.plan import make_plan
 from pbs.reference import attend_plan
 
 pytestmark = [

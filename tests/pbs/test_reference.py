@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pbs import PBSConfig, reference_attention
-from pbs.api import make_plan
 from pbs.permute import segment_permutation
+from pbs.plan import make_plan
 from pbs.select import mean_pool, select_blocks_torch
 
 
