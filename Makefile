@@ -46,11 +46,15 @@ test: lint
 clean:
 	rm -rf $(VENV) outputs mlflow.db mlruns
 
-# Offline install. On a machine with PyPI (it needs torch here, any build, to build deepspeed):
-#   make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64 SKIP="torch triton transformers accelerate peft" [OUT=wheelhouse]
-#   (WHEELHOUSE_ARGS="--dry-run", "--skip-deps", "--without reasoning-gym" or "--installed target-freeze.txt": see tools/wheelhouse.py)
+# Offline install. On a machine with PyPI (it needs torch here, any build, to build deepspeed),
+# with freeze.txt from `python -m pip freeze > freeze.txt` run on the offline machine:
+#   make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64 SKIP="torch triton transformers accelerate peft" WHEELHOUSE_ARGS="--installed freeze.txt" [OUT=wheelhouse]
+#   (more WHEELHOUSE_ARGS: "--dry-run", "--skip-deps", "--without reasoning-gym": see tools/wheelhouse.py)
 # then, on the offline machine, from the checkout (reads nothing but that folder):
 #   make install-offline WHEELHOUSE=wheelhouse
+# It checks first that the machine has what the folder leaves to it (one line names what does
+# not fit), then installs; the project builds in pip's isolated environment with the
+# setuptools that the folder carries, so the machine's own setuptools (or none) never matters.
 PY ?= 3.12
 PLATFORM ?= manylinux_2_28_x86_64
 SKIP ?=
@@ -64,6 +68,8 @@ wheelhouse: setup
 	$(BIN)/python tools/wheelhouse.py --python-version $(PY) --platform $(PLATFORM) --skip "$(SKIP)" --out $(OUT) $(WHEELHOUSE_ARGS)
 
 install-offline:
+	$(PYTHON) tools/wheelhouse.py --check $(WHEELHOUSE)
 	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements.txt
 	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) --no-deps .
-	$(PYTHON) -c "import trl, mlflow, mtrl.run; print('mtrl installed offline')"
+	# -P: import the installed mtrl, not the checkout's folder in the current directory.
+	$(PYTHON) -P -c "import trl, mlflow, mtrl.run; print('mtrl installed offline')"

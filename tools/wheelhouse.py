@@ -7,6 +7,9 @@ then, on the offline machine (only that folder is read):
 
     make install-offline WHEELHOUSE=wheelhouse
 
+which first runs `python tools/wheelhouse.py --check wheelhouse` there: the packages the folder
+does not carry but needs from the node are checked against the node's installed versions.
+
 How it works, in order:
 
 1. The requirements are the project's runtime dependencies plus the requested extras
@@ -25,7 +28,13 @@ How it works, in order:
    reached *only* through skipped packages (torch's nvidia-* wheels, for instance). A
    dependency that a kept package also needs stays, since the target's copy may be too old
    (pip picks the installed one when it fits). `--installed FILE` (a `pip freeze` of the
-   target) drops more: any package whose installed version satisfies every requirement on it.
+   target) drops more: any package whose installed version satisfies every requirement on it,
+   and stops with a one-line error where a kept package needs a skipped one at a version the
+   target does not have (reasoning-gym's `tabulate==0.9.0`, say). What the folder leaves to
+   the node, and who needs it at which versions, goes to manifest.json for `--check`.
+   The project's build backend (pyproject.toml's `build-system.requires`: setuptools) is
+   always carried, whatever the target has: `pip install .` builds the project in an isolated
+   environment, which sees only the folder, never the target's own setuptools.
 5. The kept pins are downloaded with `pip download --no-deps` for the same target, and
    `requirements.txt` (the top-level requirements, less the skipped ones) and `manifest.json`
    are written next to them. At install time pip's resolver picks from the folder, so versions
@@ -52,13 +61,19 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-from packaging.version import Version
+try:
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+except ImportError:  # `--check` runs on a node before anything is installed: pip's own copy
+    from pip._vendor.packaging.markers import default_environment
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name
+    from pip._vendor.packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD_ONLY = ["setuptools>=69"]  # the project's build backend, for `pip install --no-index .`
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def norm(name: str) -> str:
@@ -101,8 +116,13 @@ def target_env(python_version: str, platform: str) -> dict[str, str]:
     return env
 
 
+def build_requirements() -> list[Requirement]:
+    """The project's build backend, which `pip install --no-index .` needs from the folder."""
+    return [Requirement(s) for s in PYPROJECT["build-system"]["requires"]]
+
+
 def project_requirements(extras: list[str], swaps: dict[str, str]) -> list[Requirement]:
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    meta = PYPROJECT["project"]
     specs = list(meta["dependencies"])
     for extra in extras:
         specs += meta.get("optional-dependencies", {}).get(extra, [])
@@ -294,28 +314,37 @@ def closure(items: list[dict], names: set[str], env: dict[str, str]) -> set[str]
     return seen
 
 
+# What the folder leaves to the node: name -> [(who needs it, the requirement)]; "mtrl" is us.
+NodeNeeds = dict[str, list[tuple[str, Requirement]]]
+
+
 def select(
     items: list[dict],
     roots: list[Requirement],
     skip: set[str],
     installed: dict[str, Version],
     env: dict[str, str],
-) -> tuple[dict[str, dict], dict[str, str]]:
-    """Kept resolved items by name, and why each dropped one was dropped."""
+) -> tuple[dict[str, dict], dict[str, str], NodeNeeds]:
+    """Kept resolved items by name, why each dropped one was dropped, and what the node must have.
+
+    The node must have each skipped or installed package that a kept one requires, at a version
+    that fits. The project's own pin on a skipped package is not among them: naming a package
+    in SKIP means using the node's copy instead (transformers 5.17 where we pin 5.24, say).
+    """
     by_name = {norm(i["metadata"]["name"]): i for i in items}
     provided: set[str] = set()
     while True:
         kept: dict[str, dict] = {}
-        wanted: dict[str, list[Requirement]] = {}
+        wanted: dict[str, list[tuple[str, Requirement]]] = {}
         seen: set[tuple[str, frozenset]] = set()
-        stack = [(r, frozenset()) for r in roots]
+        stack: list[tuple[Requirement, str]] = [(r, "mtrl") for r in roots]
         while stack:
-            req, _ = stack.pop()
+            req, by = stack.pop()
             name = norm(req.name)
-            if name in skip or name not in by_name:
+            if name not in by_name:
                 continue
-            wanted.setdefault(name, []).append(req)
-            if name in provided:
+            wanted.setdefault(name, []).append((by, req))
+            if name in skip or name in provided:
                 continue
             key = (name, frozenset(req.extras))
             if key in seen:
@@ -328,13 +357,13 @@ def select(
                     envs = [{**env, "extra": e} for e in (req.extras or {""})]
                     if not any(dep.marker.evaluate(e) for e in envs):
                         continue
-                stack.append((dep, frozenset()))
+                stack.append((dep, by_name[name]["metadata"]["name"]))
         newly = {
             n
             for n, reqs in wanted.items()
             if n in installed
-            and n not in provided
-            and all(r.specifier.contains(installed[n], prereleases=True) for r in reqs)
+            and n not in provided | skip
+            and all(r.specifier.contains(installed[n], prereleases=True) for _, r in reqs)
         }
         if not newly:
             break
@@ -349,7 +378,54 @@ def select(
             dropped[name] = f"installed on the target ({installed[name]})"
         else:
             dropped[name] = "needed only by skipped or installed packages"
-    return kept, dropped
+    needs = {
+        name: [(by, r) for by, r in reqs if name in provided or by != "mtrl"]
+        for name, reqs in sorted(wanted.items())
+        if name not in kept
+    }
+    return kept, dropped, {n: r for n, r in needs.items() if r}
+
+
+def unmet(needs: NodeNeeds, version_of: dict[str, Version | None]) -> list[str]:
+    """Each package of `needs` that the node lacks or has at a version some requirer rejects."""
+    problems = []
+    for name, reqs in needs.items():
+        have = version_of.get(name)
+        bad = [(by, r) for by, r in reqs if have is None or not r.specifier.contains(have, True)]
+        if bad:
+            asks = ", ".join(f"{by} needs {r.name}{r.specifier or ''}" for by, r in bad)
+            problems.append(f"{name} {have or 'missing'} ({asks})")
+    return problems
+
+
+def check_node(folder: Path) -> int:
+    """`--check FOLDER`, run by `make install-offline` on the node before it installs anything."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        sys.exit(f"error: {manifest} not found: is {folder} a folder made by `make wheelhouse`?")
+    meta = json.loads(manifest.read_text())
+    needs = {
+        name: [(by, Requirement(spec)) for by, spec in reqs]
+        for name, reqs in meta["node_requirements"].items()
+    }
+    have: dict[str, Version | None] = {}
+    for name in needs:
+        try:
+            have[name] = Version(version(name))
+        except PackageNotFoundError:
+            have[name] = None
+    problems = unmet(needs, have)
+    if problems:
+        sys.exit(
+            f"error: {folder}/ does not carry these and {sys.executable} lacks or has other "
+            f"versions of them: {'; '.join(problems)}. Rebuild the wheelhouse from this node's "
+            "packages: `python -m pip freeze > freeze.txt` here, then on the online machine "
+            'make wheelhouse ... WHEELHOUSE_ARGS="--installed freeze.txt"'
+        )
+    print(f"{folder}/: the {len(needs)} packages it leaves to this Python fit")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,7 +459,16 @@ def main(argv: list[str] | None = None) -> int:
         "--build-python", help="a Python of the target's version, for sdists that compile"
     )
     parser.add_argument("--dry-run", action="store_true", help="resolve and print, download none")
+    parser.add_argument(
+        "--check",
+        metavar="FOLDER",
+        help="on the node: check that this Python has what FOLDER leaves to it, then exit",
+    )
     args = parser.parse_args(argv)
+    if args.check:
+        return check_node(Path(args.check))
+    if args.installed and not Path(args.installed).is_file():
+        sys.exit(f"error: --installed {args.installed}: no such file")
 
     skip = {norm(s) for s in re.split(r"[\s,]+", args.skip) if s}
     without = {norm(s) for s in re.split(r"[\s,]+", args.without) if s}
@@ -398,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in reqs
         if norm(r.name) not in skip | without and (r.marker is None or r.marker.evaluate(env))
     ]
-    build_roots = [Requirement(s) for s in BUILD_ONLY]
+    build_roots = build_requirements()
 
     out = Path(args.out)
     # Wheels built here (deepspeed, sdist-only dependencies) are kept in a cache for the next run.
@@ -407,76 +492,101 @@ def main(argv: list[str] | None = None) -> int:
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtrl-wheelhouse" / tag
     )
     build_dir.mkdir(parents=True, exist_ok=True)
-    if True:
-        ds = [r for r in reqs if norm(r.name) == "deepspeed"]
-        if ds and "deepspeed" not in skip:
-            build_deepspeed(ds[0], build_dir)
-        # Only what is kept is asked for: a skipped package is resolved (to find what only it
-        # needs) when a kept one depends on it, at whatever version fits, never at its own pin,
-        # which may not even fit this target (a CUDA torch pins its own triton).
-        items = resolve([str(r) for r in roots + build_roots], args, build_dir)
-        installed = read_installed(args.installed)
-        if args.skip_deps:  # what the skipped packages need is on the target too
-            skip = skip | closure(items, skip, env)
-        kept, dropped = select(items, roots + build_roots, skip, installed, env)
-        local = sorted(
-            w
-            for w in build_dir.glob("*.whl")
-            if norm(w.name.split("-")[0]) in kept
-            and Version(w.name.split("-")[1])
-            == Version(kept[norm(w.name.split("-")[0])]["metadata"]["version"])
-        )
-        local_names = {norm(w.name.split("-")[0]) for w in local}
-        pins = sorted(
-            f"{i['metadata']['name']}=={i['metadata']['version']}"
-            for n, i in kept.items()
-            if n not in local_names
-        )
-        print(f"target: Python {args.python_version}, {args.platform}")
-        print(f"skipped ({len(skip)}): {' '.join(sorted(skip)) or '-'}")
-        print(f"without ({len(without)}): {' '.join(sorted(without)) or '-'}")
-        print(f"dropped ({len(dropped)}):")
-        for name, why in sorted(dropped.items()):
-            print(f"  {name}: {why}")
-        print(f"{'would fetch' if args.dry_run else 'fetching'} ({len(pins) + len(local)}):")
-        for pin in pins:
-            print(f"  {pin}")
-        for wheel in local:
-            print(f"  {wheel.name} (built here from its source distribution)")
-        if args.dry_run:
-            return 0
-
-        out.mkdir(parents=True, exist_ok=True)
-        for wheel in local:
-            shutil.copy2(wheel, out / wheel.name)
-        pip("download", "--no-deps", "-d", str(out), *target_args(args), *pins)
-        (out / "requirements.txt").write_text(
-            "# The project's requirements for this target, less those it already has.\n"
-            + "".join(f"{r}\n" for r in roots)
-        )
-        (out / "manifest.json").write_text(
-            json.dumps(
-                {
-                    "python_version": args.python_version,
-                    "platform": args.platform,
-                    "skip": sorted(skip),
-                    "without": sorted(without),
-                    "swaps": swaps,
-                    "extras": extras,
-                    "requirements": [str(r) for r in roots],
-                    "wheels": pins + [w.name for w in local],
-                    "dropped": dropped,
-                },
-                indent=2,
+    ds = [r for r in reqs if norm(r.name) == "deepspeed"]
+    if ds and "deepspeed" not in skip:
+        build_deepspeed(ds[0], build_dir)
+    # Only what is kept is asked for: a skipped package is resolved (to find what only it
+    # needs) when a kept one depends on it, at whatever version fits, never at its own pin,
+    # which may not even fit this target (a CUDA torch pins its own triton). The build backend
+    # is resolved together with the rest, so that one version serves both where a runtime
+    # dependency needs setuptools too.
+    items = resolve([str(r) for r in roots + build_roots], args, build_dir)
+    installed = read_installed(args.installed)
+    if args.skip_deps:  # what the skipped packages need is on the target too
+        skip = skip | closure(items, skip, env)
+    kept, dropped, needs = select(items, roots, skip, installed, env)
+    # The build backend is carried whatever the target has: pip's isolated build sees only the
+    # folder. Its own dependencies (none for setuptools today) come with it.
+    for name in sorted(closure(items, {norm(r.name) for r in build_roots}, env)):
+        kept[name] = next(i for i in items if norm(i["metadata"]["name"]) == name)
+        dropped.pop(name, None)
+        needs.pop(name, None)
+    if args.installed:
+        problems = unmet(needs, {n: installed.get(n) for n in needs})
+        if problems:
+            sys.exit(
+                f"error: SKIP leaves packages to the target that {args.installed} shows it "
+                f"lacks or has at other versions: {'; '.join(problems)}. Take them out of SKIP "
+                "(--installed alone drops whatever the target has that fits)"
             )
-            + "\n"
-        )
-        wheels = sorted(out.glob("*.whl"), key=lambda p: p.stat().st_size, reverse=True)
-        total = sum(w.stat().st_size for w in wheels)
-        for w in wheels[:10]:
-            print(f"  {w.stat().st_size / 1e6:8.2f} MB  {w.name}")
-        print(f"{len(wheels)} wheels, {total / 1e6:.1f} MB in {out}/")
+    local = sorted(
+        w
+        for w in build_dir.glob("*.whl")
+        if norm(w.name.split("-")[0]) in kept
+        and Version(w.name.split("-")[1])
+        == Version(kept[norm(w.name.split("-")[0])]["metadata"]["version"])
+    )
+    local_names = {norm(w.name.split("-")[0]) for w in local}
+    pins = sorted(
+        f"{i['metadata']['name']}=={i['metadata']['version']}"
+        for n, i in kept.items()
+        if n not in local_names
+    )
+    print(f"target: Python {args.python_version}, {args.platform}")
+    print(f"skipped ({len(skip)}): {' '.join(sorted(skip)) or '-'}")
+    print(f"without ({len(without)}): {' '.join(sorted(without)) or '-'}")
+    print(f"dropped ({len(dropped)}):")
+    for name, why in sorted(dropped.items()):
+        print(f"  {name}: {why}")
+    unchecked = {n: r for n, r in needs.items() if n not in installed}
+    if unchecked:  # known only on the node: `make install-offline` checks them there first
+        print(f"left to the target, checked there by `make install-offline` ({len(unchecked)}):")
+        for name, reqs in unchecked.items():
+            print(f"  {name}: " + ", ".join(f"{by} needs {r.specifier or 'any'}" for by, r in reqs))
+    print(f"{'would fetch' if args.dry_run else 'fetching'} ({len(pins) + len(local)}):")
+    for pin in pins:
+        print(f"  {pin}")
+    for wheel in local:
+        print(f"  {wheel.name} (built here from its source distribution)")
+    if args.dry_run:
         return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    for wheel in local:
+        shutil.copy2(wheel, out / wheel.name)
+    if pins:
+        pip("download", "--no-deps", "-d", str(out), *target_args(args), *pins)
+    (out / "requirements.txt").write_text(
+        "# The project's requirements for this target, less those it already has.\n"
+        + "".join(f"{r}\n" for r in roots)
+    )
+    (out / "manifest.json").write_text(
+        json.dumps(
+            {
+                "python_version": args.python_version,
+                "platform": args.platform,
+                "skip": sorted(skip),
+                "without": sorted(without),
+                "swaps": swaps,
+                "extras": extras,
+                "requirements": [str(r) for r in roots],
+                "build_requirements": [str(r) for r in build_roots],
+                "wheels": pins + [w.name for w in local],
+                "dropped": dropped,
+                "node_requirements": {
+                    n: [[by, str(r)] for by, r in reqs] for n, reqs in needs.items()
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    wheels = sorted(out.glob("*.whl"), key=lambda p: p.stat().st_size, reverse=True)
+    total = sum(w.stat().st_size for w in wheels)
+    for w in wheels[:10]:
+        print(f"  {w.stat().st_size / 1e6:8.2f} MB  {w.name}")
+    print(f"{len(wheels)} wheels, {total / 1e6:.1f} MB ({total / 2**20:.1f} MiB) in {out}/")
+    return 0
 
 
 if __name__ == "__main__":
