@@ -18,19 +18,30 @@ row" (TRL turns it into NaN and ignores it).
   `<answer>...</answer>`, else the last non-empty line. Rows without `task`/`metadata`
   (not from `data.source: reasoning_gym`) get None.
 
-math-verify bounds parsing and comparison with SIGALRM, which only works in the main
-thread; elsewhere (e.g. a reward run from a worker thread) it runs without a time limit.
+The policy's output is untrusted. `accuracy` (math-verify parses with sympy) and
+`reasoning_gym` (some scorers call Python's `eval`, others sympy's `parse_expr`, which
+evaluates too) score in the sandboxed worker processes of `mtrl.scoring`, with a time and a
+memory limit per completion: a completion that times out or crashes its worker scores 0.0 and
+is counted (`pop_scoring_counts`). In those workers, reasoning-gym's own `eval` calls only
+accept Python literals (`ast.literal_eval`), and answers to scorers that call `parse_expr`
+must look like a formula (`is_plain_formula`); other answers score 0.0 there. `format` and
+the `\\boxed{}` extraction run in the trainer: one pass over the text, linear in its length.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import logging
 import re
+import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from mtrl import scoring
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +61,32 @@ def _register(name: str) -> Callable[[RewardFunc], RewardFunc]:
     return register
 
 
+_counts: Counter[str] = Counter()
+_counts_lock = threading.Lock()
+
+
+def _count(name: str, batch: scoring.Scored) -> None:
+    with _counts_lock:
+        _counts[f"rewards/{name}/timeouts"] += batch.timeouts
+        _counts[f"rewards/{name}/crashes"] += batch.crashes
+
+
+def pop_scoring_counts() -> dict[str, float]:
+    """Timed-out and crashed completions per sandboxed reward since the last call.
+
+    E.g. {"rewards/accuracy/timeouts": 2.0, "rewards/accuracy/crashes": 0.0}: a key for each
+    reward that scored since the last call, zeros included.
+    """
+    with _counts_lock:
+        counts = {key: float(value) for key, value in _counts.items()}
+        _counts.clear()
+    return counts
+
+
 # ---------------------------------------------------------------------------- extraction
 
 _BOXED = re.compile(r"\\boxed\s*\{")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_BRACE = re.compile(r"[{}]")
 _TEXT_WRAP = re.compile(r"^\\text\s*\{(.*)\}$", re.DOTALL)
 
 
@@ -79,28 +112,47 @@ def completion_text(completion: Any) -> str:
     return "\n".join(parts)
 
 
-def find_boxed(text: str) -> list[tuple[str | None, int]]:
-    """Every `\\boxed{...}` in `text` as (content, end offset); content None when unclosed."""
-    found = []
-    for match in _BOXED.finditer(text):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    found.append((text[start:i], i + 1))
-                    break
-        else:
-            found.append((None, len(text)))
-    return found
+def find_boxed(text: str) -> list[tuple[int, int | None]]:
+    """Every `\\boxed{...}` in `text`, in order, as (content start, content end or None if unclosed).
+
+    One pass over the braces with a stack, so time is linear in len(text) however many boxes
+    and braces it holds; spans rather than strings, so nested boxes cost no copies.
+    """
+    spans: list[list[Any]] = []
+    box_at = {m.end() - 1: m.end() for m in _BOXED.finditer(text)}  # "{" offset -> content start
+    stack: list[int | None] = []  # per open brace: its box's index in spans, or None
+    for brace in _BRACE.finditer(text):
+        pos = brace.start()
+        if text[pos] == "{":
+            if pos in box_at:
+                stack.append(len(spans))
+                spans.append([box_at[pos], None])
+            else:
+                stack.append(None)
+        elif stack:  # a "}" with nothing open closes nothing
+            box = stack.pop()
+            if box is not None:
+                spans[box][1] = pos
+    return [(start, end) for start, end in spans]
 
 
 def last_boxed(text: str) -> str | None:
     """The content of the last closed `\\boxed{...}` in `text`, or None."""
-    closed = [content for content, _ in find_boxed(text) if content is not None]
-    return closed[-1] if closed else None
+    for start, end in reversed(find_boxed(text)):
+        if end is not None:
+            return text[start:end]
+    return None
+
+
+def _last_answer_tag(text: str) -> str | None:
+    """The content of the last `<answer>...</answer>` (case-insensitive); a linear scan."""
+    lower, found, pos = text.lower(), None, 0
+    while (start := lower.find("<answer>", pos)) >= 0:
+        end = lower.find("</answer>", start + 8)
+        if end < 0:
+            break
+        found, pos = text[start + 8 : end], end + 9
+    return found
 
 
 def extract_answer(text: str) -> str | None:
@@ -110,14 +162,15 @@ def extract_answer(text: str) -> str | None:
         boxed = boxed.strip()
         wrapped = _TEXT_WRAP.match(boxed)
         return wrapped.group(1).strip() if wrapped else boxed
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        return tags[-1].strip()
+    tag = _last_answer_tag(text)
+    if tag is not None:
+        return tag.strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else None
 
 
 # ---------------------------------------------------------------------------- math-verify
+# Everything in this section parses model output: it runs in mtrl.scoring's workers.
 
 
 def _timeout() -> int | None:
@@ -134,7 +187,10 @@ def _parse_gold(gold: str) -> tuple[Any, ...]:
 
 
 def math_equal(gold: str, predicted: str) -> bool:
-    """Whether a predicted final answer (the content of a `\\boxed{}`) equals the gold answer."""
+    """Whether a predicted final answer (the content of a `\\boxed{}`) equals the gold answer.
+
+    Runs math-verify (sympy) in the calling process: call it through `mtrl.scoring.score`.
+    """
     from math_verify import parse, verify
 
     gold = gold.strip()
@@ -152,6 +208,66 @@ def math_equal(gold: str, predicted: str) -> bool:
     return gold == predicted  # gold that math-verify cannot read: exact text
 
 
+def matching_answers(answer: str, candidates: list[str]) -> list[int]:
+    """Indices of the candidates that `answer` equals (`math_equal(candidate, answer)`)."""
+    return [i for i, candidate in enumerate(candidates) if math_equal(candidate, answer)]
+
+
+# ---------------------------------------------------------------------------- reasoning-gym
+# Also worker-side: reasoning-gym's scorers evaluate answers.
+
+# What a formula handed to sympy's parse_expr may hold: numbers, operators, brackets, and
+# names that are one letter or a common function. parse_expr eval()s its input with Python's
+# builtins in scope (`eval(chr(95)+...)` runs code), so no quotes, underscores, or other names.
+_FORMULA = re.compile(r"[0-9A-Za-z\s+\-*/^().,]*")
+_FORMULA_NAMES = frozenset(
+    "sin cos tan cot sec csc asin acos atan sinh cosh tanh exp log ln sqrt pi oo Abs".split()
+)
+
+
+def is_plain_formula(answer: str) -> bool:
+    """Whether `answer` is safe for sympy's parse_expr: a formula of the characters and names above."""
+    if not _FORMULA.fullmatch(answer) or re.search(r"\.\s*[A-Za-z]", answer):  # no attributes
+        return False
+    return all(len(n) == 1 or n in _FORMULA_NAMES for n in re.findall(r"[A-Za-z]+", answer))
+
+
+@functools.cache
+def _parse_expr_tasks() -> frozenset[str]:
+    """Disarm reasoning-gym's eval(), and name the tasks whose scorer calls parse_expr/sympify.
+
+    The worker never generates data, so every reasoning-gym module's `eval` can become
+    `ast.literal_eval`: list answers (`['a', 'b']`, what those scorers eval for) still parse,
+    code does not. Returns the task names whose `score_answer` calls sympy's parsers.
+    """
+    from reasoning_gym.factory import DATASETS
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "reasoning_gym" and module is not None:
+            module.eval = ast.literal_eval  # module globals shadow the builtin
+    return frozenset(
+        name
+        for name, (dataset_cls, _) in DATASETS.items()
+        if {"parse_expr", "sympify"} & set(dataset_cls.score_answer.__code__.co_names)
+    )
+
+
+@functools.cache
+def _scorer(task: str) -> Callable[[str | None, dict[str, Any]], float]:
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(task)
+
+
+def score_reasoning_gym(task: str, predicted: str | None, entry: dict[str, Any]) -> float:
+    """The task's scorer on `predicted`, behind the guards above (0.0 where a guard refuses)."""
+    parse_expr_tasks = _parse_expr_tasks()
+    source = (entry.get("metadata") or {}).get("source_dataset")  # composite: the real task
+    if {task, source} & parse_expr_tasks and not is_plain_formula(predicted or ""):
+        return 0.0
+    return float(_scorer(task)(predicted, entry))
+
+
 # ---------------------------------------------------------------------------- rewards
 
 
@@ -160,13 +276,21 @@ def accuracy_reward(
     prompts: list[Any], completions: list[Any], answer: list[Any], **kwargs: Any
 ) -> list[float | None]:
     """1.0 when the last `\\boxed{}` of the completion equals the gold answer (math-verify)."""
-    rewards: list[float | None] = []
-    for completion, gold in zip(completions, answer, strict=True):
+    rewards: list[float | None] = [None] * len(completions)
+    jobs, rows = [], []
+    for i, (completion, gold) in enumerate(zip(completions, answer, strict=True)):
         if gold is None or not str(gold).strip():
-            rewards.append(None)
             continue
         predicted = last_boxed(completion_text(completion))
-        rewards.append(1.0 if predicted is not None and math_equal(str(gold), predicted) else 0.0)
+        if predicted is None or not predicted.strip():
+            rewards[i] = 0.0
+            continue
+        jobs.append((str(gold), predicted))
+        rows.append(i)
+    batch = scoring.score(math_equal, jobs, default=False)
+    _count("accuracy", batch)
+    for i, ok in zip(rows, batch.values, strict=True):
+        rewards[i] = 1.0 if ok else 0.0
     return rewards
 
 
@@ -177,21 +301,14 @@ def format_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> 
     for completion in completions:
         text = completion_text(completion)
         boxed = find_boxed(text)
-        ok = (
-            len(boxed) == 1
-            and boxed[0][0] is not None
-            and bool(boxed[0][0].strip())
-            and len(text[boxed[0][1] :].strip()) <= FORMAT_MAX_TAIL_CHARS
-        )
+        ok = False
+        if len(boxed) == 1 and boxed[0][1] is not None:
+            start, end = boxed[0]
+            ok = bool(text[start:end].strip()) and (
+                len(text[end + 1 :].strip()) <= FORMAT_MAX_TAIL_CHARS
+            )
         rewards.append(1.0 if ok else 0.0)
     return rewards
-
-
-@functools.cache
-def _scorer(task: str) -> Callable[[str | None, dict[str, Any]], float]:
-    import reasoning_gym
-
-    return reasoning_gym.get_score_answer_fn(task)
 
 
 @_register("reasoning_gym")
@@ -209,24 +326,25 @@ def reasoning_gym_reward(
     tasks = task if task is not None else [None] * n
     metas = metadata if metadata is not None else [None] * n
     problems = problem if problem is not None else [None] * n
-    rewards: list[float | None] = []
-    for completion, gold, row_task, meta, question in zip(
-        completions, answer, tasks, metas, problems, strict=True
+    rewards: list[float | None] = [None] * n
+    jobs, rows = [], []
+    for i, (completion, gold, row_task, meta, question) in enumerate(
+        zip(completions, answer, tasks, metas, problems, strict=True)
     ):
         if not row_task or meta is None:
-            rewards.append(None)
             continue
         entry = {
             "question": question,
             "answer": gold,
             "metadata": json.loads(meta) if isinstance(meta, str) else meta,
         }
-        predicted = extract_answer(completion_text(completion))
-        try:
-            rewards.append(float(_scorer(row_task)(predicted, entry)))
-        except Exception:  # a scorer bug on odd output is a wrong answer, not a crash
-            logger.debug("reasoning-gym scorer %s failed on %r", row_task, predicted, exc_info=True)
-            rewards.append(0.0)
+        jobs.append((row_task, extract_answer(completion_text(completion)), entry))
+        rows.append(i)
+    if jobs:
+        batch = scoring.score(score_reasoning_gym, jobs, default=0.0)
+        _count("reasoning_gym", batch)
+        for i, value in zip(rows, batch.values, strict=True):
+            rewards[i] = value
     return rewards
 
 
