@@ -26,11 +26,12 @@ Limits, per worker:
   user namespaces), only the Python-level block remains: `socket.socket` and
   `_socket.socket` raise PermissionError, which stops Python code (urllib, requests,
   `socket.create_connection`) but not native code making the system call itself.
-- files and processes: RLIMIT_FSIZE 0 (no byte written into any regular file), RLIMIT_CORE 0,
-  cwd `/`. A worker started as root also drops to `nobody` (uid/gid 65534, no groups) with
-  RLIMIT_NPROC 0, so it cannot start a process (`os.system`), create files in root-owned
-  directories or signal the trainer. A non-root worker keeps the user's uid: it can still read
-  the user's files, create empty files and signal the user's processes.
+- files, processes, signals: a seccomp filter (x86_64 and aarch64) makes `socket`, `execve`,
+  `fork`, `clone` of a process (threads stay allowed), `kill`, `ptrace`, opening a file for
+  writing, and creating, removing, renaming, linking or chmod-ing files fail with EPERM; with
+  RLIMIT_FSIZE 0 and RLIMIT_CORE 0 on top. Reading the files the user can read stays
+  possible (imports need it), and so does writing to the pipes the worker already holds.
+  Elsewhere (another architecture, or a kernel without seccomp) the worker says so.
 
 The worker reports which of these hold in its first message; the pool logs them once.
 
@@ -116,8 +117,91 @@ def _sandbox() -> dict[str, bool]:
     return {"network_namespace": netns}
 
 
+# Syscalls a worker may not make, per architecture (seccomp filter; see `_seccomp`).
+_DENY = {  # name: (x86_64 number or None, aarch64 number or None)
+    "socket": (41, 198),
+    "socketpair": (53, 199),
+    "execve": (59, 221),
+    "execveat": (322, 281),
+    "fork": (57, None),
+    "vfork": (58, None),
+    "kill": (62, 129),
+    "ptrace": (101, 117),
+    "creat": (85, None),
+    "openat2": (437, 437),
+    "unlink": (87, None),
+    "unlinkat": (263, 35),
+    "rename": (82, None),
+    "renameat": (264, 38),
+    "renameat2": (316, 276),
+    "mkdir": (83, None),
+    "mkdirat": (258, 34),
+    "rmdir": (84, None),
+    "link": (86, None),
+    "linkat": (265, 37),
+    "symlink": (88, None),
+    "symlinkat": (266, 36),
+    "truncate": (76, 45),
+    "chmod": (90, None),
+    "fchmodat": (268, 53),
+    "chown": (92, None),
+    "lchown": (94, None),
+    "fchownat": (260, 54),
+}
+_OPEN = {"open": ((2, None), 1), "openat": ((257, 56), 2)}  # name: (numbers, flags argument)
+_CLONE, _CLONE3 = (56, 220), (435, 435)
+_ARCH = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}  # column, AUDIT_ARCH_*
+_WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000  # O_WRONLY O_RDWR O_CREAT O_TRUNC O_APPEND
+
+
+def _seccomp() -> bool:
+    """A seccomp filter: no sockets, processes, signals to others, or file changes (EPERM).
+
+    Opening for reading, pipes already open, threads (clone with CLONE_THREAD) and memory
+    calls stay allowed. False where the machine is neither x86_64 nor aarch64.
+    """
+    import ctypes
+    import errno
+    import platform
+    import struct
+
+    if platform.machine() not in _ARCH:
+        return False
+    col, arch = _ARCH[platform.machine()]
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM  # SECCOMP_RET_ALLOW, RET_ERRNO
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, allow), (ld, 0, 0, 0)]
+
+    def rule(number: int | None, body: list[tuple[int, int, int, int]]) -> None:
+        if number is not None:
+            prog.extend([(jeq, 0, len(body), number), *body, (ld, 0, 0, 0)])
+
+    for numbers in _DENY.values():
+        rule(numbers[col], [(ret, 0, 0, deny)])
+    for numbers, arg in _OPEN.values():  # the flags' low 32 bits: args start at offset 16
+        body = [(ld, 0, 0, 16 + 8 * arg), (jset, 0, 1, _WRITE_FLAGS), (ret, 0, 0, deny)]
+        rule(numbers[col], [*body, (ret, 0, 0, allow)])
+    clone_thread = 0x10000
+    body = [(ld, 0, 0, 16), (jset, 0, 1, clone_thread), (ret, 0, 0, allow), (ret, 0, 0, deny)]
+    rule(_CLONE[col], body)
+    rule(_CLONE3[col], [(ret, 0, 0, 0x00050000 | errno.ENOSYS)])  # glibc falls back to clone
+    prog.append((ret, 0, 0, allow))
+
+    code = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(code, len(code))
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Fprog(len(prog), ctypes.addressof(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: needed without CAP_SYS_ADMIN
+        return False
+    return libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, MODE_FILTER
+
+
 def _limit(memory_mb: int) -> dict[str, bool]:
-    """Resource limits and, for root, the drop to nobody; after the imports, which need them."""
+    """Resource limits and the seccomp filter; after the imports, which need to open files."""
     import ctypes
     import resource
     import signal
@@ -126,18 +210,10 @@ def _limit(memory_mb: int) -> dict[str, bool]:
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.chdir("/")
-    dropped = False
-    if os.geteuid() == 0:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-        dropped = True
     limit = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # Die with the trainer even mid-item (set after setuid, which clears it); 1 = PR_SET_PDEATHSIG
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    return {"uid_dropped": dropped}
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the trainer
+    return {"seccomp": _seccomp()}
 
 
 def _worker_main(read_fd: int, write_fd: int, memory_mb: int, preload: Sequence[str]) -> None:
@@ -228,7 +304,7 @@ class ScoringPool:
         self.preload = tuple(preload)
         self.workers = [_Worker(config, self.preload) for _ in range(config.workers)]
         self.lock = threading.Lock()
-        self.logged_status = False
+        self.sandbox: dict[str, bool] = {}  # what the first ready worker reported
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
@@ -238,8 +314,8 @@ class ScoringPool:
 
     def _on_ready(self, worker: _Worker, status: dict[str, bool]) -> None:
         worker.ready = True
-        if not self.logged_status:
-            self.logged_status = True
+        if not self.sandbox:
+            self.sandbox = status
             logger.info(
                 "scoring workers: %d, %.1f s and %d MB per item; sandbox %s",
                 self.config.workers,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
+import time
 
 import pytest
 from omegaconf import OmegaConf
 
+from mtrl import scoring
 from mtrl.config import DataConfig
 from mtrl.data import load_prompts
 from mtrl.rewards import (
@@ -15,10 +18,15 @@ from mtrl.rewards import (
     accuracy_reward,
     build_reward_funcs,
     extract_answer,
+    find_boxed,
     format_reward,
+    is_plain_formula,
     last_boxed,
+    pop_scoring_counts,
     reasoning_gym_reward,
+    score_reasoning_gym,
 )
+from mtrl.scoring import ScoringConfig
 
 
 def data_cfg(**kwargs):
@@ -113,7 +121,8 @@ def test_conversational_completions():
 
 
 def test_accuracy_outside_the_main_thread():
-    # math-verify's SIGALRM timeouts cannot run in a worker thread; the reward still works.
+    # A reward called from a thread: the pool's workers still run math-verify in their main
+    # thread, where its SIGALRM limits work.
     result = []
     worker = threading.Thread(
         target=lambda: result.append(
@@ -175,3 +184,115 @@ def test_registry_names_and_build():
     assert weights == [1.0, 0.2]
     with pytest.raises(ValueError, match="rewards.acuracy: unknown reward"):
         build_reward_funcs({"acuracy": 1.0})
+
+
+# ---------------------------------------------------------------------------- untrusted output
+
+
+def rg_rows(task: str, size: int = 2, seed: int = 5):
+    ds = load_prompts(data_cfg(source="reasoning_gym", task=task, size=size, seed=seed))
+    return list(ds["prompt"]), {k: list(ds[k]) for k in ds.column_names if k != "prompt"}
+
+
+@pytest.fixture
+def short_limits():
+    """Pool limits short enough for a test; the default pool comes back afterwards."""
+    scoring.configure(ScoringConfig(timeout_s=1.0, workers=2))
+    pop_scoring_counts()
+    yield
+    scoring.configure(ScoringConfig())
+
+
+EVAL_TASKS = ["string_insertion", "spiral_matrix", "binary_matrix", "n_queens"]
+PARSE_EXPR_TASKS = ["countdown", "puzzle24", "polynomial_multiplication", "simple_integration"]
+
+
+def payloads(target):
+    return [
+        f"__import__('os').system('touch {target}') or ['x']",
+        f"open('{target}', 'w').write('x') and ['x']",
+        # parse_expr keeps Python's builtins in scope: code without quotes or underscores
+        "eval(" + "+".join(f"chr({ord(c)})" for c in f"open('{target}','w')") + ")",
+    ]
+
+
+@pytest.mark.parametrize("task", EVAL_TASKS + PARSE_EXPR_TASKS)
+def test_code_in_an_answer_never_runs(task, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the relative payload would land here, in the trainer's cwd
+    prompts, columns = rg_rows(task, size=1)
+    texts = payloads(tmp_path / "PWNED") + payloads("PWNED")
+    completions = [f"\\boxed{{{text}}}" for text in texts]
+    n = len(completions)
+    rows = {k: v * n for k, v in columns.items()}
+    assert reasoning_gym_reward(prompts * n, completions, **rows) == [0.0] * n
+    assert list(tmp_path.iterdir()) == []
+    # Belt and braces: the guards alone, in this process, without the sandbox around them.
+    entry = {"question": None, "answer": columns["answer"][0], "metadata": {}}
+    entry["metadata"] = json.loads(columns["metadata"][0])
+    for text in texts:
+        assert score_reasoning_gym(task, text, entry) == 0.0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_answers_still_reach_the_eval_scorers():
+    prompts, columns = rg_rows("string_insertion", size=2)
+    as_list = [f"\\boxed{{{list(a)!r}}}" for a in columns["answer"]]
+    exact = [f"\\boxed{{{a}}}" for a in columns["answer"]]
+    assert reasoning_gym_reward(prompts, as_list, **columns) == [0.1, 0.1]  # the scorer's partial
+    assert reasoning_gym_reward(prompts, exact, **columns) == [1.0, 1.0]
+
+
+def test_formula_guard():
+    for ok in ["3*4 + 5 - 2", "(9 - 1) / 2", "-12*x**3 + 5*x*y", "x**2/2 + C", "sin(2*x) + exp(x)"]:
+        assert is_plain_formula(ok), ok
+    for bad in ["__import__('os')", "eval(chr(49))", "x.func", "open(x)", "a; b", "[1]", "{}"]:
+        assert not is_plain_formula(bad), bad
+
+
+def test_countdown_answers_score_and_a_huge_power_times_out(short_limits):
+    prompts, columns = rg_rows("countdown", size=2)
+    right = [f"\\boxed{{{a}}}" for a in columns["answer"]]
+    assert reasoning_gym_reward(prompts, right, **columns) == [1.0, 1.0]
+    assert pop_scoring_counts() == {
+        "rewards/reasoning_gym/timeouts": 0.0,
+        "rewards/reasoning_gym/crashes": 0.0,
+    }
+    start = time.monotonic()
+    rewards = reasoning_gym_reward(prompts, ["\\boxed{9**9**9**9}", right[1]], **columns)
+    elapsed = time.monotonic() - start
+    assert rewards == [0.0, 1.0]
+    assert elapsed < 10, elapsed  # the 1 s limit, plus slack for a loaded 2-core machine
+    assert pop_scoring_counts()["rewards/reasoning_gym/timeouts"] == 1.0
+    assert pop_scoring_counts() == {}  # popped
+    assert reasoning_gym_reward(prompts, right, **columns) == [1.0, 1.0]  # the new worker scores
+
+
+def long_completion(answer: str) -> str:
+    """About 70,000 characters: many boxes, unclosed ones and braces, the real answer last."""
+    noise = "".join(f"\\boxed{{{i}}} {{ \\boxed{{ \\frac{{{i}}}{{" for i in range(2500))
+    return noise[:69_000] + "}" * 40 + f" So \\boxed{{{answer}}}"
+
+
+def test_a_70k_character_completion_is_extracted_fast_and_scored():
+    text = long_completion("\\frac{1}{2}")
+    assert 69_000 < len(text) < 71_000
+    start = time.monotonic()
+    assert last_boxed(text) == "\\frac{1}{2}"
+    boxes = find_boxed(text)
+    elapsed = time.monotonic() - start
+    assert len(boxes) > 4000
+    assert elapsed < 1.0, elapsed  # was 21.6 s: quadratic scanning
+    assert accuracy_reward([None] * 2, [text, long_completion("3")], ["0.5"] * 2) == [1.0, 0.0]
+    assert format_reward([None], [text]) == [0.0]  # thousands of boxes
+    deep = "\\boxed{" * 20_000 + "7" + "}" * 20_000  # nested boxes: spans, not copies
+    assert last_boxed(deep) == "7"
+    start = time.monotonic()
+    assert extract_answer("<answer>" * 20_000 + "\nx") == "x"  # no tag closes: the last line
+    assert time.monotonic() - start < 1.0
+
+
+def test_find_boxed_spans():
+    text = "a \\boxed{1} \\boxed {\\frac{1}{2}} } \\boxed{\\boxed{3}} \\boxed{open"
+    spans = find_boxed(text)
+    contents = [None if end is None else text[start:end] for start, end in spans]
+    assert contents == ["1", "\\frac{1}{2}", "\\boxed{3}", "3", None]
