@@ -1,17 +1,11 @@
 """transformers integration: attn_implementation="pbs" on a tiny random Llama/Qwen2."""
 
-import os
-
+import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
-import pbs.hf  # noqa: E402
-from pbs import kernels  # noqa: E402
+import pbs.hf
+from pbs import kernels
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32

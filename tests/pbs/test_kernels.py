@@ -1,20 +1,17 @@
 """Our Triton kernels against the plain PyTorch reference (CPU: Triton's interpreter, fp16 and
 fp32, since the interpreter mishandles bf16; GPU: the same tests in bf16 run in test_gpu.py)."""
 
-import os
 import random
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # run the kernels on the CPU; must precede importing pbs
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from pbs import PBSConfig, kernels, pbs_attention, reference_attention  # noqa: E402
-from pbs.permute import key_importance_torch, permute_kv  # noqa: E402
-from pbs.select import select_blocks_torch  # noqa: E402
+from pbs import PBSConfig, kernels, pbs_attention, reference_attention
+from pbs.permute import key_importance_torch, permute_kv
+from pbs.plan import make_plan
+from pbs.reference import attend_plan
+from pbs.select import select_blocks_torch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -65,16 +62,21 @@ def test_triton_matches_reference_on_random_configs(seed):
     c = random_case(seed)
     q, k, v = make_qkv(c["b"], c["hq"], c["hkv"], c["n"], c["d"], c["dtype"], seed)
     cfg = c["cfg"]
+    plan = make_plan(q, k, v, cfg)
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    out, stats = pbs_attention(q, k, v, config=cfg, return_stats=True)
-    ref = reference_attention(q, k, v, config=cfg)
-    assert out.dtype == q.dtype and out.shape == q.shape
+    kernels.block_sparse_attention(
+        q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,
+        cfg.block_size, cfg.segment_size, plan.scale, out=out,
+    )  # fmt: skip
     assert not out.isnan().any()
+    assert rel_err(out, attend_plan(q, k, v, plan)) < TOL[c["dtype"]], c
+    api_out, stats = pbs_attention(q, k, v, config=cfg, return_stats=True)
+    assert api_out.dtype == q.dtype and api_out.shape == q.shape
+    assert torch.equal(api_out, out)  # the entry point runs the same plan through the same kernel
     assert stats["path"] == "sparse" and stats["backend"] == "triton"
     assert 0 < stats["density"] <= 1
     if cfg.threshold == 1.0:
         assert stats["density"] == 1.0
-    assert rel_err(out, ref) < TOL[c["dtype"]], c
 
 
 @pytest.mark.parametrize("n,hq,hkv,d", [(77, 4, 1, 64), (150, 2, 2, 128), (33, 8, 2, 64)])
