@@ -6,8 +6,34 @@ import torch
 
 from . import flex, kernels
 from .config import PBSConfig
-from .plan import Timer, check_inputs, dense_attention, density, make_plan, resolve_scale
+from .plan import Plan, Timer, check_inputs, dense_attention, density, make_plan, resolve_scale
 from .reference import attend_plan
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    """The triton backend's attention over a plan, differentiable in q, k and v.
+
+    The plan (permutation and block lists) is a constant: selection has no gradient. The
+    forward keeps each row's log-sum-exp; the backward runs our backward kernels over the same
+    block lists and returns dk, dv in the original key order.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: Plan):
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        out = kernels.block_sparse_attention(
+            q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,
+            plan.block_size, plan.segment_size, plan.scale, kernel="generic", lse=lse,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, plan.kp, plan.vp, plan.perm, plan.counts,
+                              plan.indices)  # fmt: skip
+        ctx.blocks = (plan.block_size, plan.segment_size, plan.scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        dq, dk, dv = kernels.block_sparse_attention_backward(do, *ctx.saved_tensors, *ctx.blocks)
+        return dq, dk, dv, None
 
 
 def pbs_attention(
@@ -25,6 +51,9 @@ def pbs_attention(
     ``return_stats`` also a dict: path, backend, density, kept/causal blocks, the attention
     kernel of the triton backend ("sm90" or "generic", see :func:`pbs.kernels.attention_kernel`)
     and, when ``timing``, the time split score_permute_ms / select_ms / attention_ms.
+    Differentiable in q, k, v: the triton backend through :class:`BlockSparseAttention` (our
+    backward kernels; forwards with gradients run the generic kernel), flex through
+    FlexAttention's backward; the selection is not differentiated.
     """
     config = config or PBSConfig()
     check_inputs(q, k, v)
@@ -40,8 +69,14 @@ def pbs_attention(
     if backend == "flex":
         out, plan = flex.pbs_flex_attention(q, k, v, config, timer)
     else:
-        plan = make_plan(q, k, v, config, timer=timer)
-        if kernels.available(q):
+        with torch.no_grad():  # selection has no gradient
+            plan = make_plan(q, k, v, config, timer=timer)
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if kernels.available(q) and wants_grad:
+            # Only the generic kernel writes the log-sum-exp the backward needs.
+            kernel = "generic"
+            out = BlockSparseAttention.apply(q, k, v, plan)
+        elif kernels.available(q):
             kernel = kernels.attention_kernel(q, config.block_size)
             out = kernels.block_sparse_attention(
                 q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,

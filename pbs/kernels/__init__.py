@@ -1,4 +1,4 @@
-"""Launchers for our Triton kernels (forward only). Shapes are documented per function."""
+"""Launchers for our Triton kernels. Shapes are documented per function."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import triton
 
 from .attention import _block_sparse_attn_fwd
+from .attention_bwd import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
 from .scoring import _key_importance_kernel, _last_block_lse_kernel, _permute_rows_kernel
 from .selection import _select_blocks_kernel
 
@@ -140,7 +141,7 @@ def _prune(configs, named_args, **kwargs):
 
 _block_sparse_attn_tuned = triton.autotune(
     configs=_attn_configs(),
-    key=["N_BUCKET", "HQ", "G", "HEAD_DIM", "BLOCK", "SEG"],
+    key=["N_BUCKET", "HQ", "G", "HEAD_DIM", "BLOCK", "SEG", "STORE_LSE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_block_sparse_attn_fwd)
 
@@ -174,28 +175,32 @@ def block_sparse_attention(
     scale: float,
     out: torch.Tensor | None = None,
     kernel: str = "auto",
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q over its own segment (exact) and the listed blocks of kp/vp.
 
     q: (B, HQ, N, D); k, v, kp, vp: (B, HKV, N, D) (kp/vp may be longer); counts, idx from
     :func:`select_blocks`; ``kernel`` as in :func:`attention_kernel`. Returns (B, HQ, N, D) in
-    q's dtype (or fills ``out``).
+    q's dtype (or fills ``out``). ``lse``: an optional contiguous (B, HQ, N) fp32 tensor that
+    receives each row's log2-sum-exp for the backward (generic kernel only).
     """
     B, HQ, N, D = q.shape
     o = torch.empty_like(q) if out is None else out
     if attention_kernel(q, block, kernel) == "sm90":
+        if lse is not None:
+            raise ValueError("pbs: the sm90 kernel does not write the log-sum-exp; use generic")
         return attention_sm90.block_sparse_attention_sm90(
             q, k, v, kp, vp, counts, idx, block, seg, scale, o
         )
     G = HQ // k.shape[1]
     n_qb, n_kb = idx.shape[2], idx.shape[3]
     args = (
-        q, k, v, kp, vp, o, counts, idx,
+        q, k, v, kp, vp, o, lse, counts, idx,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *kp.stride()[:3], *vp.stride()[:3], *o.stride()[:3],
         N, n_qb, n_kb, scale * LOG2E, triton.next_power_of_2(N),
     )  # fmt: skip
-    meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg)
+    meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg, STORE_LSE=lse is not None)
     if q.is_cuda and not interpreting() and os.environ.get("PBS_AUTOTUNE", "1") != "0":
 
         def grid(m):
@@ -211,11 +216,100 @@ def block_sparse_attention(
     return o
 
 
+def key_block_lists(
+    counts: torch.Tensor, idx: torch.Tensor, n_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block lists transposed: per (batch, KV head, key block), the query blocks that kept it.
+
+    counts (B, HQ, n_qb), idx (B, HQ, n_qb, n_kb) as from :func:`select_blocks`. Returns
+    tcounts (B, HKV, n_kb) int32 and tidx (B, HKV, n_kb, G*n_qb) int32 whose first tcounts
+    entries are ``g * n_qb + qb`` (g: query head within the group), ascending.
+    """
+    B, HQ, n_qb, n_kb = idx.shape
+    G = HQ // n_kv_heads
+    slot = torch.arange(n_kb, device=idx.device)
+    kept = torch.zeros(B, HQ, n_qb, n_kb + 1, device=idx.device, dtype=torch.bool)
+    kept.scatter_(-1, torch.where(slot < counts[..., None], idx.long(), n_kb), True)
+    # (B, HKV, G, n_qb, n_kb) -> (B, HKV, n_kb, G * n_qb): one row per key block
+    kept_t = kept[..., :n_kb].reshape(B, n_kv_heads, G * n_qb, n_kb).transpose(-1, -2)
+    tcounts = kept_t.sum(-1, dtype=torch.int32)
+    pos = kept_t.cumsum(-1) - 1
+    width = G * n_qb
+    tidx = torch.zeros(B, n_kv_heads, n_kb, width + 1, device=idx.device, dtype=torch.int32)
+    entries = torch.arange(width, device=idx.device, dtype=torch.int32).expand_as(pos)
+    tidx.scatter_(-1, torch.where(kept_t, pos, width), entries)
+    return tcounts.contiguous(), tidx[..., :width].contiguous()
+
+
+def block_sparse_attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    perm: torch.Tensor,
+    counts: torch.Tensor,
+    idx: torch.Tensor,
+    block: int,
+    seg: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`block_sparse_attention` (generic kernel) for output gradient ``do``.
+
+    do, q, out: (B, HQ, N, D); k, v, kp, vp, perm, counts, idx as in the forward (perm:
+    (B, HKV, N) int32, kp[..., i, :] = k[..., perm[i], :]); lse: (B, HQ, N) fp32 written by the
+    forward. Returns dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) in original key order, each in
+    its input's dtype.
+    """
+    B, HQ, N, D = q.shape
+    HKV = k.shape[1]
+    G = HQ // HKV
+    n_qb, n_kb = idx.shape[2], idx.shape[3]
+    qk_scale = scale * LOG2E
+    delta = torch.empty(B, HQ, N, device=q.device, dtype=torch.float32)
+    bm = 64 if interpreting() else 128
+    _attn_bwd_delta[(triton.cdiv(N, bm), B * HQ)](
+        out, do, delta, *out.stride()[:3], *do.stride()[:3], N,
+        HQ=HQ, HEAD_DIM=D, BLOCK_M=bm, num_warps=4,
+    )  # fmt: skip
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    # Tile shapes of Triton's fused-attention tutorial for the GPU (wide key tiles for dk/dv,
+    # wide query tiles for dq); small ones keep the interpreter fast.
+    bm, bn = min(block, 32 if interpreting() else 128), min(block, 32)
+    _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
+        q, k, v, kp, vp, do, dq, lse, delta, counts, idx,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        N, n_qb, n_kb, qk_scale, scale,
+        HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=4 if bm < 128 else 8, num_stages=2,
+    )  # fmt: skip
+    tcounts, tidx = key_block_lists(counts, idx, HKV)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    bm, bn = min(block, 32), min(block, 32 if interpreting() else 128)
+    _attn_bwd_dkdv[(triton.cdiv(N, bn), B * HKV)](
+        q, kp, vp, do, dk, dv, lse, delta, perm, tcounts, tidx,
+        *q.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3],
+        *perm.stride(), *dk.stride()[:3],
+        N, n_qb, n_kb, qk_scale, scale,
+        HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=4 if bn < 128 else 8, num_stages=2,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
 __all__ = [
     "KERNELS",
     "attention_kernel",
     "available",
     "block_sparse_attention",
+    "block_sparse_attention_backward",
+    "key_block_lists",
     "interpreting",
     "key_importance",
     "permute_rows",

@@ -67,12 +67,12 @@ def _online_softmax_step(
 
 @triton.jit
 def _block_sparse_attn_fwd(
-    Q, K, V, KP, VP, O, COUNTS, IDX,
+    Q, K, V, KP, VP, O, LSE, COUNTS, IDX,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, son,
     N, n_qb, n_kb, qk_scale, N_BUCKET,
     HQ: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr, SEG: tl.constexpr,
+    BLOCK: tl.constexpr, SEG: tl.constexpr, STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Block-sparse causal forward over per-query-block lists of kept key blocks.
@@ -80,6 +80,8 @@ def _block_sparse_attn_fwd(
     Q, O: (B, HQ, N, HEAD_DIM); K, V (original order) and KP, VP (permuted inside segments):
     (B, HQ // G, N, HEAD_DIM). COUNTS: (B, HQ, n_qb) int32; IDX: (B, HQ, n_qb, n_kb) int32,
     kept key blocks of earlier segments (indices into KP/VP, units of BLOCK tokens).
+    With STORE_LSE, LSE: (B*HQ, N) fp32 receives each row's log2-sum-exp of the scaled scores
+    (log2 units, qk_scale included), which the backward needs.
     Grid: (cdiv(N, BLOCK_M), B*HQ), query tiles in reverse so the longest rows start first.
     N_BUCKET only keys the autotuner.
     """
@@ -144,3 +146,5 @@ def _block_sparse_attn_fwd(
     out = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < N)[:, None])
+    if STORE_LSE:
+        tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)

@@ -1,0 +1,227 @@
+"""Triton kernels for the backward of step 3 (FlashAttention-2 style, any GPU and the interpreter).
+
+The forward's schedule per query row i: the kept key blocks of earlier segments (permuted K/V),
+then the keys of its own segment up to i (original K/V). The backward recomputes the
+probabilities from the forward's log-sum-exp and runs over the same schedule from both sides:
+
+- ``_attn_bwd_delta``: delta_i = rowsum(dO_i * O_i).
+- ``_attn_bwd_dq``: one program per query tile, over the forward's block list, exactly as the
+  forward visits it; dq = scale * sum_j dS_ij k_j.
+- ``_attn_bwd_dkdv``: one program per tile of *permuted* key rows of one KV head, for every query
+  head of its group (GQA-native: K/V are never repeated). It visits (a) the query blocks that
+  kept its key block (the transposed block list) and (b) the queries of its own segment at or
+  after each key's original position (token-level mask). Because a permuted row is a key of
+  the same segment, (b) covers its own-segment gradient too: the tile then holds the complete
+  dk, dv of its keys and stores them at their original positions (perm), so every row of dk
+  and dv is written exactly once, without atomics.
+
+Scores are in log2 units: p = exp2(q.k * qk_scale - lse) with qk_scale = scale * log2(e).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .attention import _exp2
+
+
+@triton.jit
+def _attn_bwd_delta(
+    O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, N,
+    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """DELTA: (B*HQ, N) fp32 = rowsum(dO * O). O, DO: (B, HQ, N, HEAD_DIM). Grid:
+    (cdiv(N, BLOCK_M), B*HQ)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = (pid_bh % HQ).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None].to(tl.int64)
+    ok = (offs_m < N)[:, None]
+    o = tl.load(O + b * sob + h * soh + rows * son + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows * sdn + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, lse, delta, k, v, start_n, offs_m, N, qk_scale,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dq += dS @ k for one BLOCK_N tile of keys (dS = P * (dP - delta), unscaled)."""
+    p = _exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    if MASKED:  # the diagonal: token-level causality and the sequence end
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        p = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < N), p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, KP, VP, DO, DQ, LSE, DELTA, COUNTS, IDX,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    spkb, spkh, spkn, spvb, spvh, spvn, sdb, sdh, sdn, sgb, sgh, sgn,
+    N, n_qb, n_kb, qk_scale, sm_scale,
+    HQ: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr, SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """DQ (B, HQ, N, HEAD_DIM), strides sgb, sgh, sgn. Arguments as in the forward kernel, plus
+    DO (strides sd*), LSE and DELTA (B*HQ, N) fp32. Grid: (cdiv(N, BLOCK_M), B*HQ)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    hkv = (h // G).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows = offs_m[:, None].to(tl.int64)
+    row_ok = offs_m < N
+    q = tl.load(Q + b * sqb + h * sqh + rows * sqn + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)  # fmt: skip
+    do = tl.load(DO + b * sdb + h * sdh + rows * sdn + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)  # fmt: skip
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # 1. Kept blocks of earlier segments (permuted K/V), as the forward lists them.
+    kp_base = KP + b * spkb + hkv * spkh
+    vp_base = VP + b * spvb + hkv * spvh
+    row = (b * HQ + h) * n_qb + start_m // BLOCK
+    count = tl.load(COUNTS + row)
+    for i in tl.range(0, count):
+        kb = tl.load(IDX + row * n_kb + i)
+        for sub in tl.static_range(BLOCK // BLOCK_N):
+            start_n = kb * BLOCK + sub * BLOCK_N
+            r = tl.cast(start_n, tl.int64) + offs_n[:, None]
+            k = tl.load(kp_base + r * spkn + offs_d[None, :])
+            v = tl.load(vp_base + r * spvn + offs_d[None, :])
+            dq = _dq_step(dq, q, do, lse, delta, k, v, start_n, offs_m, N, qk_scale, False, BLOCK_N)
+
+    # 2. Own segment before this tile, then 3. the diagonal (original K/V).
+    k_base = K + b * skb + hkv * skh
+    v_base = V + b * svb + hkv * svh
+    for start_n in tl.range((start_m // SEG) * SEG, start_m, BLOCK_N):
+        r = tl.cast(start_n, tl.int64) + offs_n[:, None]
+        k = tl.load(k_base + r * skn + offs_d[None, :])
+        v = tl.load(v_base + r * svn + offs_d[None, :])
+        dq = _dq_step(dq, q, do, lse, delta, k, v, start_n, offs_m, N, qk_scale, False, BLOCK_N)
+    for start_n in tl.range(start_m, tl.minimum(start_m + BLOCK_M, N), BLOCK_N):
+        r = tl.cast(start_n, tl.int64) + offs_n[:, None]
+        inside = (start_n + offs_n < N)[:, None]
+        k = tl.load(k_base + r * skn + offs_d[None, :], mask=inside, other=0.0)
+        v = tl.load(v_base + r * svn + offs_d[None, :], mask=inside, other=0.0)
+        dq = _dq_step(dq, q, do, lse, delta, k, v, start_n, offs_m, N, qk_scale, True, BLOCK_N)
+
+    dq_ptrs = DQ + b * sgb + h * sgh + rows * sgn + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, key_pos, q_base, do_base, lse_base, delta_base, start_m, N, qk_scale,
+    sqn, sdn, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Fold the BLOCK_M queries from start_m (one query head) into the key tile's dk, dv.
+
+    key_pos: (BLOCK_N,) original positions of the tile's keys; with MASKED a query sees a key
+    only at or after it (own segment). Rows past N load zeros and contribute nothing.
+    """
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None].to(tl.int64)
+    row_ok = offs_m < N
+    q = tl.load(q_base + rows * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + rows * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    p = _exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        p = tl.where((offs_m[:, None] >= key_pos[None, :]) & row_ok[:, None], p, 0.0)
+    else:
+        p = tl.where(row_ok[:, None], p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, KP, VP, DO, DK, DV, LSE, DELTA, PERM, TCOUNTS, TIDX,
+    sqb, sqh, sqn, spkb, spkh, spkn, spvb, spvh, spvn, sdb, sdh, sdn,
+    spb, sph, spn, sgb, sgh, sgn,
+    N, n_qb, n_kb, qk_scale, sm_scale,
+    HQ: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr, SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dk, dv of BLOCK_N permuted key rows of one (batch, KV head), stored in original order.
+
+    KP, VP: (B, HKV, N, HEAD_DIM) permuted keys/values; PERM: (B, HKV, N) int32 original
+    position of each permuted row. TCOUNTS: (B, HKV, n_kb) int32 and TIDX: (B, HKV, n_kb,
+    G*n_qb) int32 list, per permuted key block, the (query head in group * n_qb + query block)
+    entries that kept it. DK, DV: (B, HKV, N, HEAD_DIM) with strides sgb, sgh, sgn.
+    Grid: (cdiv(N, BLOCK_N), B*HKV).
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    HKV: tl.constexpr = HQ // G
+    b = (pid_bh // HKV).to(tl.int64)
+    hkv = (pid_bh % HKV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < N
+    cols = offs_n[:, None].to(tl.int64)
+    # Rows past N get position N: no query is at or after it, so they stay zero.
+    key_pos = tl.load(PERM + b * spb + hkv * sph + offs_n * spn, mask=col_ok, other=N)
+    k = tl.load(KP + b * spkb + hkv * spkh + cols * spkn + offs_d[None, :], mask=col_ok[:, None],
+                other=0.0)  # fmt: skip
+    v = tl.load(VP + b * spvb + hkv * spvh + cols * spvn + offs_d[None, :], mask=col_ok[:, None],
+                other=0.0)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    # (a) Query blocks of later segments that kept this key block: no mask.
+    trow = (b * HKV + hkv) * n_kb + start_n // BLOCK
+    count = tl.load(TCOUNTS + trow)
+    for e in tl.range(0, count):
+        entry = tl.load(TIDX + trow * (G * n_qb) + e)
+        h = hkv * G + entry // n_qb
+        bh = b * HQ + h
+        for sub in tl.static_range(BLOCK // BLOCK_M):
+            start_m = (entry % n_qb) * BLOCK + sub * BLOCK_M
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, key_pos, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh,
+                LSE + bh * N, DELTA + bh * N, start_m, N, qk_scale, sqn, sdn,
+                False, HEAD_DIM, BLOCK_M,
+            )  # fmt: skip
+
+    # (b) Queries of the own segment at or after the earliest key of the tile.
+    seg0 = (start_n // SEG) * SEG
+    first = tl.min(key_pos, 0)
+    first = seg0 + ((first - seg0) // BLOCK_M) * BLOCK_M
+    seg_end = tl.minimum(seg0 + SEG, N)
+    for g in tl.range(0, G):
+        h = hkv * G + g
+        bh = b * HQ + h
+        for start_m in tl.range(first, seg_end, BLOCK_M):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, key_pos, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh,
+                LSE + bh * N, DELTA + bh * N, start_m, N, qk_scale, sqn, sdn,
+                True, HEAD_DIM, BLOCK_M,
+            )  # fmt: skip
+
+    # Un-permute: each original key row is one permuted row of exactly one program.
+    dst = b * sgb + hkv * sgh + key_pos[:, None].to(tl.int64) * sgn + offs_d[None, :]
+    tl.store(DK + dst, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

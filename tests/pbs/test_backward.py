@@ -1,0 +1,155 @@
+"""Gradients of the triton backend (our backward kernels) against autograd through the reference.
+
+CPU: Triton's interpreter, fp32 and fp16 (it mishandles bf16); bf16 runs on a GPU only.
+"""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pbs import PBSConfig, kernels, pbs_attention, reference_attention
+from pbs.plan import make_plan
+from pbs.reference import visible_mask
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEV == "cpu" and not kernels.interpreting(), reason="Triton needs a GPU or TRITON_INTERPRET=1"
+)
+# Relative L2 error of a gradient. fp32 on the interpreter is exact up to summation order; a
+# GPU runs fp32 dots as TF32.
+TOL = {torch.float32: 1e-4 if DEV == "cpu" else 5e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def random_case(seed: int, block_choices=(16,)):
+    """Awkward shapes: lengths off the block grid, GQA 1/2/4, batch 1-2, sparse and dense."""
+    r = random.Random(seed)
+    block = r.choice(block_choices)
+    seg = block * r.choice([1, 2, 4])
+    n = r.randint(2 * seg, 2 * seg + 3 * block) + r.choice([1, 3, 7])
+    G = [1, 2, 4][seed % 3]
+    hkv = r.choice([1, 2])
+    cfg = PBSConfig(
+        block_size=block,
+        segment_size=seg,
+        threshold=r.choice([0.3, 0.6, 0.9, 1.0]),
+        min_seq_len=0,
+        force_sink=r.random() < 0.8,
+        permute=r.random() < 0.85,
+        scale=None if r.random() < 0.8 else 0.05,
+    )
+    return dict(b=r.randint(1, 2), hq=hkv * G, hkv=hkv, n=n, d=r.choice([32, 64]), cfg=cfg)
+
+
+def make_inputs(b, hq, hkv, n, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (
+        torch.randn(b, h, n, d, generator=g).to(DEV, dtype) for h in (hq, hkv, hkv, hq)
+    )  # fmt: skip
+    return q, k, v, do
+
+
+def grads(fn, q, k, v, do):
+    """(out, dq, dk, dv) of fn(q, k, v) for output gradient do."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradients_match_reference(seed, dtype):
+    c = random_case(seed)
+    cfg = c.pop("cfg")
+    q, k, v, do = make_inputs(**c, dtype=dtype, seed=seed)
+    got = grads(lambda *x: pbs_attention(*x, config=cfg), q, k, v, do)
+    # Same inputs, so the reference builds the same plan; it computes in fp32.
+    ref = grads(lambda *x: reference_attention(*x, config=cfg), q, k, v, do)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert not a.isnan().any(), name
+        assert rel_err(a, b) < TOL[dtype], (name, rel_err(a, b), c, cfg)
+
+
+@pytest.mark.parametrize("n,hq,hkv", [(45, 4, 1), (70, 2, 2), (100, 8, 2)])
+def test_threshold_one_gives_sdpa_gradients(n, hq, hkv):
+    q, k, v, do = make_inputs(2, hq, hkv, n, 32, torch.float32, n)
+    cfg = PBSConfig(block_size=16, segment_size=32, threshold=1.0, min_seq_len=0)
+    got = grads(lambda *x: pbs_attention(*x, config=cfg), q, k, v, do)
+    sdpa = grads(
+        lambda *x: F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True), q, k, v, do
+    )
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, sdpa, strict=True):
+        assert rel_err(a, b) < TOL[torch.float32], name
+
+
+def test_gradients_through_transposed_inputs_as_transformers_passes_them():
+    """(B, L, H, D) projections seen as (B, H, L, D), and a non-contiguous output gradient."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v, do = (
+        torch.randn(2, 60, h, 32, generator=g).to(DEV).transpose(1, 2) for h in (4, 2, 2, 4)
+    )  # fmt: skip
+    cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.7, min_seq_len=0)
+    got = grads(lambda *x: pbs_attention(*x, config=cfg), q, k, v, do)
+    ref = grads(lambda *x: reference_attention(*x, config=cfg), q, k, v, do)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, ref, strict=True):
+        assert rel_err(a, b) < TOL[torch.float32], name
+
+
+def test_forward_writes_the_log_sum_exp():
+    q, k, v, _ = make_inputs(2, 4, 2, 83, 32, torch.float32, 3)
+    cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.6, min_seq_len=0)
+    plan = make_plan(q, k, v, cfg)
+    lse = torch.full(q.shape[:3], float("nan"), device=DEV)
+    kernels.block_sparse_attention(
+        q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,
+        cfg.block_size, cfg.segment_size, plan.scale, kernel="generic", lse=lse,
+    )  # fmt: skip
+    s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * plan.scale
+    s = s.masked_fill(~visible_mask(plan, q.shape[1]), float("-inf"))
+    ref = s.logsumexp(-1) / torch.log(torch.tensor(2.0))  # log2 units
+    torch.testing.assert_close(lse, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_key_block_lists_transpose_the_selection():
+    g = torch.Generator().manual_seed(0)
+    B, HQ, HKV, n_qb = 2, 4, 2, 9
+    counts = torch.randint(0, n_qb + 1, (B, HQ, n_qb), generator=g, dtype=torch.int32)
+    idx = torch.stack([torch.randperm(n_qb, generator=g) for _ in range(B * HQ * n_qb)])
+    idx = idx.view(B, HQ, n_qb, n_qb).int()
+    tcounts, tidx = kernels.key_block_lists(counts.to(DEV), idx.to(DEV), HKV)
+    G = HQ // HKV
+    for b in range(B):
+        for hkv in range(HKV):
+            for kb in range(n_qb):
+                want = [
+                    g_ * n_qb + qb
+                    for g_ in range(G)
+                    for qb in range(n_qb)
+                    if kb in idx[b, hkv * G + g_, qb, : counts[b, hkv * G + g_, qb]].tolist()
+                ]
+                got = tidx[b, hkv, kb, : tcounts[b, hkv, kb]].tolist()
+                assert got == want, (b, hkv, kb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seed", range(16))
+def test_bf16_gradients_match_reference_on_gpu(seed):
+    """Real tile sizes (blocks 64 and 128), bf16."""
+    c = random_case(seed, block_choices=(64, 128))
+    cfg = c.pop("cfg")
+    c["d"] = [64, 128][seed % 2]
+    c["n"] = c["n"] * 3 + 11  # several segments at the larger blocks
+    q, k, v, do = make_inputs(**c, dtype=torch.bfloat16, seed=seed)
+    got = grads(lambda *x: pbs_attention(*x, config=cfg), q, k, v, do)
+    ref = grads(lambda *x: reference_attention(*x, config=cfg), q, k, v, do)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, ref, strict=True):
+        assert not a.isnan().any(), name
+        assert rel_err(a, b) < TOL[torch.bfloat16], (name, rel_err(a, b), c, cfg)
