@@ -96,6 +96,22 @@ def test_score_problems_from_known_completions():
     assert renamed == {"eval/toy/pass_at_4": 1.0}
 
 
+def test_majority_vote_compares_distinct_answers_in_the_sandbox():
+    # Six halves in four texts ("1 / 2" normalizes to "1/2"; "0.50", "\\frac{1}{2}" join the
+    # "0.5" cluster through math-verify) against five twos; None and "" are no answer.
+    preds = ["2", "0.5", "2", "1/2", " 2 ", "\\frac{1}{2}", None, "2", "1 / 2", "", "2"]
+    preds += ["0.50", "0.5"]
+    assert majority_vote(preds) == "0.5"  # 6 halves beat 5 twos
+    problems = [{"problem": "half", "answer": "\\frac{1}{2}"}, {"problem": "two", "answer": "2"}]
+    texts = ["no box" if p is None else f"\\boxed{{{p}}}" for p in preds]
+    metrics, records = score_problems("toy", problems, [texts, texts])
+    assert [r["majority"] for r in records] == ["0.5", "0.5"]
+    assert [r["majority_correct"] for r in records] == [True, False]
+    assert [r["num_correct"] for r in records] == [6, 5]
+    assert metrics["scoring_timeouts"] == 0.0
+    assert metrics["scoring_crashes"] == 0.0
+
+
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory):
     """One MLflow store for the module's tests (creating a sqlite store takes seconds)."""
@@ -224,3 +240,35 @@ def test_launch_eval_bad_config_exits_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "eval.num_sampels" in lines[0], proc.stderr
+
+
+def test_training_and_evaluation_sample_through_the_one_generate(
+    make_trainer, smoke_config, bench_file, monkeypatch
+):
+    """Rollouts and evaluation both end in `mtrl.rollout.generate` (its EOS masking step)."""
+    import importlib
+
+    from mtrl.eval import evaluate
+
+    module = importlib.import_module("mtrl.rollout.generate")
+    calls = []
+    real = module._finish
+
+    def counting(raw, eos, pad):
+        calls.append(raw.backend)
+        return real(raw, eos, pad)
+
+    monkeypatch.setattr(module, "_finish", counting)
+    trainer = make_trainer("rollout.engine=fast")
+    inputs = [trainer.train_dataset[0]] * trainer.num_generations
+    trainer._generate_and_score_completions(inputs)
+    assert calls == ["engine"]
+    cfg = smoke_config(
+        f"eval.benchmarks=[{{source: {bench_file}}}]",
+        "eval.num_samples=2",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=4",
+        "rollout.engine=fast",
+    )
+    evaluate(trainer.model, trainer.processing_class, cfg, write=False, show_progress=False)
+    assert calls == ["engine", "engine", "engine"]  # 3 problems x 2 samples in batches of 4
