@@ -55,6 +55,7 @@ clean:
 # It checks first that the machine has what the folder leaves to it (one line names what does
 # not fit), then installs; the project builds in pip's isolated environment with the
 # setuptools that the folder carries, so the machine's own setuptools (or none) never matters.
+# The last line imports with -P: the installed mtrl, not the checkout's folder in this directory.
 PY ?= 3.12
 PLATFORM ?= manylinux_2_28_x86_64
 SKIP ?=
@@ -71,5 +72,4 @@ install-offline:
 	$(PYTHON) tools/wheelhouse.py --check $(WHEELHOUSE)
 	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements.txt
 	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) --no-deps .
-	# -P: import the installed mtrl, not the checkout's folder in the current directory.
 	$(PYTHON) -P -c "import trl, mlflow, mtrl.run; print('mtrl installed offline')"

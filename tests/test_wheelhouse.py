@@ -173,10 +173,11 @@ def test_make_install_offline_with_no_index(tmp_path):
     not_yet = subprocess.run([str(python), "-c", "import mtrl"], cwd=tmp_path, capture_output=True)
     assert not_yet.returncode, "mtrl is importable on the node before the install"
 
-    # No index, no proxy that works, no pip configuration: any download attempt fails.
+    # No index, no proxy that works, no pip configuration or PIP_* variable (find-links
+    # included): the wheelhouse is the only source, and any download attempt fails.
     dead = "http://127.0.0.1:9"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
         "PIP_INDEX_URL": f"{dead}/simple",
         "PIP_CONFIG_FILE": os.devnull,
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",

@@ -1,9 +1,10 @@
 """Gather the wheels an offline machine needs to install this project: `make wheelhouse`.
 
     python tools/wheelhouse.py --python-version 3.12 --platform manylinux_2_28_x86_64 \
-        --skip "torch triton transformers accelerate peft" --out wheelhouse [--dry-run]
+        --installed freeze.txt --out wheelhouse [--skip "torch transformers ..."] [--dry-run]
 
-then, on the offline machine (only that folder is read):
+with freeze.txt from `python -m pip freeze > freeze.txt` on the offline machine; then there
+(only that folder is read):
 
     make install-offline WHEELHOUSE=wheelhouse
 
@@ -343,7 +344,9 @@ def select(
             name = norm(req.name)
             if name not in by_name:
                 continue
-            wanted.setdefault(name, []).append((by, req))
+            asks = wanted.setdefault(name, [])
+            if all((b, r.specifier) != (by, req.specifier) for b, r in asks):  # not per marker
+                asks.append((by, req))
             if name in skip or name in provided:
                 continue
             key = (name, frozenset(req.extras))
