@@ -10,11 +10,12 @@ Each benchmark of `cfg.eval.benchmarks` (a `data:`-style section) is loaded with
 `mtrl.data.load_prompts`; every problem gets `eval.num_samples` completions, drawn through the
 multi-temperature sampler in `single` mode at `eval.temperature` / `eval.top_p` (the paper:
 T = 0.6, top_p = 0.95; `eval.temperature: 0` is greedy decoding), `eval.max_new_tokens` at
-most, `eval.batch_size` sequences per `generate` call, prompts left-padded.
+most, `eval.batch_size` sequences per call of `mtrl.rollout.generate` (the trainer's path: the
+fast engine where `rollout.engine` allows, transformers `generate` otherwise), prompts
+left-padded.
 
 Scoring is the `accuracy` reward's: the content of the last `\\boxed{}` of a completion
-against the gold answer under math-verify (`mtrl.rewards.math_equal`), run in the sandboxed
-workers of `mtrl.scoring` (time and memory limits per call). Metrics per benchmark
+against the gold answer under math-verify (`mtrl.rewards.math_equal`). Metrics per benchmark
 with n = num_samples:
 
 - `avg@n`: mean accuracy over all n samples of all problems (= the unbiased pass@1);
@@ -35,6 +36,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,6 @@ import torch
 from transformers import TrainerCallback
 
 from mtrl.config import ExperimentConfig
-from mtrl.rewards import last_boxed, matching_answers, math_equal
-from mtrl.scoring import Scored, score
 
 logger = logging.getLogger(__name__)
 
@@ -96,92 +96,50 @@ def _normalize(answer: str) -> str:
     return text.rstrip(".").lower()
 
 
-def _vote_groups(
-    predictions: Sequence[str | None],
-) -> tuple[list[str], list[int], list[int]]:
-    """Answers grouped by normalized text: (first answer, its sample index, count) per group."""
-    firsts: list[str] = []
-    where: list[int] = []
-    counts: list[int] = []
-    seen: dict[str, int] = {}
-    for i, pred in enumerate(predictions):
+def majority_vote(predictions: Sequence[str | None], equal: Any = None) -> str | None:
+    """The most frequent answer (the first-seen on a tie), None when no sample has an answer.
+
+    Two answers count as the same when their normalized text matches or `equal(a, b)` holds
+    (default: math-verify, `mtrl.rewards.math_equal`).
+    """
+    if equal is None:
+        from mtrl.rewards import math_equal as equal
+    clusters: list[list[Any]] = []  # [representative, normalized, count]
+    for pred in predictions:
         if pred is None or not str(pred).strip():
             continue
         norm = _normalize(pred)
-        if norm in seen:
-            counts[seen[norm]] += 1
+        for cluster in clusters:
+            if cluster[1] == norm or equal(cluster[0], pred):
+                cluster[2] += 1
+                break
         else:
-            seen[norm] = len(firsts)
-            firsts.append(pred)
-            where.append(i)
-            counts.append(1)
-    return firsts, where, counts
+            clusters.append([pred, norm, 1])
+    if not clusters:
+        return None
+    best = max(clusters, key=lambda c: c[2])  # max keeps the first of equal counts
+    return best[0]
 
 
-def _majority_votes(runs: Sequence[Sequence[str | None]]) -> tuple[list[int | None], Scored]:
-    """For each run of predictions, the sample index of its majority answer (None: no answer).
-
-    Answers are grouped by normalized text first, so math-verify compares only distinct
-    texts: group g asks, in one sandboxed call, which of the groups before it it equals (at
-    most n - 1 comparisons, each under the per-item time limit), all runs in one batch. A
-    group joins the first earlier group that opened a cluster and that it equals; the largest
-    cluster wins, the first-seen on a tie.
-    """
-    groups = [_vote_groups(preds) for preds in runs]
-    jobs = [(firsts[g], firsts[:g]) for firsts, _, _ in groups for g in range(1, len(firsts))]
-    batch = score(matching_answers, jobs, default=[])
-    matches = iter(batch.values)
-    winners: list[int | None] = []
-    for firsts, where, counts in groups:
-        clusters: list[list[int]] = []  # [group that opened it, size]
-        for g in range(len(firsts)):
-            equal = set(next(matches)) if g else set()
-            cluster = next((c for c in clusters if c[0] in equal), None)
-            if cluster is None:
-                clusters.append([g, counts[g]])
-            else:
-                cluster[1] += counts[g]
-        best = max(clusters, key=lambda c: c[1], default=None)  # max keeps the first of ties
-        winners.append(None if best is None else where[best[0]])
-    return winners, batch
-
-
-def _judge(pairs: Sequence[tuple[str, str | None]]) -> tuple[list[bool], Scored]:
-    """Whether each (gold, predicted) matches under math-verify, in the sandbox, as one batch."""
-    jobs = [(gold, pred) for gold, pred in pairs if pred]
-    batch = score(math_equal, jobs, default=False)
-    verdicts = iter(batch.values)
-    return [bool(next(verdicts)) if pred else False for _, pred in pairs], batch
-
-
-def majority_vote(predictions: Sequence[str | None]) -> str | None:
-    """The most frequent answer (the first-seen on a tie), None when no sample has an answer.
-
-    Two answers count as the same when their normalized text matches or math-verify (run in
-    `mtrl.scoring`'s sandbox) finds them equal.
-    """
-    (winner,), _ = _majority_votes([predictions])
-    return None if winner is None else predictions[winner]
-
-
-def maj_at_k(gold: str, predictions: Sequence[str | None]) -> float:
+def maj_at_k(gold: str, predictions: Sequence[str | None], equal: Any = None) -> float:
     """1.0 when the majority answer of `predictions` equals `gold`, else 0.0."""
-    winner = majority_vote(predictions)
-    return 1.0 if _judge([(str(gold), winner)])[0][0] else 0.0
+    if equal is None:
+        from mtrl.rewards import math_equal as equal
+    winner = majority_vote(predictions, equal)
+    return 1.0 if winner is not None and equal(str(gold), winner) else 0.0
 
 
 # ---------------------------------------------------------------------------- scoring
 
 
-def _predicted(completion: str) -> str | None:
-    predicted = last_boxed(completion)
-    return None if predicted is None else predicted.strip()
-
-
 def score_completion(gold: str, completion: str) -> tuple[str | None, bool]:
     """(the last `\\boxed{}` content or None, whether it equals `gold` under math-verify)."""
-    predicted = _predicted(completion)
-    return predicted, _judge([(gold, predicted)])[0][0]
+    from mtrl.rewards import last_boxed, math_equal
+
+    predicted = last_boxed(completion)
+    if predicted is not None:
+        predicted = predicted.strip()
+    return predicted, predicted is not None and bool(predicted) and math_equal(gold, predicted)
 
 
 def score_problems(
@@ -194,37 +152,34 @@ def score_problems(
     """Score n completions per problem: (metrics without prefix, per-problem records).
 
     `problems[i]` has `problem` and `answer`; `completions[i]` holds its n completion texts.
-    Metrics are named `avg@n`, `pass@k`, `maj@n`, ... (see the module doc), plus
-    `scoring_timeouts` and `scoring_crashes`: math-verify calls that hit the sandbox's limits
-    (they count as wrong, or as unequal answers in the vote).
+    Metrics are named `avg@n`, `pass@k`, `maj@n`, ... (see the module doc).
     """
     if len(problems) != len(completions) or not problems:
         raise ValueError("score_problems: need one list of completions per problem, and some")
     n = len(completions[0])
     if n == 0 or any(len(c) != n for c in completions):
         raise ValueError("score_problems: every problem needs the same number (> 0) of completions")
+    from mtrl.rewards import math_equal
 
     ks = pass_ks(n)
-    golds = [str(row["answer"]) for row in problems]
-    predictions = [[_predicted(t) for t in texts] for texts in completions]
-    pairs = [(g, p) for g, preds in zip(golds, predictions, strict=True) for p in preds]
-    flat, judged = _judge(pairs)
-    correct = [flat[i * n : (i + 1) * n] for i in range(len(problems))]
-    winners, voted = _majority_votes(predictions)
     records = []
     for i, (row, texts) in enumerate(zip(problems, completions, strict=True)):
-        winner = winners[i]
+        gold = str(row["answer"])
+        scored = [score_completion(gold, t) for t in texts]
+        predictions = [p for p, _ in scored]
+        correct = [ok for _, ok in scored]
+        vote = majority_vote(predictions)
         record = {
             "benchmark": benchmark,
             "index": int(row.get("index", i)),
             "problem": row["problem"],
-            "answer": golds[i],
+            "answer": gold,
             "completions": list(texts),
-            "predictions": predictions[i],
-            "correct": correct[i],
-            "num_correct": sum(correct[i]),
-            "majority": None if winner is None else predictions[i][winner],
-            "majority_correct": winner is not None and correct[i][winner],
+            "predictions": predictions,
+            "correct": correct,
+            "num_correct": sum(correct),
+            "majority": vote,
+            "majority_correct": vote is not None and math_equal(gold, vote),
         }
         if num_tokens is not None:
             record["num_tokens"] = [int(t) for t in num_tokens[i]]
@@ -245,8 +200,6 @@ def score_problems(
     if truncated is not None:
         metrics["truncated_rate"] = sum(sum(r["truncated"]) for r in records) / (count * n)
     metrics["num_problems"] = float(count)
-    metrics["scoring_timeouts"] = float(judged.timeouts + voted.timeouts)
-    metrics["scoring_crashes"] = float(judged.crashes + voted.crashes)
     return metrics, records
 
 
@@ -287,11 +240,46 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def _zero3(accelerator: Any) -> bool:
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
 def _model_device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+def _eval_sampler(model: Any, ev: Any, seed: int, device: torch.device) -> Any:
+    """The evaluation sampler of `model`, seeded with `seed`: single mode at `eval.temperature`
+    and `eval.top_p` (temperature 0: top-k 1, i.e. greedy).
+
+    Kept per model and settings so the engine `mtrl.rollout.engine_for` caches for it (static
+    cache, captured graphs) serves every periodic evaluation; its generator is re-seeded.
+    """
+    from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler
+
+    greedy = float(ev.temperature) == 0.0
+    settings = (float(ev.temperature), float(ev.top_p), str(device))
+    kept = _SAMPLERS.get(model)
+    if kept is None or kept[0] != settings:
+        config = MultiTemperatureConfig(
+            mode="single",
+            temperature=1.0 if greedy else float(ev.temperature),
+            top_k=1 if greedy else 0,
+            top_p=1.0 if greedy else float(ev.top_p),
+            threshold_mode="fixed",
+        )
+        generator = torch.Generator(device=device)
+        kept = (settings, MultiTemperatureSampler(config, generator=generator))
+        _SAMPLERS[model] = kept
+    kept[1].generator.manual_seed(seed)
+    return kept[1]
+
+
+_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _generate(
@@ -303,52 +291,40 @@ def _generate(
     seed: int,
     desc: str,
     show_progress: bool,
+    zero3: bool = False,
 ) -> tuple[list[str], list[int], list[bool]]:
-    """Completion texts, token counts (EOS included) and truncation flags, one per text."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    """Completion texts, token counts (EOS included) and truncation flags, one per text.
 
-    from mtrl.sampling import (
-        MultiTemperatureConfig,
-        MultiTemperatureLogitsProcessor,
-        MultiTemperatureSampler,
-    )
+    Generation goes through `mtrl.rollout.generate`, the trainer's own path: the fast engine
+    where `rollout.engine` and the device allow it, transformers `generate` otherwise.
+    """
+    from tqdm.auto import tqdm
+
+    from mtrl.rollout import engine_for, generate, wants_engine
 
     ev = cfg.eval
     device = _model_device(model)
     eos = _eos_ids(model, tokenizer)
-    greedy = float(ev.temperature) == 0.0
-    processors = LogitsProcessorList()
-    if not greedy:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        sampler = MultiTemperatureSampler(
-            MultiTemperatureConfig(
-                mode="single",
-                temperature=float(ev.temperature),
-                top_p=float(ev.top_p),
-                threshold_mode="fixed",
-            ),
-            generator=generator,
+    sampler = _eval_sampler(model, ev, seed, device)
+    max_new_tokens = int(ev.max_new_tokens)
+    engine = None
+    if wants_engine(cfg.rollout.engine, device, zero3):
+        engine = engine_for(
+            model,
+            sampler,
+            "eval",
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            check_every=int(cfg.rollout.check_every),
+            compile_decode=bool(cfg.rollout.compile_decode) and device.type == "cuda",
         )
-        processors.append(MultiTemperatureLogitsProcessor(sampler, eos_token_id=eos))
-    gen_config = GenerationConfig(
-        max_new_tokens=int(ev.max_new_tokens),
-        do_sample=not greedy,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        min_p=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos or None,
-    )
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out_texts: list[str] = []
     out_tokens: list[int] = []
     out_truncated: list[bool] = []
-    eos_tensor = torch.tensor(eos or [-1], device=device)
     batch = int(ev.batch_size)
-    from tqdm.auto import tqdm
-
     try:
         for start in tqdm(
             range(0, len(texts), batch),
@@ -363,26 +339,26 @@ def _generate(
                 padding=True,
                 add_special_tokens=add_special_tokens,
             ).to(device)
-            with torch.no_grad():
-                sequences = model.generate(
-                    input_ids=enc["input_ids"],
-                    attention_mask=enc["attention_mask"],
-                    generation_config=gen_config,
-                    logits_processor=processors,
-                )
-            completion = sequences[:, enc["input_ids"].shape[1] :]
-            is_eos = torch.isin(completion, eos_tensor)
-            has_eos = is_eos.any(1)
-            first = torch.where(has_eos, is_eos.int().argmax(1), completion.shape[1])
-            lengths = torch.where(has_eos, first + 1, first).tolist()
-            for row, n_eos_free, length, done in zip(
-                completion.tolist(), first.tolist(), lengths, has_eos.tolist(), strict=True
+            out = generate(
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                sampler=sampler,
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=eos,
+                pad_token_id=tokenizer.pad_token_id,
+                engine=engine,
+            )
+            lengths = out.lengths
+            last = out.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+            done = (lengths > 0) & torch.isin(last, torch.tensor(eos or [-1], device=last.device))
+            for row, length, ended in zip(
+                out.completion_ids.tolist(), lengths.tolist(), done.tolist(), strict=True
             ):
-                out_texts.append(tokenizer.decode(row[:n_eos_free], skip_special_tokens=True))
+                text_tokens = row[: length - 1] if ended else row[:length]
+                out_texts.append(tokenizer.decode(text_tokens, skip_special_tokens=True))
                 out_tokens.append(int(length))
-                out_truncated.append(not done)
-            if processors:
-                processors[0].result(sequences)  # raises on NaN/inf logits (deferred check)
+                out_truncated.append(not ended)
     finally:
         tokenizer.padding_side = padding_side
     return out_texts, out_tokens, out_truncated
@@ -472,6 +448,7 @@ def evaluate(
                     seed + 1000 * b + rank,
                     desc=f"eval {name}",
                     show_progress=show_progress and rank == 0,
+                    zero3=_zero3(accelerator),
                 )
                 if texts
                 else ([], [], [])

@@ -7,12 +7,38 @@ head divides by one scalar (kept at 1); we divide first by scaling the final hid
 at position t-1 by 1/T_t, which is exact for a bias-free LM head without soft-capping.
 Other heads take a plain chunked log-softmax over materialised logits.
 
-Per-token temperatures, entropies and classes travel with the rollout batch as tensors
-aligned with `completion_ids` (keys `temperatures`, `entropies`, `is_reasoning`).
+Data flow of one rollout batch:
+
+- `_generate_single_turn` samples through `mtrl.rollout.generate` (the one path, shared with
+  evaluation) and returns TRL's own pair: completion ids and the sampling log-probs, which
+  TRL turns into `sampling_per_token_logps` of the batch.
+- TRL 1.16 has no slot for the other per-token tensors between `_generate_single_turn` and
+  the old/reference log-prob forwards it runs inside `_generate_and_score_completions`, so
+  the rollout waits in `self._rollout` for exactly that one call, which then adds
+  `temperatures`, `entropies` and `is_reasoning` to the batch (aligned with
+  `completion_ids`) and clears it.
+- `_get_per_token_logps_and_entropies(..., temperatures=...)` takes the temperatures as an
+  argument. TRL's own call sites pass a fixed set of keywords, so for the one super() call
+  that makes them (`_compute_loss`: the batch's `temperatures`; `_generate_and_score_
+  completions`: the rollout's) `_log_probs_at` binds the argument with functools.partial.
+- Sampler metrics go into TRL's `_metrics`, hence into the logs every callback receives;
+  `entropy_histogram()` gives the last rollout's entropy histogram.
+
+TRL methods overridden (what a TRL upgrade must re-check):
+
+- `_generate_single_turn`: TRL's generate takes no logits processor; ours samples each token
+  through the sampler (fast engine or transformers generate) and returns its log-probs.
+- `_generate_and_score_completions`: scores old/reference log-probs at the rollout's
+  temperatures; adds the per-token tensors, the importance-sampling ratio and sampler metrics.
+- `_get_per_token_logps_and_entropies`: divides each position by its token's temperature.
+- `_compute_loss`: log-probs at the batch's temperatures; importance-sampling weight (TRL
+  applies its own correction only on its vLLM path).
+- `_save_checkpoint`: writes the checkpoint under .staging/ and renames it into place.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -21,19 +47,21 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import LogitsProcessorList
 from transformers.trainer_utils import rotate_checkpoints
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from mtrl.config import RolloutConfig
-from mtrl.rollout import RolloutEngine, UnsupportedModelError, fuse_projections
-from mtrl.sampling import (
-    MultiTemperatureConfig,
-    MultiTemperatureLogitsProcessor,
-    MultiTemperatureSampler,
+from mtrl.rollout import (
+    RolloutEngine,
+    RolloutOutput,
+    engine_for,
+    fuse_projections,
+    generate,
+    wants_engine,
 )
+from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +103,44 @@ def _fit(x: torch.Tensor, length: int, fill: float) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, length - x.size(1)), value=fill)
 
 
+class _HiddenScale:
+    """Forward hook on the backbone: within `dividing(...)`, the final hidden state at position
+    p is divided by the temperature of token p+1 (outside, the hook passes it through).
+
+    A hook keeps TRL's fused chunked log-prob head and its memory profile: the head itself is
+    unchanged and sees already-divided hidden states. The scale exists only for the one
+    forward inside the block.
+    """
+
+    def __init__(self):
+        self._scale: torch.Tensor | None = None
+
+    def hook(self, module, args, output):
+        if self._scale is not None:
+            hidden = output.last_hidden_state
+            output.last_hidden_state = hidden * self._scale[..., None].to(hidden.dtype)
+        return output
+
+    @contextmanager
+    def dividing(self, temperatures: torch.Tensor, seq_len: int):
+        """`temperatures`: (batch, k), of the last k tokens of sequences of length `seq_len`."""
+        k = temperatures.size(1)
+        scale = torch.ones(temperatures.size(0), seq_len, device=temperatures.device)
+        scale[:, seq_len - k - 1 : seq_len - 1] = 1.0 / temperatures.float()
+        self._scale = scale
+        try:
+            yield
+        finally:
+            self._scale = None
+
+
 class MultiTempGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose rollouts and log-probs use per-token temperatures.
 
-    `sampler_config` configures the sampler; GRPOConfig's own temperature must stay 1.0.
-    `rollout_config` sets the importance-sampling correction of the sampling log-probs.
+    `sampler_config` configures the sampler (temperatures, top-k/top-p/min-p); GRPOConfig's
+    own temperature/top_p/top_k/min_p must stay neutral. `rollout_config` picks the generation
+    backend (`engine`: auto, fast, hf) and the importance-sampling correction of the sampling
+    log-probs.
     """
 
     def __init__(
@@ -91,20 +152,19 @@ class MultiTempGRPOTrainer(GRPOTrainer):
     ):
         super().__init__(*args, **kwargs)
         self.rollout_config = rollout_config or RolloutConfig()
-        self._engine: RolloutEngine | None = None
-        self._engine_refused = False
         if self.temperature != 1.0 or self.top_p != 1.0 or self.top_k or self.min_p:
             raise ValueError(
                 "MultiTempGRPOTrainer: leave GRPOConfig temperature/top_p/top_k/min_p at their "
                 "neutral values; set them in the sampler config"
             )
         if self.use_vllm or self.use_transformers_continuous_batching:
-            raise ValueError("MultiTempGRPOTrainer: generation runs through transformers generate")
+            raise ValueError(
+                "MultiTempGRPOTrainer: rollouts run through mtrl.rollout.generate (fast engine "
+                "or transformers generate); turn off use_vllm / continuous batching"
+            )
         self.sampler = MultiTemperatureSampler(sampler_config or MultiTemperatureConfig())
-        self.last_rollout_stats: RolloutStats | None = None
-        # Temperatures of the completion tokens being scored, (batch, completion_len).
-        self._scoring_temperatures: torch.Tensor | None = None
-        self._hidden_scale: torch.Tensor | None = None
+        self._rollout: RolloutOutput | None = None  # the rollout being scored, see module doc
+        self._last_rollout: RolloutStats | None = None
         self.logprob_path = self._install_hidden_scaling()
         self._zero3 = (
             self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
@@ -127,6 +187,18 @@ class MultiTempGRPOTrainer(GRPOTrainer):
                     "(train.ds3_gather_for_generation=false: less memory, much slower)"
                 )
 
+    @property
+    def last_rollout_stats(self) -> RolloutStats | None:
+        """The last rollout's per-token records (kept for mtrl.tracking until it reads
+        `entropy_histogram()`)."""
+        return self._last_rollout
+
+    def entropy_histogram(self, bins: int = 40) -> dict | None:
+        """Entropy histogram of the last rollout's completion tokens, overall and per class
+        (`RolloutStats.entropy_histogram`); None before the first rollout."""
+        rollout = self._last_rollout
+        return None if rollout is None else rollout.entropy_histogram(bins)
+
     # --- log-probs at per-token temperatures ----------------------------------------------
 
     def _install_hidden_scaling(self) -> str:
@@ -142,40 +214,53 @@ class MultiTempGRPOTrainer(GRPOTrainer):
                     "logits (the LM head has a bias or soft-capping, so hidden scaling is inexact)"
                 )
                 return "chunked_log_softmax"
-            causal_lm.base_model.register_forward_hook(self._scale_hidden_hook)
+        self._hidden_scale = _HiddenScale()
+        for model in models:
+            causal_lm = model.get_base_model() if is_peft_model(model) else model
+            causal_lm.base_model.register_forward_hook(self._hidden_scale.hook)
         logger.info(
             "log-probs at per-token temperatures: final hidden state scaled by 1/T "
             "(exact: bias-free LM head, no soft-capping), TRL's fused log-prob head kept"
         )
         return "hidden_scale"
 
-    def _scale_hidden_hook(self, module, args, output):
-        if self._hidden_scale is not None:
-            hidden = output.last_hidden_state
-            output.last_hidden_state = hidden * self._hidden_scale[..., None].to(hidden.dtype)
-        return output
+    def _bind_temperatures(self, temperatures: torch.Tensor) -> None:
+        """TRL's calls of `_get_per_token_logps_and_entropies` pass `temperatures` from now on.
+
+        TRL 1.16 calls it with a fixed set of keywords (in `_compute_loss` and
+        `_generate_and_score_completions`); this instance attribute shadows the method with
+        the argument bound, until `_unbind_temperatures`.
+        """
+        self._get_per_token_logps_and_entropies = functools.partial(
+            type(self)._get_per_token_logps_and_entropies, self, temperatures=temperatures
+        )
+
+    def _unbind_temperatures(self) -> None:
+        self.__dict__.pop("_get_per_token_logps_and_entropies", None)
 
     @contextmanager
-    def _hidden_scaled(self, temperatures: torch.Tensor, seq_len: int):
-        """Within: backbone output at position p is divided by T of token p+1.
-
-        `temperatures`: (batch, k), of the last k tokens of sequences of length `seq_len`.
-        """
-        k = temperatures.size(1)
-        scale = torch.ones(temperatures.size(0), seq_len, device=temperatures.device)
-        scale[:, seq_len - k - 1 : seq_len - 1] = 1.0 / temperatures.float()
-        self._hidden_scale = scale
+    def _log_probs_at(self, temperatures: torch.Tensor):
+        """Within: TRL's log-prob calls score at `temperatures` (batch, completion_len)."""
+        self._bind_temperatures(temperatures)
         try:
             yield
         finally:
-            self._hidden_scale = None
+            self._unbind_temperatures()
 
     def _get_per_token_logps_and_entropies(
-        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        temperatures: torch.Tensor | None = None,
+        **kwargs,
     ):
+        """TRL's log-probs with `temperatures` (batch, completion_len): the temperature each
+        completion token was drawn at divides the logits that predicted it. None: T = 1."""
         # Why: TRL's fused head divides every logit by one scalar temperature; each completion
         # token here needs the temperature it was drawn at.
-        temperatures = self._scoring_temperatures
         if temperatures is None:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs
@@ -191,7 +276,7 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
             if self.logprob_path == "hidden_scale":
-                with self._hidden_scaled(temperatures[rows], input_ids.size(1)):
+                with self._hidden_scale.dividing(temperatures[rows], input_ids.size(1)):
                     chunks.append(
                         super()._get_per_token_logps_and_entropies(
                             model, input_ids[rows], attention_mask[rows], logits_to_keep, **kwargs
@@ -267,104 +352,80 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            out = None
-            engine = self._rollout_engine(unwrapped_model)
-            if engine is not None:
-                try:
-                    out = engine.generate(input_ids, attention_mask, temperature_offsets=offsets)
-                    completion, mask = out.completion_ids, out.mask
-                except UnsupportedModelError as exc:  # found only once the attention runs
-                    self._refuse_engine(exc)
-            if out is None:
-                out, completion = self._hf_generate(
-                    unwrapped_model, input_ids, attention_mask, offsets
-                )
-                # Keep tokens up to and including the first EOS, as TRL does.
-                is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=device))
-                mask = (is_eos.cumsum(1) - is_eos.int()) == 0
-        lengths = mask.sum(1).tolist()
-        self._scoring_temperatures = out.temperatures.masked_fill(~mask, 1.0)
-        self.last_rollout_stats = RolloutStats(
-            temperatures=out.temperatures,
-            entropies=out.entropies,
-            is_reasoning=out.is_reasoning,
-            logprobs=out.logprobs,
-            mask=mask,
-        )
+            out = generate(
+                unwrapped_model,
+                input_ids,
+                attention_mask,
+                sampler=self.sampler,
+                max_new_tokens=self.max_completion_length,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self._tokenizer.pad_token_id,
+                engine=self._rollout_engine(unwrapped_model),
+                temperature_offsets=offsets,
+                generation_config=self.generation_config,
+            )
+        self._rollout = out
+        # Old and reference log-probs are scored inside this same TRL call: at these
+        # temperatures (the binding ends with `_generate_and_score_completions`).
+        self._bind_temperatures(out.temperatures)
+        lengths = out.lengths.tolist()
         completion_ids = [
-            row[:n].tolist() for row, n in zip(completion.cpu(), lengths, strict=True)
+            row[:n].tolist() for row, n in zip(out.completion_ids.cpu(), lengths, strict=True)
         ]
-        return completion_ids, None
-
-    def _hf_generate(self, model, input_ids, attention_mask, offsets):
-        """transformers generate, sampling through the sampler: (records, completion ids)."""
-        processor = MultiTemperatureLogitsProcessor(
-            self.sampler, eos_token_id=self.eos_token_ids, temperature_offsets=offsets
-        )
-        sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=self.generation_config,
-            logits_processor=LogitsProcessorList([processor]),
-        )
-        return processor.result(sequences), sequences[:, input_ids.size(1) :]
+        logprobs = [row[:n].tolist() for row, n in zip(out.logprobs.cpu(), lengths, strict=True)]
+        return completion_ids, logprobs
 
     def _rollout_engine(self, model) -> RolloutEngine | None:
         """The fast engine for `model` when configured and supported, else None (generate)."""
         if not self._fast_engine_configured():
             return None
-        if self._engine is None and not self._engine_refused:
-            try:
-                self._engine = RolloutEngine(
-                    model,
-                    self.sampler,
-                    eos_token_ids=self.eos_token_ids,
-                    pad_token_id=self._tokenizer.pad_token_id,
-                    max_new_tokens=self.max_completion_length,
-                    check_every=self.rollout_config.check_every,
-                    compile_decode=self.rollout_config.compile_decode
-                    and self.accelerator.device.type == "cuda",
-                )
-                logger.info("rollouts: fast engine (static KV cache, CUDA-graph decode step)")
-            except UnsupportedModelError as exc:
-                self._refuse_engine(exc)
-        return self._engine
+        return engine_for(
+            model,
+            self.sampler,
+            "train",
+            max_new_tokens=self.max_completion_length,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self._tokenizer.pad_token_id,
+            check_every=self.rollout_config.check_every,
+            compile_decode=self.rollout_config.compile_decode
+            and self.accelerator.device.type == "cuda",
+        )
 
     def _fast_engine_configured(self) -> bool:
         """Whether rollouts should try the fast engine (rollout.engine, device, ZeRO stage)."""
-        choice = self.rollout_config.engine
-        if choice == "auto":
-            # ZeRO-3 re-gathers the parameters into new storage every rollout, so the engine
-            # would re-capture its graphs each time; on 2 H200s that capture also failed.
-            return not self._zero3 and self.accelerator.device.type == "cuda"
-        return choice == "fast"
-
-    def _refuse_engine(self, exc: Exception) -> None:
-        self._engine, self._engine_refused = None, True
-        logger.warning("rollouts: transformers generate, the fast engine can't: %s", exc)
+        return wants_engine(self.rollout_config.engine, self.accelerator.device, self._zero3)
 
     def _generate_and_score_completions(self, inputs):
-        # Why: the rollout's per-token temperatures must be in place while TRL scores the old
-        # and reference log-probs, and must then travel with the batch to the loss.
+        # Why: the old and reference log-probs TRL scores here need the rollout's per-token
+        # temperatures, which must then travel with the batch to the loss.
         try:
             output = super()._generate_and_score_completions(inputs)
+            rollout = self._rollout
         finally:
-            self._scoring_temperatures = None
-        stats = self.last_rollout_stats
+            self._rollout = None
+            self._unbind_temperatures()
         width = output["completion_ids"].size(1)
-        output["temperatures"] = _fit(stats.temperatures, width, 1.0)
-        output["entropies"] = _fit(stats.entropies, width, 0.0)
-        output["is_reasoning"] = _fit(stats.is_reasoning, width, False)
+        output["temperatures"] = _fit(rollout.temperatures, width, 1.0)
+        output["entropies"] = _fit(rollout.entropies, width, 0.0)
+        output["is_reasoning"] = _fit(rollout.is_reasoning, width, False)
         if self.rollout_config.importance_sampling:
-            output["importance_sampling_ratio"] = self._importance_ratio(output, stats)
-        self._log_sampler_metrics(stats)
+            output["importance_sampling_ratio"] = self._importance_ratio(output)
+        self._last_rollout = RolloutStats(
+            temperatures=rollout.temperatures,
+            entropies=rollout.entropies,
+            is_reasoning=rollout.is_reasoning,
+            logprobs=rollout.logprobs,
+            mask=rollout.mask,
+        )
+        self._log_sampler_metrics(self._last_rollout)
         return output
 
-    def _importance_ratio(self, batch: dict, stats: RolloutStats) -> torch.Tensor:
+    def _importance_ratio(self, batch: dict) -> torch.Tensor:
         """min(p_train / p_sample, cap) per completion token, (batch, completion_len).
 
         p_train is the training forward's probability of the token at its temperature (TRL's
-        old log-probs when it computed them), p_sample the one the rollout drew it from.
+        old log-probs when it computed them), p_sample the one the rollout drew it from
+        (`sampling_per_token_logps`).
         """
         width = batch["completion_ids"].size(1)
         mask = batch["completion_mask"].bool()
@@ -372,19 +433,16 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         if old is None:
             input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
             attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-            self._scoring_temperatures = batch["temperatures"]
-            try:
-                with torch.no_grad():
-                    old, _, _ = self._get_per_token_logps_and_entropies(
-                        self.model,
-                        input_ids,
-                        attention_mask,
-                        width,
-                        batch_size=self.args.per_device_train_batch_size,
-                    )
-            finally:
-                self._scoring_temperatures = None
-        sampling = _fit(stats.logprobs, width, 0.0).to(old.device)
+            with torch.no_grad():
+                old, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    width,
+                    batch_size=self.args.per_device_train_batch_size,
+                    temperatures=batch["temperatures"],
+                )
+        sampling = _fit(batch["sampling_per_token_logps"], width, 0.0).to(old.device)
         ratio = torch.exp((old - sampling).masked_fill(~mask, 0.0))
         cap = self.rollout_config.importance_sampling_cap
         mode = "train" if self.model.training else "eval"
@@ -401,17 +459,15 @@ class MultiTempGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         # Why: the policy log-probs of the loss must use each token's sampling temperature,
-        # and TRL applies an importance-sampling correction only on its vLLM path. A weight
-        # r >= 0 on the advantage gives the corrected per-token loss, as
-        # -min(r A c1, r A c2) = -r min(A c1, A c2).
+        # and TRL 1.16 applies its importance-sampling correction only when `use_vllm` is on
+        # (both where it computes the ratio and where it weights the loss), which would also
+        # send generation to vLLM. A weight r >= 0 on the advantage gives the corrected
+        # per-token loss, as -min(r A c1, r A c2) = -r min(A c1, A c2).
         ratio = inputs.get("importance_sampling_ratio")
         if ratio is not None:
             inputs = {**inputs, "advantages": inputs["advantages"][:, None] * ratio}
-        self._scoring_temperatures = inputs["temperatures"]
-        try:
+        with self._log_probs_at(inputs["temperatures"]):
             return super()._compute_loss(model, inputs)
-        finally:
-            self._scoring_temperatures = None
 
     def _log_sampler_metrics(self, stats: RolloutStats) -> None:
         mode = "train" if self.model.training else "eval"

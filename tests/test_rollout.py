@@ -507,3 +507,68 @@ def test_compile_decode_graph_matches_eager_fp32():
     out = eng.generate(ids, mask)
     assert out.used_cuda_graph and len(eng._groups) == 4
     assert torch.equal(out.completion_ids, ref.completion_ids)
+
+
+# --------------------------------------------------------------------------- the one generate
+@pytest.mark.parametrize("backend", ["engine", "generate"])
+def test_generate_masks_after_a_mid_completion_eos(backend):
+    """Both backends of `generate` return each row's tokens up to its first EOS (mid-completion
+    for some rows, none for others) and neutral fills after it."""
+    from mtrl.rollout import engine_for, generate
+
+    model = tiny_model(seed=3)
+    ids, mask = left_padded([9, 5, 2, 7, 9, 4])
+    n = 24
+    eos = pick_eos(hf_greedy(model, ids, mask, n, NO_EOS))
+    greedy = sampler(top_k=1, threshold_mode="fixed")
+    common = dict(max_new_tokens=n, eos_token_ids=[eos], pad_token_id=PAD)
+    engine = engine_for(model, greedy, "test", **common) if backend == "engine" else None
+    out = generate(model, ids, mask, sampler=greedy, engine=engine, **common)
+    assert out.backend == backend
+    ref = hf_greedy(model, ids, mask, n, eos)  # transformers' own EOS handling
+    assert torch.equal(out.completion_ids, ref)
+    lengths = out.lengths
+    assert lengths.min() < n and lengths.max() == out.completion_ids.shape[1]
+    for row, m, length in zip(out.completion_ids, out.mask, lengths.tolist(), strict=True):
+        assert m[:length].all() and not m[length:].any()
+        toks = row[:length].tolist()
+        assert eos not in toks[:-1]
+        assert (row[length:] == PAD).all()
+    assert (out.temperatures[~out.mask] == 1.0).all() and (out.entropies[~out.mask] == 0).all()
+    assert not out.is_reasoning[~out.mask].any() and (out.logprobs[~out.mask] == 0).all()
+    assert (out.entropies[out.mask] > 0).all()
+
+
+def test_completion_mask_keeps_up_to_the_first_eos():
+    from mtrl.rollout import completion_mask
+
+    ids = torch.tensor([[5, 7, 9, 7], [7, 5, 5, 5], [5, 5, 5, 5], [9, 9, 7, 7]])
+    either = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]).bool()
+    only_7 = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    assert torch.equal(completion_mask(ids, [7, 9]), either)
+    assert torch.equal(completion_mask(ids, [7]), only_7)
+    assert completion_mask(ids, []).all()
+
+
+def test_engine_cache_reuses_per_role_and_refuses_once(caplog):
+    from mtrl.rollout import engine_for, generate
+
+    model = tiny_model(seed=4)
+    s_train, s_eval = sampler(threshold_mode="fixed"), sampler(threshold_mode="fixed")
+    common = dict(max_new_tokens=4, eos_token_ids=[NO_EOS], pad_token_id=PAD)
+    train = engine_for(model, s_train, "train", **common)
+    assert engine_for(model, s_train, "train", **common) is train
+    evaluation = engine_for(model, s_eval, "eval", **common)
+    assert evaluation is not train and engine_for(model, s_train, "train", **common) is train
+    assert engine_for(model, s_eval, "eval", **{**common, "max_new_tokens": 5}) is not evaluation
+
+    # A model the engine can't serve: None from the cache, transformers generate, one warning.
+    sliding = tiny_model(seed=4, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with caplog.at_level(logging.INFO, logger="mtrl.rollout.generate"):
+        assert engine_for(sliding, s_eval, "eval", **common) is None
+        ids, mask = left_padded([3, 5])
+        for _ in range(2):
+            out = generate(sliding, ids, mask, sampler=s_eval, **common)
+            assert out.backend == "generate"
+    lines = [r.getMessage() for r in caplog.records if r.name == "mtrl.rollout.generate"]
+    assert len(lines) == 1 and "can't" in lines[0]

@@ -50,31 +50,33 @@ def test_rollout_carries_aligned_per_token_tensors(make_trainer):
     assert torch.allclose(temps[reasoning], torch.tensor(1.6))
     assert torch.allclose(temps[~reasoning], torch.tensor(0.5))
     assert reasoning.any() and (~reasoning).any()
-    stats = trainer.last_rollout_stats
-    hist = stats.entropy_histogram()
-    assert sum(hist["all"]) == int(stats.mask.sum())
+    hist = trainer.entropy_histogram()
+    assert sum(hist["all"]) == int(mask.sum())
     assert sum(hist["reasoning"]) + sum(hist["knowledge"]) == sum(hist["all"])
 
 
 @pytest.mark.parametrize("engine", ["hf", "fast"])
-def test_loss_log_probs_use_each_tokens_own_temperature(make_trainer, engine):
+def test_loss_log_probs_use_each_tokens_own_temperature(make_trainer, engine, monkeypatch):
     trainer = make_trainer(*MULTI, f"rollout.engine={engine}")
     batch = rollout(trainer)
-    assert (trainer._engine is not None) == (engine == "fast")
+    rollout_engine = trainer._rollout_engine(trainer.model)
+    assert (rollout_engine is not None) == (engine == "fast")
     if engine == "fast":  # the trainer made q/k/v and gate/up adjacent: one GEMM each
-        assert len(trainer._engine._groups) == 2 * trainer.model.config.num_hidden_layers
+        assert len(rollout_engine._groups) == 2 * trainer.model.config.num_hidden_layers
     mask = batch["completion_mask"].bool()
     expected = hand_logps(trainer.model, batch, batch["temperatures"])
+    # The scoring binding ends with the rollout: nothing is left bound on the trainer.
+    assert "_get_per_token_logps_and_entropies" not in vars(trainer)
 
     seen = []
-    real = trainer._get_per_token_logps_and_entropies
+    real = type(trainer)._get_per_token_logps_and_entropies
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
         seen.append(out[0].detach())
         return out
 
-    trainer._get_per_token_logps_and_entropies = spy
+    monkeypatch.setattr(type(trainer), "_get_per_token_logps_and_entropies", spy)
     # With the old log-probs set to the hand-computed ones, every ratio is exactly 1, so the
     # DAPO loss is -sum(advantage) over completion tokens / number of tokens.
     batch["old_per_token_logps"] = expected.clone()
@@ -101,12 +103,16 @@ def test_chunked_log_softmax_path_matches_hidden_scaling(make_trainer):
     results = {}
     for path in ("hidden_scale", "chunked_log_softmax"):
         trainer.logprob_path = path
-        trainer._scoring_temperatures = batch["temperatures"]
         with torch.no_grad():
             results[path] = trainer._get_per_token_logps_and_entropies(
-                trainer.model, input_ids, attention_mask, k, batch_size=3, compute_entropy=True
+                trainer.model,
+                input_ids,
+                attention_mask,
+                k,
+                batch_size=3,
+                compute_entropy=True,
+                temperatures=batch["temperatures"],
             )
-    trainer._scoring_temperatures = None
     mask = batch["completion_mask"].bool()
     for i in (0, 1):  # log-probs and entropies
         torch.testing.assert_close(
@@ -189,14 +195,14 @@ def test_importance_ratio_is_one_when_sampling_matches_training_and_capped_other
     torch.testing.assert_close(ratio[mask], torch.ones_like(ratio[mask]), atol=1e-4, rtol=0)
     assert any(trainer._metrics[m]["sampling/importance_ratio/mean"] for m in ("train", "eval"))
 
-    stats = trainer.last_rollout_stats
-    lowered = type(stats)(**{**stats.__dict__, "logprobs": stats.logprobs - 1.0})
-    capped = trainer._importance_ratio(
-        {k: v for k, v in batch.items() if k != "old_per_token_logps"}, lowered
-    )
+    # The sampling log-probs travel in TRL's own batch key, 0 after each completion's end.
+    sampling = batch["sampling_per_token_logps"]
+    assert (sampling[~mask] == 0).all() and (sampling[mask] < 0).any()
+    lowered = {k: v for k, v in batch.items() if k != "old_per_token_logps"}
+    lowered["sampling_per_token_logps"] = sampling - 1.0
+    capped = trainer._importance_ratio(lowered)
     torch.testing.assert_close(capped[mask], torch.full_like(capped[mask], 2.0))
-    raised = type(stats)(**{**stats.__dict__, "logprobs": stats.logprobs + 0.5})
-    scaled = trainer._importance_ratio(batch, raised)
+    scaled = trainer._importance_ratio({**batch, "sampling_per_token_logps": sampling + 0.5})
     torch.testing.assert_close(
         scaled[mask],
         torch.full_like(scaled[mask], float(torch.exp(torch.tensor(-0.5)))),

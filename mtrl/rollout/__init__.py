@@ -1,14 +1,29 @@
-"""Fast rollouts: static KV cache + CUDA-graph decode step with the multi-temperature sampler.
+"""Rollouts: the one ``generate`` that training and evaluation sample through.
 
-    from mtrl.rollout import RolloutEngine, RolloutOutput, UnsupportedModelError, fuse_projections
+    from mtrl.rollout import engine_for, fuse_projections, generate, wants_engine
     fuse_projections(model)   # optional, once, before the optimizer: one GEMM for q/k/v, gate/up
-    engine = RolloutEngine(model, sampler, eos_token_ids, pad_token_id, max_new_tokens)
-    out = engine.generate(input_ids, attention_mask, temperature_offsets=None)
+    engine = engine_for(model, sampler, "train", max_new_tokens=256, eos_token_ids=[eos],
+                        pad_token_id=pad) if wants_engine("auto", device, zero3=False) else None
+    out = generate(model, input_ids, attention_mask, sampler=sampler, max_new_tokens=256,
+                   eos_token_ids=[eos], pad_token_id=pad, engine=engine)
 
-See ``mtrl.rollout.engine`` for how it works. Imports only torch and transformers.
+``generate`` runs the fast engine (``mtrl.rollout.engine``: static KV cache, CUDA-graph decode
+step, split-KV decode attention, fused projections) where it can serve, transformers
+``generate`` otherwise; see ``mtrl.rollout.generate``. Imports torch, transformers and
+accelerate.
 """
 
 from mtrl.rollout.engine import RolloutEngine, RolloutOutput, UnsupportedModelError
 from mtrl.rollout.fused import fuse_projections
+from mtrl.rollout.generate import completion_mask, engine_for, generate, wants_engine
 
-__all__ = ["RolloutEngine", "RolloutOutput", "UnsupportedModelError", "fuse_projections"]
+__all__ = [
+    "RolloutEngine",
+    "RolloutOutput",
+    "UnsupportedModelError",
+    "completion_mask",
+    "engine_for",
+    "fuse_projections",
+    "generate",
+    "wants_engine",
+]

@@ -69,6 +69,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 
 from mtrl.rollout.decode_attention import decode_attention, supports_head_dim
 from mtrl.rollout.fused import ProjectionGroups
@@ -100,6 +101,7 @@ class RolloutOutput:
     logprobs: torch.Tensor  # fp32, under the tempered, truncated distribution drawn from
     steps: int = 0  # token steps run (prefill sample + decode steps)
     used_cuda_graph: bool = False
+    backend: str = "engine"  # "engine" or "generate" (transformers), see mtrl.rollout.generate
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -274,7 +276,7 @@ class RolloutEngine:
         self._slot: _Slot | None = None
         self._pool = None
         self._graph_failed: str | None = None
-        self._base = self._base_model(model)
+        self._base = model.get_base_model() if is_peft_model(model) else model
         self._check_supported()
         params = inspect.signature(self._base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -283,12 +285,6 @@ class RolloutEngine:
         _register_attention()
 
     # ------------------------------------------------------------------ model checks
-    @staticmethod
-    def _base_model(model):
-        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-            return model.get_base_model()
-        return model
-
     def _check_supported(self) -> None:
         config = getattr(self._base, "config", None)
         if config is None:

@@ -268,23 +268,20 @@ class MultiTemperatureSampler:
 def truncate(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     """Top-k, then top-p, then min-p on tempered logits (masked entries become -inf).
 
-    Each keeps at least the most likely token.
+    Each keeps at least the most likely token. Top-k and top-p are transformers' own warpers
+    (the same sort/top-k kernels a hand-written version would run). Min-p is ours: in logit
+    space, p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p), which skips the
+    full-vocabulary softmax `MinPLogitsWarper` computes first.
     """
-    neg_inf = float("-inf")
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
     if top_k and top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, neg_inf)
+        scaled = TopKLogitsWarper(top_k)(None, scaled)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, neg_inf)
+        scaled = TopPLogitsWarper(top_p)(None, scaled)
     if min_p > 0.0:
-        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
         cutoff = scaled.amax(dim=-1, keepdim=True) + math.log(min_p)
-        scaled = scaled.masked_fill(scaled < cutoff, neg_inf)
+        scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
     return scaled
 
 
