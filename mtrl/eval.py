@@ -15,7 +15,8 @@ fast engine where `rollout.engine` allows, transformers `generate` otherwise), p
 left-padded.
 
 Scoring is the `accuracy` reward's: the content of the last `\\boxed{}` of a completion
-against the gold answer under math-verify (`mtrl.rewards.math_equal`). Metrics per benchmark
+against the gold answer under math-verify (`mtrl.rewards.math_equal`), run in the sandboxed
+workers of `mtrl.scoring` (time and memory limits per call). Metrics per benchmark
 with n = num_samples:
 
 - `avg@n`: mean accuracy over all n samples of all problems (= the unbiased pass@1);
@@ -45,6 +46,8 @@ import torch
 from transformers import TrainerCallback
 
 from mtrl.config import ExperimentConfig
+from mtrl.rewards import last_boxed, matching_answers, math_equal
+from mtrl.scoring import Scored, score
 
 logger = logging.getLogger(__name__)
 
@@ -96,50 +99,92 @@ def _normalize(answer: str) -> str:
     return text.rstrip(".").lower()
 
 
-def majority_vote(predictions: Sequence[str | None], equal: Any = None) -> str | None:
-    """The most frequent answer (the first-seen on a tie), None when no sample has an answer.
-
-    Two answers count as the same when their normalized text matches or `equal(a, b)` holds
-    (default: math-verify, `mtrl.rewards.math_equal`).
-    """
-    if equal is None:
-        from mtrl.rewards import math_equal as equal
-    clusters: list[list[Any]] = []  # [representative, normalized, count]
-    for pred in predictions:
+def _vote_groups(
+    predictions: Sequence[str | None],
+) -> tuple[list[str], list[int], list[int]]:
+    """Answers grouped by normalized text: (first answer, its sample index, count) per group."""
+    firsts: list[str] = []
+    where: list[int] = []
+    counts: list[int] = []
+    seen: dict[str, int] = {}
+    for i, pred in enumerate(predictions):
         if pred is None or not str(pred).strip():
             continue
         norm = _normalize(pred)
-        for cluster in clusters:
-            if cluster[1] == norm or equal(cluster[0], pred):
-                cluster[2] += 1
-                break
+        if norm in seen:
+            counts[seen[norm]] += 1
         else:
-            clusters.append([pred, norm, 1])
-    if not clusters:
-        return None
-    best = max(clusters, key=lambda c: c[2])  # max keeps the first of equal counts
-    return best[0]
+            seen[norm] = len(firsts)
+            firsts.append(pred)
+            where.append(i)
+            counts.append(1)
+    return firsts, where, counts
 
 
-def maj_at_k(gold: str, predictions: Sequence[str | None], equal: Any = None) -> float:
+def _majority_votes(runs: Sequence[Sequence[str | None]]) -> tuple[list[int | None], Scored]:
+    """For each run of predictions, the sample index of its majority answer (None: no answer).
+
+    Answers are grouped by normalized text first, so math-verify compares only distinct
+    texts: group g asks, in one sandboxed call, which of the groups before it it equals (at
+    most n - 1 comparisons, each under the per-item time limit), all runs in one batch. A
+    group joins the first earlier group that opened a cluster and that it equals; the largest
+    cluster wins, the first-seen on a tie.
+    """
+    groups = [_vote_groups(preds) for preds in runs]
+    jobs = [(firsts[g], firsts[:g]) for firsts, _, _ in groups for g in range(1, len(firsts))]
+    batch = score(matching_answers, jobs, default=[])
+    matches = iter(batch.values)
+    winners: list[int | None] = []
+    for firsts, where, counts in groups:
+        clusters: list[list[int]] = []  # [group that opened it, size]
+        for g in range(len(firsts)):
+            equal = set(next(matches)) if g else set()
+            cluster = next((c for c in clusters if c[0] in equal), None)
+            if cluster is None:
+                clusters.append([g, counts[g]])
+            else:
+                cluster[1] += counts[g]
+        best = max(clusters, key=lambda c: c[1], default=None)  # max keeps the first of ties
+        winners.append(None if best is None else where[best[0]])
+    return winners, batch
+
+
+def _judge(pairs: Sequence[tuple[str, str | None]]) -> tuple[list[bool], Scored]:
+    """Whether each (gold, predicted) matches under math-verify, in the sandbox, as one batch."""
+    jobs = [(gold, pred) for gold, pred in pairs if pred]
+    batch = score(math_equal, jobs, default=False)
+    verdicts = iter(batch.values)
+    return [bool(next(verdicts)) if pred else False for _, pred in pairs], batch
+
+
+def majority_vote(predictions: Sequence[str | None]) -> str | None:
+    """The most frequent answer (the first-seen on a tie), None when no sample has an answer.
+
+    Two answers count as the same when their normalized text matches or math-verify (run in
+    `mtrl.scoring`'s sandbox) finds them equal.
+    """
+    (winner,), _ = _majority_votes([predictions])
+    return None if winner is None else predictions[winner]
+
+
+def maj_at_k(gold: str, predictions: Sequence[str | None]) -> float:
     """1.0 when the majority answer of `predictions` equals `gold`, else 0.0."""
-    if equal is None:
-        from mtrl.rewards import math_equal as equal
-    winner = majority_vote(predictions, equal)
-    return 1.0 if winner is not None and equal(str(gold), winner) else 0.0
+    winner = majority_vote(predictions)
+    return 1.0 if _judge([(str(gold), winner)])[0][0] else 0.0
 
 
 # ---------------------------------------------------------------------------- scoring
 
 
+def _predicted(completion: str) -> str | None:
+    predicted = last_boxed(completion)
+    return None if predicted is None else predicted.strip()
+
+
 def score_completion(gold: str, completion: str) -> tuple[str | None, bool]:
     """(the last `\\boxed{}` content or None, whether it equals `gold` under math-verify)."""
-    from mtrl.rewards import last_boxed, math_equal
-
-    predicted = last_boxed(completion)
-    if predicted is not None:
-        predicted = predicted.strip()
-    return predicted, predicted is not None and bool(predicted) and math_equal(gold, predicted)
+    predicted = _predicted(completion)
+    return predicted, _judge([(gold, predicted)])[0][0]
 
 
 def score_problems(
@@ -152,34 +197,37 @@ def score_problems(
     """Score n completions per problem: (metrics without prefix, per-problem records).
 
     `problems[i]` has `problem` and `answer`; `completions[i]` holds its n completion texts.
-    Metrics are named `avg@n`, `pass@k`, `maj@n`, ... (see the module doc).
+    Metrics are named `avg@n`, `pass@k`, `maj@n`, ... (see the module doc), plus
+    `scoring_timeouts` and `scoring_crashes`: math-verify calls that hit the sandbox's limits
+    (they count as wrong, or as unequal answers in the vote).
     """
     if len(problems) != len(completions) or not problems:
         raise ValueError("score_problems: need one list of completions per problem, and some")
     n = len(completions[0])
     if n == 0 or any(len(c) != n for c in completions):
         raise ValueError("score_problems: every problem needs the same number (> 0) of completions")
-    from mtrl.rewards import math_equal
 
     ks = pass_ks(n)
+    golds = [str(row["answer"]) for row in problems]
+    predictions = [[_predicted(t) for t in texts] for texts in completions]
+    pairs = [(g, p) for g, preds in zip(golds, predictions, strict=True) for p in preds]
+    flat, judged = _judge(pairs)
+    correct = [flat[i * n : (i + 1) * n] for i in range(len(problems))]
+    winners, voted = _majority_votes(predictions)
     records = []
     for i, (row, texts) in enumerate(zip(problems, completions, strict=True)):
-        gold = str(row["answer"])
-        scored = [score_completion(gold, t) for t in texts]
-        predictions = [p for p, _ in scored]
-        correct = [ok for _, ok in scored]
-        vote = majority_vote(predictions)
+        winner = winners[i]
         record = {
             "benchmark": benchmark,
             "index": int(row.get("index", i)),
             "problem": row["problem"],
-            "answer": gold,
+            "answer": golds[i],
             "completions": list(texts),
-            "predictions": predictions,
-            "correct": correct,
-            "num_correct": sum(correct),
-            "majority": vote,
-            "majority_correct": vote is not None and math_equal(gold, vote),
+            "predictions": predictions[i],
+            "correct": correct[i],
+            "num_correct": sum(correct[i]),
+            "majority": None if winner is None else predictions[i][winner],
+            "majority_correct": winner is not None and correct[i][winner],
         }
         if num_tokens is not None:
             record["num_tokens"] = [int(t) for t in num_tokens[i]]
@@ -200,6 +248,8 @@ def score_problems(
     if truncated is not None:
         metrics["truncated_rate"] = sum(sum(r["truncated"]) for r in records) / (count * n)
     metrics["num_problems"] = float(count)
+    metrics["scoring_timeouts"] = float(judged.timeouts + voted.timeouts)
+    metrics["scoring_crashes"] = float(judged.crashes + voted.crashes)
     return metrics, records
 
 
