@@ -3,8 +3,9 @@
 Prefill of a causal layer (query length == key length, no cached prefix) with at least
 ``min_seq_len`` tokens runs PBS-Attn; everything else is handed to transformers' own SDPA
 path unchanged: decoding steps, prompts with a cached prefix, short prompts, sliding-window
-or soft-capped layers, dropout in training, and gradients through the Triton backend (it has
-no backward; the flex backend does).
+or soft-capped layers, and dropout in training. Forwards with gradients take the sparse path
+too (both backends have a backward), so rollout prefill, old-policy and training log-probs
+all use the same attention.
 
 Padding: for plain causal prefill our mask function returns the 2D padding mask instead of a
 (B, 1, N, N) tensor. Each row whose valid tokens are contiguous (left or right padding) is then
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 NAME = "pbs"
 _config = PBSConfig()
-# How many attention calls took each path since import (tests and logs read it).
-calls = {"pbs": 0, "dense": 0}
+# How many attention calls took each path since import (tests and logs read it); "pbs_grad"
+# counts the sparse calls that recorded gradients.
+calls = {"pbs": 0, "dense": 0, "pbs_grad": 0}
 
 
 def register(config: PBSConfig | None = None, name: str = NAME, **fields) -> PBSConfig:
@@ -136,7 +138,6 @@ def pbs_attention_forward(
     cfg = _config
     L, S = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     dense = (
         not causal
         or L != S
@@ -145,7 +146,6 @@ def pbs_attention_forward(
         or kwargs.get("sliding_window") is not None
         or kwargs.get("softcap") is not None
         or (attention_mask is not None and attention_mask.dim() != 2)
-        or (wants_grad and cfg.backend != "flex")
     )
     spans = None
     if not dense and attention_mask is not None:
@@ -156,6 +156,10 @@ def pbs_attention_forward(
         return _dense(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        if not calls["pbs_grad"]:
+            logger.info("PBS-Attn: training forwards use the sparse path")
+        calls["pbs_grad"] += 1
     cfg = dataclasses.replace(cfg, scale=scaling) if scaling is not None else cfg
     if spans is None:
         out = pbs_attention(query, key, value, config=cfg)

@@ -96,3 +96,54 @@ def test_short_prompts_and_cached_prefixes_use_dense(registered):
         model(ids[:, 30:], cache=first.past_key_values)  # cached prefix
     assert pbs.hf.calls["pbs"] == before["pbs"]
     assert pbs.hf.calls["dense"] - before["dense"] == 4
+
+
+def completion_logprobs(model, ids, prompt_len):
+    """(B, completion) log-probs of the tokens after the prompt."""
+    logp = model(ids).logits[:, prompt_len - 1 : -1].float().log_softmax(-1)
+    return logp.gather(-1, ids[:, prompt_len:, None])[..., 0]
+
+
+def test_training_forwards_run_pbs_and_match_no_grad(registered, monkeypatch, caplog):
+    """Rollout (no grad) and training (grad) forwards give the same completion log-probs, the
+    training forward runs the sparse path (logged once), and its gradients are PBS's."""
+    pbs.hf.register(block_size=16, segment_size=32, threshold=0.6, min_seq_len=32)
+    model = tiny("llama")
+    model.set_attn_implementation("pbs")
+    ids = torch.randint(1, 128, (2, 120), generator=torch.Generator().manual_seed(4)).to(DEV)
+    prompt_len = 100
+    with torch.no_grad():
+        rollout = completion_logprobs(model, ids, prompt_len)
+    monkeypatch.setitem(pbs.hf.calls, "pbs_grad", 0)  # as in a fresh process
+    before = dict(pbs.hf.calls)
+    with caplog.at_level("INFO", logger="pbs.hf"):
+        train = completion_logprobs(model, ids, prompt_len)
+        completion_logprobs(model, ids, prompt_len)
+    assert train.requires_grad
+    torch.testing.assert_close(train.detach(), rollout, **TOL)
+    assert pbs.hf.calls["pbs_grad"] - before["pbs_grad"] == 2 * 2  # two forwards, two layers
+    assert pbs.hf.calls["dense"] == before["dense"]
+    said = [r for r in caplog.records if "training forwards use the sparse path" in r.message]
+    assert len(said) == 1
+    train.sum().backward()
+    sparse_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    # At this threshold the sparse attention differs from dense, and so do the gradients.
+    model.zero_grad()
+    model.set_attn_implementation("sdpa")
+    completion_logprobs(model, ids, prompt_len).sum().backward()
+    dense_grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert sparse_grad.isfinite().all() and sparse_grad.norm() > 0
+    assert (sparse_grad - dense_grad).norm() > 1e-3 * dense_grad.norm()
+
+
+def test_training_gradients_equal_sdpa_at_threshold_one(registered):
+    model = tiny("qwen2")
+    ids = torch.randint(1, 128, (2, 70), generator=torch.Generator().manual_seed(5)).to(DEV)
+    grads = {}
+    for impl in ("pbs", "sdpa"):
+        model.zero_grad()
+        model.set_attn_implementation(impl)
+        completion_logprobs(model, ids, 50).sum().backward()
+        grads[impl] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["pbs"], grads["sdpa"], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
