@@ -17,6 +17,8 @@ How it works, in order:
    (default: `gpu`), read from pyproject.toml. `--swap mlflow=mlflow-skinny` (the default)
    replaces a requirement by another at the same version: the full `mlflow` (server, UI, pandas,
    scikit-learn...) is only needed where an MLflow server runs, not on training nodes.
+   `--add` (default: sqlalchemy and alembic at full mlflow's bounds) adds requirements: the
+   skinny client has no SQL tracking store, which `tracking.uri: sqlite:///...` needs.
 2. deepspeed ships no wheel, only a source distribution whose setup.py imports torch. It is
    built here once as a pure-Python wheel (`DS_BUILD_OPS=0 pip wheel --no-deps
    --no-build-isolation`, needs torch in *this* Python, any build, CPU is fine). Its ops are
@@ -445,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
         default="mlflow=mlflow-skinny",
         help="OLD=NEW replacements of requirements, comma separated ('' for none)",
     )
+    parser.add_argument(
+        "--add",
+        # mlflow-skinny leaves out the SQL tracking store that tracking.uri defaults to
+        # (sqlite:///mlflow.db); these are full mlflow 3.17.2's own bounds for it.
+        default="sqlalchemy>=1.4.0,<3 alembic!=1.10.0,<2",
+        help="requirements added to the project's (space separated; '' for none)",
+    )
     parser.add_argument("--installed", help="a `pip freeze` of the target: drop what it satisfies")
     parser.add_argument(
         "--skip-deps",
@@ -480,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     extras = [e for e in args.extras.split(",") if e]
     env = target_env(args.python_version, args.platform)
-    reqs = project_requirements(extras, swaps)
+    reqs = project_requirements(extras, swaps) + [Requirement(a) for a in args.add.split()]
     roots = [
         r
         for r in reqs
