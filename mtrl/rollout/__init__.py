@@ -13,11 +13,14 @@ step, split-KV decode attention, fused projections) where it can serve, transfor
 accelerate.
 """
 
+from mtrl.rollout.config import EngineChoice, RolloutConfig
 from mtrl.rollout.engine import RolloutEngine, RolloutOutput, UnsupportedModelError
 from mtrl.rollout.fused import fuse_projections
 from mtrl.rollout.generate import completion_mask, engine_for, generate, wants_engine
 
 __all__ = [
+    "EngineChoice",
+    "RolloutConfig",
     "RolloutEngine",
     "RolloutOutput",
     "UnsupportedModelError",

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 
+from mtrl.rollout.config import RolloutConfig
 from mtrl.rollout.decode_attention import decode_attention, supports_head_dim
 from mtrl.rollout.fused import ProjectionGroups
 
@@ -245,8 +246,7 @@ class RolloutEngine:
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-        if check_every < 1:
-            raise ValueError(f"check_every: must be >= 1, got {check_every}")
+        RolloutConfig(check_every=check_every).validate(prefix="RolloutEngine")  # its one rule
         if kv_bucket < 16 or kv_bucket % 16:
             raise ValueError(f"kv_bucket: must be a positive multiple of 16, got {kv_bucket}")
         self.model = model
