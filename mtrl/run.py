@@ -69,6 +69,18 @@ def train(cfg: ExperimentConfig) -> Any:
     output_dir = grpo_config(cfg).output_dir
     checkpoint = resume_checkpoint(cfg, output_dir)
     trainer = build_trainer(cfg, resume=checkpoint is not None)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        # Ctrl-C: the checkpoints on disk are complete (each one is staged, then renamed); end
+        # the MLflow run as KILLED and say where to resume from.
+        from mtrl.tracking import MLflowCallback, RunInterrupted
+
+        step = trainer.state.global_step
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, MLflowCallback):
+                callback.end("KILLED", step)
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        raise RunInterrupted(step, last, trainer.args.process_index == 0) from None
     trainer.save_model(output_dir)
     return trainer
