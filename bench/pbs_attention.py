@@ -15,6 +15,7 @@ the portable kernel.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -37,18 +38,22 @@ from pbs.select import block_logits, select_blocks, sink_block  # noqa: E402
 HQ, HKV, D = 32, 8, 128
 
 
-def inputs(n: int, seed: int = 0):
-    """q, k, v (1, H, n, D) bf16 with ~2% stripe keys of varying strength (plus token 0)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(1, HQ, n, D, device="cuda", generator=g)
-    k = torch.randn(1, HKV, n, D, device="cuda", generator=g)
-    v = torch.randn(1, HKV, n, D, device="cuda", generator=g).to(torch.bfloat16)
-    u = F.normalize(torch.randn(HKV, D, device="cuda", generator=g), dim=-1)
-    stripe = torch.rand(1, HKV, n, device="cuda", generator=g) < 0.02
+def inputs(n: int, seed: int = 0, device: str = "cuda", heads: tuple[int, int, int] = (HQ, HKV, D)):
+    """q, k, v (1, H, n, D) bf16 with ~2% stripe keys of varying strength (plus token 0).
+
+    heads: (query heads, KV heads, head dim).
+    """
+    hq, hkv, d = heads
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, hq, n, d, device=device, generator=g)
+    k = torch.randn(1, hkv, n, d, device=device, generator=g)
+    v = torch.randn(1, hkv, n, d, device=device, generator=g).to(torch.bfloat16)
+    u = F.normalize(torch.randn(hkv, d, device=device, generator=g), dim=-1)
+    stripe = torch.rand(1, hkv, n, device=device, generator=g) < 0.02
     stripe[..., 0] = True
-    strength = torch.rand(1, HKV, n, 1, device="cuda", generator=g) * 10
+    strength = torch.rand(1, hkv, n, 1, device=device, generator=g) * 10
     k = k + stripe[..., None] * strength * u[None, :, None, :]
-    q = q + 8 * u.repeat_interleave(HQ // HKV, 0)[None, :, None, :]
+    q = q + 8 * u.repeat_interleave(hq // hkv, 0)[None, :, None, :]
     return q.to(torch.bfloat16), k.to(torch.bfloat16), v
 
 
@@ -57,12 +62,14 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=400, return_mode="median")
 
 
-def threshold_for(q, k, v, target: float) -> tuple[float, float]:
-    """Threshold whose density is closest to ``target`` (bisection on the plan only)."""
+def threshold_for(q, k, v, target: float, base: PBSConfig | None = None) -> tuple[float, float]:
+    """Threshold whose density is closest to ``target`` (bisection on the plan only), with the
+    other fields from ``base`` (default: PBSConfig(min_seq_len=0))."""
+    base = base or PBSConfig(min_seq_len=0)
     lo, hi, best = 0.05, 1.0, (1.0, 1.0)
     for _ in range(8):
         mid = (lo + hi) / 2
-        d = density(make_plan(q, k, v, PBSConfig(threshold=mid, min_seq_len=0)))[0]
+        d = density(make_plan(q, k, v, dataclasses.replace(base, threshold=mid)))[0]
         if abs(d - target) < abs(best[1] - target):
             best = (mid, d)
         lo, hi = (mid, hi) if d < target else (lo, mid)
