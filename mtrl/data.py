@@ -29,11 +29,21 @@ For the offline sources the column names and `split` are fixed and the config's 
 used. `{problem}` in `template` is replaced literally (no `str.format`), so a template may
 contain `\\boxed{}`.
 
-A row whose problem or answer is missing or empty stops loading with a `DataError` (a
-`ValueError`) whose one-line message names the file and the 1-based row, e.g.
-`data/train.jsonl row 7: empty 'answer'`; with `on_bad_row: skip` such rows are logged,
-counted and left out (`load_prompts_with_stats` returns the count). `max_samples` keeps
-the first that many good rows.
+A bad row stops loading with a `DataError` (a `ValueError`) whose one-line message names
+the file and the 1-based row, e.g. `data/train.jsonl row 7: empty 'answer'`. Bad rows are
+rows whose problem or answer is missing or empty, JSON-lines rows that are not valid UTF-8,
+not valid JSON or not an object, and rows whose prompt is longer than
+`data.max_prompt_tokens`. With `on_bad_row: skip` they are logged (the first few), counted
+and left out (`load_prompts_with_stats` returns the counts). `max_samples` keeps the first
+that many good rows.
+
+Prompt length: with a tokenizer, the prompt as the model sees it (system prompt, template
+and, for `chat`, the chat template with the generation prompt) is counted in tokens. A prompt
+is tokenized only when its length in characters could fit: one token covers at most as many
+characters as the longest entry of the tokenizer's vocabulary, so a longer prompt is refused
+from its length alone (a 10 MB line is never tokenized). Prompts are not truncated: a cut
+problem would keep its gold answer and grade the policy on a question it never saw. Without a
+tokenizer the limit is not applied (the trainer and evaluation always pass one).
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+
+from mtrl.config import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +78,8 @@ class LoadStats:
 
     source: str
     rows_kept: int = 0
-    rows_skipped: int = 0
+    rows_skipped: int = 0  # every bad row left out (on_bad_row: skip), too long ones included
+    rows_too_long: int = 0  # of which: prompt over data.max_prompt_tokens
     skipped: list[str] = field(default_factory=list)  # "file row N: reason", first few only
 
 
@@ -75,6 +88,7 @@ class _Row:
     where: str  # file (or dataset) the row came from
     number: int  # 1-based row number in that file
     record: Mapping[str, Any]
+    error: str | None = None  # why the row could not be read (then `record` is empty)
 
 
 def load_prompts(cfg: Any, tokenizer: Any = None) -> Dataset:
@@ -96,22 +110,12 @@ def load_prompts_with_stats(cfg: Any, tokenizer: Any = None) -> tuple[Dataset, L
                 "this one has none (use prompt_format: text)"
             )
     stats = LoadStats(source=source)
+    length = PromptLength(cfg.max_prompt_tokens, tokenizer)
     columns: dict[str, list[Any]] = {"prompt": [], "problem": [], "answer": []}
-
     if source == "reasoning_gym":
         columns.update(task=[], metadata=[])
-        for entry in _reasoning_gym_entries(cfg):
-            if cfg.max_samples is not None and stats.rows_kept >= cfg.max_samples:
-                break
-            columns["prompt"].append(format_prompt(entry["question"], cfg))
-            columns["problem"].append(entry["question"])
-            columns["answer"].append(str(entry["answer"]))
-            columns["task"].append(str(cfg.task))
-            columns["metadata"].append(json.dumps(entry["metadata"], default=_jsonable))
-            stats.rows_kept += 1
-        return Dataset.from_dict(columns), stats
-
-    if source == "aime2025":
+        rows, problem_col, answer_col = _reasoning_gym_rows(cfg), "question", "answer"
+    elif source == "aime2025":
         rows, problem_col, answer_col = _aime_rows(cfg.subset), "question", "answer"
     elif source == "gsm8k":
         rows, problem_col, answer_col = _gsm8k_rows(), "question", "answer"
@@ -125,36 +129,80 @@ def load_prompts_with_stats(cfg: Any, tokenizer: Any = None) -> tuple[Dataset, L
     for row in rows:
         if cfg.max_samples is not None and stats.rows_kept >= cfg.max_samples:
             break
-        problem = _value(row, problem_col)
+        problem = _text(_value(row, problem_col))
         answer = _value(row, answer_col)
-        if source == "gsm8k" and answer is not None:
-            answer = gsm8k_gold(answer)
-        problem, answer = _text(problem), _text(answer)
-        bad = _problem_with(problem, problem_col) or _problem_with(answer, answer_col)
-        if bad:
-            message = f"{row.where} row {row.number}: {bad}"
+        answer = _text(gsm8k_gold(answer) if source == "gsm8k" and answer is not None else answer)
+        bad = row.error or _problem_with(problem, problem_col) or _problem_with(answer, answer_col)
+        prompt = None if bad else format_prompt(problem, cfg)
+        too_long = None if bad else length.excess(prompt)
+        if bad or too_long:
+            message = f"{row.where} row {row.number}: {bad or too_long}"
             if cfg.on_bad_row != "skip":
                 raise DataError(message)
             stats.rows_skipped += 1
+            stats.rows_too_long += too_long is not None
             if len(stats.skipped) < _LOGGED_SKIPS:
                 stats.skipped.append(message)
                 logger.warning("skipping %s", message)
             continue
-        columns["prompt"].append(format_prompt(problem, cfg))
+        columns["prompt"].append(prompt)
         columns["problem"].append(problem)
         columns["answer"].append(answer)
+        if source == "reasoning_gym":
+            columns["task"].append(str(cfg.task))
+            columns["metadata"].append(json.dumps(row.record["metadata"], default=_jsonable))
         stats.rows_kept += 1
 
     if stats.rows_skipped:
         logger.warning(
-            "%s: skipped %d bad row(s) (data.on_bad_row: skip), kept %d",
+            "%s: skipped %d bad row(s) (data.on_bad_row: skip; %d over data.max_prompt_tokens), "
+            "kept %d",
             source,
             stats.rows_skipped,
+            stats.rows_too_long,
             stats.rows_kept,
         )
     if stats.rows_kept == 0:
         raise DataError(f"{source}: no usable rows")
     return Dataset.from_dict(columns), stats
+
+
+class PromptLength:
+    """The `data.max_prompt_tokens` rule: `excess(prompt)` says why a prompt is too long.
+
+    `limit` None (no limit) or `tokenizer` None: every prompt passes.
+    """
+
+    def __init__(self, limit: int | None, tokenizer: Any = None):
+        self.limit = None if limit is None or tokenizer is None else int(limit)
+        self.tokenizer = tokenizer
+        if self.limit is not None:
+            # Characters one token covers at most: the longest vocabulary entry (byte-level
+            # entries have one character per byte, and a character takes at least one byte).
+            longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+            self.max_chars = self.limit * max(longest, 1)
+
+    def excess(self, prompt: str | list[dict[str, str]]) -> str | None:
+        """None when `prompt` fits; else a one-line reason naming the limit."""
+        if self.limit is None:
+            return None
+        chat = not isinstance(prompt, str)
+        chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
+        if chars > self.max_chars:  # surely too long: no need to render or tokenize it
+            return (
+                f"prompt of {chars} characters is longer than data.max_prompt_tokens "
+                f"({self.limit}) tokens can be"
+            )
+        if chat:
+            text = self.tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) > self.limit:
+            return f"prompt has {len(ids)} tokens, more than data.max_prompt_tokens ({self.limit})"
+        return None
 
 
 def format_prompt(problem: str, cfg: Any) -> str | list[dict[str, str]]:
@@ -255,24 +303,36 @@ def _local_rows(path: Path, problem_col: str, answer_col: str) -> list[_Row]:
         available.update(dict.fromkeys(row.record))
     if not rows:
         raise DataError(f"{path}: no rows")
-    _check_columns(str(path), available, [problem_col, answer_col])
+    if available:  # else every row is unreadable: each is reported (or skipped) as a bad row
+        _check_columns(str(path), available, [problem_col, answer_col])
     return rows
 
 
 def _jsonl_rows(path: Path) -> Iterator[_Row]:
-    """Rows of a JSON-lines file, numbered by line (blank lines are skipped but counted)."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """Rows of a JSON-lines file, numbered by line (blank lines are skipped but counted).
+
+    A line that is not UTF-8, not JSON or not an object comes as a row with an `error`.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = raw[exc.start]
+                error = f"not valid UTF-8 (byte 0x{byte:02x} at column {exc.start + 1})"
+                yield _Row(str(path), number, {}, error)
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} row {number}: not valid JSON ({exc.msg})") from None
+                yield _Row(str(path), number, {}, f"not valid JSON ({exc.msg})")
+                continue
             if not isinstance(record, dict):
-                raise DataError(
-                    f"{path} row {number}: expected a JSON object, got {type(record).__name__}"
-                )
+                error = f"expected a JSON object, got {type(record).__name__}"
+                yield _Row(str(path), number, {}, error)
+                continue
             yield _Row(str(path), number, record)
 
 
@@ -281,7 +341,14 @@ def _json_rows(path: Path) -> list[_Row]:
 
     A `.json` file that is really JSON lines is read as JSON lines.
     """
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # one document: no row to skip
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} on line {line})"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -313,7 +380,7 @@ def _parquet_rows(path: Path) -> list[_Row]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise DataError(f"{path}: not a readable parquet file ({_one_line(exc)})") from None
+        raise DataError(f"{path}: not a readable parquet file ({one_line(exc)})") from None
     return [
         _Row(str(path), number, record) for number, record in enumerate(table.to_pylist(), start=1)
     ]
@@ -329,7 +396,7 @@ def _hub_rows(cfg: Any) -> Iterator[_Row]:
     except Exception as exc:  # offline, not found, bad subset/split: all one line for the user
         name = source + (f" ({subset})" if subset else "")
         raise DataError(
-            f"{name}: cannot load dataset split '{split}': {type(exc).__name__}: {_one_line(exc)}"
+            f"{name}: cannot load dataset split '{split}': {type(exc).__name__}: {one_line(exc)}"
         ) from None
     where = f"{source}[{split}]"
     wanted = [cfg.problem_column, cfg.answer_column]
@@ -342,6 +409,12 @@ def _hub_rows(cfg: Any) -> Iterator[_Row]:
 
 
 # ---------------------------------------------------------------------------- reasoning-gym
+
+
+def _reasoning_gym_rows(cfg: Any) -> Iterator[_Row]:
+    where = f"reasoning_gym:{cfg.task}"
+    for number, entry in enumerate(_reasoning_gym_entries(cfg), start=1):
+        yield _Row(where, number, entry)
 
 
 def _reasoning_gym_entries(cfg: Any) -> Any:
@@ -361,7 +434,7 @@ def _reasoning_gym_entries(cfg: Any) -> Any:
         return reasoning_gym.create_dataset(task, size=int(cfg.size), seed=int(cfg.seed), **options)
     except Exception as exc:
         raise DataError(
-            f"data.task: reasoning-gym cannot build '{task}': {_one_line(exc)}"
+            f"data.task: reasoning-gym cannot build '{task}': {one_line(exc)}"
         ) from None
 
 
@@ -379,6 +452,23 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _one_line(exc: object) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+# ---------------------------------------------------------------------------- held-out hygiene
+
+
+def normalize_question(text: str) -> str:
+    """A question's identity for overlap checks: case-folded, without whitespace or a final
+    full stop, so that `Calculate 5 + 3.` and `calculate 5+3` count as one problem."""
+    return "".join(str(text).casefold().split()).rstrip(".")
+
+
+def drop_overlap(eval_dataset: Dataset, train_dataset: Dataset) -> tuple[Dataset, int]:
+    """`eval_dataset` without the rows whose `problem` (normalised) is in `train_dataset`.
+
+    Returns (the kept rows in their order, how many were dropped). Procedural generators
+    such as reasoning-gym derive item i from `seed + i` and draw from small problem spaces,
+    so two seeds' datasets share problems; a held-out set must not.
+    """
+    seen = {normalize_question(q) for q in train_dataset["problem"]}
+    keep = [i for i, q in enumerate(eval_dataset["problem"]) if normalize_question(q) not in seen]
+    dropped = len(eval_dataset) - len(keep)
+    return (eval_dataset.select(keep) if dropped else eval_dataset), dropped

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from mtrl.config import DataConfig
-from mtrl.data import DataError, gsm8k_gold, load_prompts, load_prompts_with_stats, split_train_eval
+from mtrl.config import DataConfig, OnBadRow, PromptFormat
+from mtrl.data import (
+    DataError,
+    PromptLength,
+    gsm8k_gold,
+    load_prompts,
+    load_prompts_with_stats,
+    split_train_eval,
+)
+from mtrl.models import build_tiny_tokenizer
 
 
 def data_cfg(**kwargs):
@@ -83,14 +92,13 @@ def test_chat_needs_a_chat_template(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     common = dict(source=str(path), problem_column="question", answer_column="solution")
 
-    class NoTemplate:
-        chat_template = None
-
+    no_template = build_tiny_tokenizer()
+    no_template.chat_template = None
     with pytest.raises(
         DataError, match="prompt_format: chat needs a tokenizer with a chat template"
     ):
-        load_prompts(data_cfg(**common), NoTemplate())
-    assert len(load_prompts(data_cfg(**common, prompt_format="text"), NoTemplate())) == 6
+        load_prompts(data_cfg(**common), no_template)
+    assert len(load_prompts(data_cfg(**common, prompt_format="text"), no_template)) == 6
 
 
 def bad_rows(tmp_path):
@@ -147,6 +155,90 @@ def test_skip_mode_counts_and_logs(tmp_path, caplog):
     assert "skipped 3 bad row(s)" in caplog.text
 
 
+def test_non_utf8_row_names_file_and_row_and_skip_counts_it(tmp_path, caplog):
+    path = tmp_path / "train.jsonl"
+    lines = [json.dumps(r).encode() for r in ROWS[:4]]
+    lines[2] = b'{"question": "caf\xe9 + 1?", "solution": "2"}'  # Latin-1, not UTF-8
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    common = dict(source=str(path), problem_column="question", answer_column="solution")
+    with pytest.raises(DataError) as info:
+        load_prompts(data_cfg(**common))
+    assert str(info.value) == f"{path} row 3: not valid UTF-8 (byte 0xe9 at column 18)"
+    with caplog.at_level(logging.WARNING, logger="mtrl.data"):
+        ds, stats = load_prompts_with_stats(data_cfg(**common, on_bad_row="skip"))
+    assert ds["answer"] == ["2", "4", "8"]
+    assert (stats.rows_skipped, stats.rows_too_long, stats.rows_kept) == (1, 0, 3)
+    assert f"{path} row 3: not valid UTF-8" in caplog.text
+    # Invalid JSON is a bad row like any other: skipped and counted too.
+    path.write_bytes(lines[0] + b"\n{not json\n" + lines[1] + b"\n")
+    ds, stats = load_prompts_with_stats(data_cfg(**common, on_bad_row="skip"))
+    assert (len(ds), stats.rows_skipped, stats.skipped) == (
+        2,
+        1,
+        [f"{path} row 2: not valid JSON (Expecting property name enclosed in double quotes)"],
+    )
+    # A .json document has no rows to skip: file and line.
+    doc = tmp_path / "doc.json"
+    doc.write_bytes(b'[{"problem": "1+1?", "answer": "2"},\n {"problem": "\xff", "answer": "1"}]')
+    with pytest.raises(DataError, match=rf"^{doc}: not valid UTF-8 \(byte 0xff on line 2\)$"):
+        load_prompts(data_cfg(source=str(doc)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def test_long_prompts_error_or_are_skipped_and_counted(tmp_path, tokenizer, caplog):
+    rows = [dict(r) for r in ROWS]
+    rows[1]["question"] = "What is " + " + ".join(["12"] * 40) + "?"  # ~160 tokens
+    rows[3]["question"] = "7 " * 5_000_000  # 10 MB on one line
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    common = dict(source=str(path), problem_column="question", answer_column="solution")
+    fits = data_cfg(**common, max_prompt_tokens=100)
+    for fmt in ["chat", "text"]:
+        fits.prompt_format = PromptFormat(fmt)
+        with pytest.raises(DataError) as info:
+            load_prompts(fits, tokenizer)
+        assert re.fullmatch(
+            rf"{path} row 2: prompt has \d+ tokens, more than data.max_prompt_tokens \(100\)",
+            str(info.value),
+        ), str(info.value)
+    skip = data_cfg(**common, max_prompt_tokens=100, on_bad_row="skip")
+    with caplog.at_level(logging.WARNING, logger="mtrl.data"):
+        ds, stats = load_prompts_with_stats(skip, tokenizer)
+    assert ds["answer"] == ["2", "6", "10", "12"]
+    assert (stats.rows_skipped, stats.rows_too_long, stats.rows_kept) == (2, 2, 4)
+    # The 10 MB row is refused from its length in characters, never tokenized.
+    assert re.match(rf"{path} row 4: prompt of 100000\d\d characters is longer", stats.skipped[1])
+    assert "2 over data.max_prompt_tokens" in caplog.text
+    # A longer limit keeps row 2; no limit keeps every row.
+    assert (
+        len(load_prompts(data_cfg(**common, max_prompt_tokens=400, on_bad_row="skip"), tokenizer))
+        == 5
+    )
+    assert len(load_prompts(data_cfg(**common, max_prompt_tokens=None), tokenizer)) == 6
+
+
+def test_character_bound_never_refuses_a_prompt_that_fits(tokenizer):
+    """The character bound is a proof: whatever it refuses has more tokens than the limit."""
+    import random
+
+    rng = random.Random(0)
+    # Long vocabulary entries, near the limit: where a loose bound would refuse too much.
+    vocab = sorted(tokenizer.get_vocab(), key=len, reverse=True)[:60]
+    pieces = ["\\boxed{", "    ", "\n\n", "=", "é", "∑", "12345", " the"]
+    for limit in [1, 3, 10, 40]:
+        length = PromptLength(limit, tokenizer)
+        for _ in range(200):
+            n = rng.randint(1, limit + 3)
+            text = tokenizer.decode(tokenizer.convert_tokens_to_ids(rng.choices(vocab, k=n)))
+            text += "".join(rng.choices(pieces, k=rng.randint(0, 2)))
+            reason = length.excess(text)
+            tokens = len(tokenizer(text)["input_ids"])
+            assert (reason is None) == (tokens <= limit), (limit, text, reason)
+
+
 def test_missing_column_names_the_available_ones(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     with pytest.raises(DataError) as info:
@@ -174,7 +266,7 @@ def test_parquet_and_json(tmp_path):
     cfg = data_cfg(source=str(tmp_path / "train.parquet"))
     with pytest.raises(DataError, match=r"train\.parquet row 3: missing 'problem'$"):
         load_prompts(cfg)
-    cfg.on_bad_row = "skip"
+    cfg.on_bad_row = OnBadRow.skip
     ds = load_prompts(cfg)
     assert ds["answer"] == ["2", "4", "8"]
 
