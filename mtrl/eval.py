@@ -453,10 +453,11 @@ def evaluate(
     generates a share of the problems and all get the gathered result (the main process
     writes the file); every process must call it.
     """
-    from mtrl.data import load_prompts
+    from mtrl.data import drop_overlap, load_prompts
 
     if not cfg.eval.benchmarks:
         raise ValueError("eval.benchmarks: name at least one benchmark to evaluate on")
+    train_set = load_prompts(cfg.data, tokenizer)  # held-out means: none of these problems
     rank, world = 0, 1
     if accelerator is not None:
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -476,7 +477,11 @@ def evaluate(
             if name in names:
                 name = f"{name}_{b}"
             names.append(name)
-            dataset = load_prompts(bench, tokenizer)
+            dataset, dropped = drop_overlap(load_prompts(bench, tokenizer), train_set)
+            if dropped:
+                logger.info("eval %s: dropped %d problem(s) also in the training set", name, dropped)
+            if len(dataset) == 0:
+                raise ValueError(f"eval.benchmarks[{b}]: every problem is in the training set")
             if cfg.eval.max_problems is not None:
                 dataset = dataset.select(range(min(len(dataset), int(cfg.eval.max_problems))))
             problems = [
@@ -524,6 +529,7 @@ def evaluate(
                 [s["tokens"] for s in shards],
                 [s["truncated"] for s in shards],
             )
+            bench_metrics["dropped_overlap"] = float(dropped)
             per_bench[name] = bench_metrics
             metrics.update({f"eval/{name}/{k}": v for k, v in bench_metrics.items()})
             records += bench_records
