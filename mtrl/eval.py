@@ -479,7 +479,7 @@ def evaluate(
             names.append(name)
             dataset, dropped = drop_overlap(load_prompts(bench, tokenizer), train_set)
             if dropped:
-                logger.info("eval %s: dropped %d problem(s) also in the training set", name, dropped)
+                logger.info("eval %s: dropped %d problem(s) of the training set", name, dropped)
             if len(dataset) == 0:
                 raise ValueError(f"eval.benchmarks[{b}]: every problem is in the training set")
             if cfg.eval.max_problems is not None:
