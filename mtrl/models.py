@@ -38,21 +38,21 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mtrl.config import ConfigError
+from mtrl.config import ConfigError, DType, TinyArchitecture, one_line
 
 if TYPE_CHECKING:
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from mtrl.config import LoraConfig, ModelConfig, PBSSection, TinyModelConfig
+    from mtrl.config import LoraConfig, ModelConfig, TinyModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +136,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             padding_side="left",
             truncation_side="left",
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # missing, unreadable or inconsistent tokenizer files
         raise ModelLoadError(
-            f"model.name: cannot load a tokenizer for '{cfg.name}': {_one_line(exc)}"
+            f"model.name: cannot load a tokenizer for '{cfg.name}': {one_line(exc)}"
         ) from exc
+    _check_tokenizer_files(tokenizer, source)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(
@@ -150,7 +151,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, pbs: PBSSection | None = None) -> PreTrainedModel:
+def load_model(cfg: ModelConfig, pbs: Mapping[str, Any] | None = None) -> PreTrainedModel:
     """The causal LM for `cfg.name` in `cfg.dtype`, with its attention implementation.
 
     `attn_implementation: pbs` registers PBS-Attn with the `pbs` section's values first
@@ -160,6 +161,8 @@ def load_model(cfg: ModelConfig, pbs: PBSSection | None = None) -> PreTrainedMod
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_path(cfg)
+    if Path(source).is_dir():
+        _check_weight_files(Path(source))
     attn = cfg.attn_implementation
     if attn == "pbs":
         register_pbs(pbs)
@@ -172,8 +175,13 @@ def load_model(cfg: ModelConfig, pbs: PBSSection | None = None) -> PreTrainedMod
             trust_remote_code=bool(cfg.trust_remote_code),
             use_safetensors=True,
         )
-    except OSError as exc:
-        raise ModelLoadError(f"model.name: cannot load '{cfg.name}': {_one_line(exc)}") from exc
+    except Exception as exc:  # files that exist but don't load: one line, naming the folder
+        reason = one_line(exc)
+        if "mismatched_sizes" in reason:  # transformers logged which tensors before raising
+            reason = "its weights do not match its config.json (tensor shapes differ; see above)"
+        elif "trust_remote_code" in str(exc):  # the hint is past the first line
+            reason = "it ships custom code; read it, then set model.trust_remote_code: true"
+        raise ModelLoadError(f"model.name: cannot load '{cfg.name}': {reason}") from exc
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -184,16 +192,20 @@ def load_model(cfg: ModelConfig, pbs: PBSSection | None = None) -> PreTrainedMod
 
 
 def load_model_and_tokenizer(
-    cfg: ModelConfig, pbs: PBSSection | None = None
+    cfg: ModelConfig,
+    pbs: Mapping[str, Any] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PeftLoraConfig | None]:
     """Everything the trainer needs from `model`: `(model, tokenizer, peft_config)`.
 
-    The model's pad token id is set from the tokenizer. `peft_config` is `peft_config(cfg.lora)`
+    `tokenizer`: one already loaded with `load_tokenizer(cfg)` (e.g. to read and check the data
+    before the model's weights are loaded); loaded here when None. The model's pad token id
+    is set from the tokenizer. `peft_config` is `peft_config(cfg.lora)`
     (None without LoRA), for `GRPOTrainer(..., peft_config=...)`: the model is returned
     unwrapped, the trainer adds the adapters.
     """
     lora = peft_config(cfg.lora)  # config errors before any loading
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg) if tokenizer is None else tokenizer
     model = load_model(cfg, pbs)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
@@ -241,27 +253,30 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel | PreTrain
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise ModelLoadError(f"model.lora.target_modules: {_one_line(exc)}") from exc
+        raise ModelLoadError(f"model.lora.target_modules: {one_line(exc)}") from exc
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is bfloat16 on a CUDA device that supports it, else float32."""
-    if name == "auto":
+    """A `model.dtype` (`DType`) as a torch dtype; `auto` is bfloat16 on a CUDA device that
+    supports it, else float32."""
+    try:
+        name = DType(name)
+    except ValueError:
+        allowed = ", ".join(DType)
+        raise ModelLoadError(f"model.dtype: must be one of {allowed}; got '{name}'") from None
+    if name == DType.auto:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ModelLoadError(f"model.dtype: must be one of auto, {', '.join(dtypes)}; got '{name}'")
-    return dtypes[name]
+    return getattr(torch, name.value)
 
 
-def register_pbs(pbs: PBSSection | None = None) -> None:
+def register_pbs(pbs: Mapping[str, Any] | None = None) -> None:
     """Make `attn_implementation="pbs"` usable: `pbs.hf.register(**pbs_section_values)`.
 
     The `pbs` section's keys are `pbs.PBSConfig`'s fields (block_size, segment_size, threshold,
-    min_seq_len, force_sink, permute, backend). mtrl touches pbs only through `pbs.hf`, and
-    imports it only when asked for, so runs without PBS never import the kernels.
+    min_seq_len, force_sink, permute, backend, scale); `mtrl.config` has already checked them
+    with PBSConfig itself. mtrl touches pbs only through `pbs.hf`.
     """
     values = _as_dict(pbs) if pbs is not None else {}
     if pbs is None:
@@ -270,12 +285,12 @@ def register_pbs(pbs: PBSSection | None = None) -> None:
         pbs_hf = importlib.import_module("pbs.hf")
     except ImportError as exc:
         raise ModelLoadError(
-            f"model.attn_implementation: 'pbs' needs the pbs package: {_one_line(exc)}"
+            f"model.attn_implementation: 'pbs' needs the pbs package: {one_line(exc)}"
         ) from exc
     try:
         pbs_hf.register(**values)
     except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"pbs: {_one_line(exc)}") from exc
+        raise ModelLoadError(f"pbs: {one_line(exc)}") from exc
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
@@ -359,13 +374,10 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) 
     """A seeded random-init Qwen2 or Llama causal LM sized by `tiny`, for `tokenizer`'s vocab."""
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
-    classes = {"qwen2": Qwen2Config, "llama": LlamaConfig}
-    if tiny.architecture not in classes:
-        raise ModelLoadError(
-            f"model.tiny.architecture: must be one of {', '.join(classes)}; got '{tiny.architecture}'"
-        )
+    # One transformers config class per TinyArchitecture (the config's Enum lists the choices).
+    classes = {TinyArchitecture.qwen2: Qwen2Config, TinyArchitecture.llama: LlamaConfig}
     eos, pad = tokenizer.convert_tokens_to_ids([TINY_EOS, TINY_PAD])
-    config = classes[tiny.architecture](
+    config = classes[TinyArchitecture(tiny.architecture)](
         vocab_size=len(tokenizer),
         hidden_size=int(tiny.hidden_size),
         intermediate_size=int(tiny.intermediate_size),
@@ -534,6 +546,38 @@ def _check_local_folder(path: Path, name: str) -> None:
     raise ModelLoadError(f"model.name: '{name}' holds no model weights (*.safetensors)")
 
 
+def _check_weight_files(folder: Path) -> None:
+    """Each safetensors file's header parses and covers the file (a truncated or corrupt file
+    fails here, by name, before transformers reads anything)."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError
+            raise ModelLoadError(
+                f"model.name: {file} is not a readable safetensors file ({one_line(exc)})"
+            ) from None
+
+
+def _check_tokenizer_files(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    """A local folder must hold the vocabulary files of the tokenizer class its config names.
+
+    transformers builds an empty tokenizer when they are missing, which fails later and far
+    away (a chat-template error, or an IndexError mid-training with `prompt_format: text`).
+    """
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return  # a hub id: the hub's files
+    wanted = sorted(set(getattr(tokenizer, "vocab_files_names", {}).values()))
+    if wanted and not any((folder / name).is_file() for name in wanted):
+        raise ModelLoadError(
+            f"model.name: '{source}' has no tokenizer files (none of {', '.join(wanted)}); "
+            "save the tokenizer into the folder (tokenizer.save_pretrained)"
+        )
+
+
 def _revision(cfg: ModelConfig, source: str) -> str | None:
     if cfg.revision and source != cfg.name:
         logger.warning("model.revision=%s ignored for %s (not a hub id)", cfg.revision, cfg.name)
@@ -547,11 +591,8 @@ def _revision(cfg: ModelConfig, source: str) -> str | None:
 def _as_dict(section: Any) -> dict[str, Any]:
     if is_dataclass(section):
         return asdict(section)
+    if isinstance(section, dict):
+        return dict(section)
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(section, resolve=True)
-
-
-def _one_line(exc: object) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

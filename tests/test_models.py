@@ -5,6 +5,7 @@ Real models and tokenizers throughout; no hub (HF_HUB_OFFLINE=1 from conftest).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -16,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtrl import models
-from mtrl.config import ModelConfig, PBSSection
+from mtrl.config import ModelConfig
 from mtrl.models import ModelLoadError
 
 MATH_PROMPT = (
@@ -166,6 +167,84 @@ def test_missing_folder_and_hub_ids(tmp_path):
         models.load_model(model_cfg("nobody-xyz/none", tmp_path))
 
 
+def saved(tiny, folder: Path) -> Path:
+    model, tok = tiny
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_truncated_or_corrupt_weights_name_the_file(tmp_path, tiny):
+    folder = saved(tiny, tmp_path / "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError) as info:
+        models.load_model(model_cfg(str(folder), tmp_path))
+    message = str(info.value)
+    assert message.startswith(f"model.name: {weights} is not a readable safetensors file (")
+    assert "\n" not in message
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")  # a header that isn't JSON
+    with pytest.raises(ModelLoadError, match=f"^model.name: {weights} is not a readable"):
+        models.load_model(model_cfg(str(folder), tmp_path))
+
+
+def test_config_that_does_not_match_the_weights_is_one_line(tmp_path, tiny):
+    folder = saved(tiny, tmp_path / "resized")
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] //= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as info:
+        models.load_model(model_cfg(str(folder), tmp_path))
+    assert str(info.value) == (
+        f"model.name: cannot load '{folder}': its weights do not match its config.json "
+        "(tensor shapes differ; see above)"
+    )
+
+
+def test_folder_without_tokenizer_files_says_so(tmp_path, tiny):
+    folder = saved(tiny, tmp_path / "weights-only")
+    for file in folder.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat")):
+            file.unlink()
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    # transformers alone builds an empty tokenizer here: no error, and nothing encodes.
+    with pytest.raises(ModelLoadError) as info:
+        models.load_tokenizer(model_cfg(str(folder), tmp_path))
+    assert str(info.value) == (
+        f"model.name: '{folder}' has no tokenizer files (none of merges.txt, tokenizer.json, "
+        "vocab.json); save the tokenizer into the folder (tokenizer.save_pretrained)"
+    )
+    with pytest.raises(ModelLoadError, match="has no tokenizer files"):
+        models.load_model_and_tokenizer(model_cfg(str(folder), tmp_path))
+
+
+def test_model_errors_end_launch_train_with_one_line(tmp_path, tiny):
+    """The user's view: exit status 2, one line naming the folder, no traceback."""
+    import subprocess
+    import sys
+
+    folder = saved(tiny, tmp_path / "broken")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(root / "launch" / "train.py"),
+            str(root / "experiments" / "smoke.yaml"),
+            f"model.name={folder}",
+            f"train.output_dir={tmp_path / 'out'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"error: model.name: {weights} is not")
+
+
 def test_remote_code_is_not_run_by_default(tmp_path, tiny):
     model, _ = tiny
     assert ModelConfig(name="x").trust_remote_code is False
@@ -179,7 +258,7 @@ def test_remote_code_is_not_run_by_default(tmp_path, tiny):
     (folder / "config.json").write_text(json.dumps(config))
     sentinel = tmp_path / "remote-code-ran"
     (folder / "custom.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    with pytest.raises(ModelLoadError, match="set model.trust_remote_code: true"):
         models.load_model(model_cfg(str(folder), tmp_path))
     assert not sentinel.exists()
 
@@ -192,7 +271,8 @@ def test_dtype_choices():
         else (torch.float32)
     )
     assert models.resolve_dtype("auto") == expected
-    with pytest.raises(ModelLoadError, match="model.dtype"):
+    assert models.resolve_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="^model.dtype: must be one of auto, float32, bf"):
         models.resolve_dtype("int8")
 
 
@@ -200,7 +280,11 @@ def test_pbs_attention_is_registered_with_the_pbs_section(cache):
     """`attn_implementation: pbs` registers pbs.hf with the `pbs` section's values."""
     import pbs.hf
 
-    section = OmegaConf.structured(PBSSection(block_size=64, segment_size=128, threshold=0.5))
+    # The section as load_config leaves it: every PBSConfig field.
+    section = OmegaConf.create(
+        {**dataclasses.asdict(pbs.hf.PBSConfig()), "block_size": 64, "segment_size": 128}
+    )
+    section.threshold = 0.5
     model = models.load_model(model_cfg("tiny", cache, attn_implementation="pbs"), section)
     used = pbs.hf.get_config()
     assert (used.block_size, used.segment_size, used.threshold) == (64, 128, 0.5)
