@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 MODES = ("single", "multi")
 THRESHOLD_MODES = ("fixed", "window", "batch")
 NAN_CHECKS = ("auto", "eager", "deferred", "off")
+OFFSET_TARGETS = ("reasoning", "all")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step", "warmup")
 
 
@@ -110,12 +111,17 @@ class MultiTemperatureConfig:
     low_temperature_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     temperature_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     reasoning_fraction_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    # Rollout-level offsets inside a GRPO group, added to every temperature of a rollout.
+    # Rollout-level offsets inside a GRPO group, added to the temperatures of a rollout.
     # rollout_offsets: true gives 0, 0, -s, +s, -2s, +2s, ... with s = rollout_offset_step;
     # rollout_offset_values, when set, lists one offset per generation instead.
     rollout_offsets: bool = False
     rollout_offset_step: float = 0.1
     rollout_offset_values: list[float] | None = None
+    # Which tokens the offsets move in mode=multi: "reasoning" (only the high-entropy tokens'
+    # temperature, as the paper's code does: its rollout temperature enters only the reasoning
+    # tokens' temperature) or "all". In mode=single every token has the one temperature and
+    # the offset moves it, as in the paper's single-temperature runs.
+    offsets_apply_to: str = "reasoning"
     # Truncation, applied after the per-token temperature (order: top_k, top_p, min_p).
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -137,6 +143,12 @@ class MultiTemperatureConfig:
                 f"{prefix}.threshold_mode",
                 f"must be one of {', '.join(THRESHOLD_MODES)}",
                 self.threshold_mode,
+            )
+        if self.offsets_apply_to not in OFFSET_TARGETS:
+            _fail(
+                f"{prefix}.offsets_apply_to",
+                f"must be one of {', '.join(OFFSET_TARGETS)}",
+                self.offsets_apply_to,
             )
         if self.nan_check not in NAN_CHECKS:
             _fail(f"{prefix}.nan_check", f"must be one of {', '.join(NAN_CHECKS)}", self.nan_check)

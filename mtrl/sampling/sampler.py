@@ -6,7 +6,8 @@ One call takes the raw next-token logits of a decoding step, (batch, vocab), and
 2. finds the threshold (``fixed``, ``window`` or ``batch``, see ``MultiTemperatureConfig``)
    and classifies a row as reasoning when ``entropy >= threshold``;
 3. picks each row's temperature (high for reasoning, low for knowledge; the single
-   temperature in ``mode: single``), adds the rollout offset, clamps to ``min_temperature``;
+   temperature in ``mode: single``), adds the rollout offset (in ``mode: multi`` to reasoning
+   rows only unless ``offsets_apply_to: all``), clamps to ``min_temperature``;
 4. divides the logits by it, then applies top-k, top-p and min-p (in that order);
 5. draws a token with the exponential race (``argmax(p / E)``, E ~ Exp(1), which is
    exactly a draw from p) and returns its log-prob under that same distribution.
@@ -53,7 +54,8 @@ class MultiTemperatureSampler:
     - ``active``: optional (batch,) bool; rows that are False (finished sequences) are still
       sampled but left out of the window update and of the batch quantile.
     - ``temperature_offsets``: optional (batch,) float added to each row's temperature
-      (rollout-level offsets, see ``rollout_offsets`` / ``offsets_tensor``).
+      (rollout-level offsets, see ``rollout_offsets`` / ``offsets_tensor``); in mode multi
+      only to reasoning rows unless ``offsets_apply_to: all``.
 
     Set ``sampler.step`` to the optimizer step before generating; schedules read it.
     """
@@ -240,6 +242,8 @@ class MultiTemperatureSampler:
         else:
             temperatures = self._single.expand(logits.shape[0])
         if temperature_offsets is not None:
+            if cfg.mode == "multi" and cfg.offsets_apply_to == "reasoning":
+                temperature_offsets = temperature_offsets.masked_fill(~is_reasoning, 0.0)
             temperatures = temperatures + temperature_offsets
         temperatures = temperatures.clamp(min=cfg.min_temperature)
 

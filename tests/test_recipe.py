@@ -1,0 +1,205 @@
+"""The paper's recipe: docs/paper-recipe.md's tables against the configs, and where the
+rollout offsets land (reasoning tokens only, or every token)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mtrl.config import ConfigError, load_config
+from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "paper-recipe.md"
+
+
+def recipe_tables() -> dict[str, list[tuple[str, object]]]:
+    """{config file: [(key path, value)]} from the doc's "Checked against" tables.
+
+    Only rows whose "our key" cell is one backticked key are read; the value cell is YAML.
+    """
+    tables: dict[str, list[tuple[str, object]]] = {}
+    current = None
+    for line in DOC.read_text().splitlines():
+        found = re.match(r"Checked against: `([^`]+)`", line)
+        if found:
+            current = tables.setdefault(found.group(1), [])
+            continue
+        if not line.startswith("|"):
+            if line.startswith("#"):
+                current = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if current is None or len(cells) < 4:
+            continue
+        key, value = cells[2], cells[3]
+        if re.fullmatch(r"`[\w.\[\]]+`", key) and re.fullmatch(r"`[^`]+`", value):
+            current.append((key.strip("`"), yaml.safe_load(value.strip("`"))))
+    return tables
+
+
+def printed_config(path: str) -> dict:
+    """What `launch/train.py PATH --print-config` prints, parsed (run in-process)."""
+    import launch.train as train
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        train.main([str(ROOT / path), "--print-config"])
+    assert exit_.value.code == 0
+    return yaml.safe_load(out.getvalue())
+
+
+def test_doc_has_both_tables_with_their_core_rows():
+    tables = recipe_tables()
+    assert set(tables) == {
+        "experiments/aime.yaml",
+        "experiments/paper/reasoning-schedule-1.0-1.7-p0.4.yaml",
+    }
+    keys = {k for k, _ in tables["experiments/aime.yaml"]}
+    for key in [
+        "train.learning_rate",
+        "train.max_steps",
+        "train.generation_batch_size",
+        "train.gradient_accumulation_steps",
+        "train.warmup_steps",
+        "train.weight_decay",
+        "train.delta",
+        "train.loss_type",
+        "eval.num_samples",
+    ]:
+        assert key in keys, key
+
+
+@pytest.mark.parametrize("path", sorted(recipe_tables()))
+def test_print_config_matches_the_doc_table(path):
+    printed = OmegaConf.create(printed_config(path))
+    rows = recipe_tables()[path]
+    assert len(rows) >= 10
+    for key, want in rows:
+        got = OmegaConf.select(printed, key, default="<missing>")
+        if isinstance(got, ListConfig | DictConfig):
+            got = OmegaConf.to_container(got)
+        assert got == want, f"{path}: {key} is {got!r}, docs/paper-recipe.md says {want!r}"
+
+
+def test_batch_arithmetic_gives_four_updates_of_1024_completions_per_generation():
+    from mtrl.config import grpo_config
+
+    cfg = load_config(ROOT / "experiments/aime.yaml")
+    args = grpo_config(cfg)
+    gpus = 8  # the file's batch keys are written for 8 GPUs; validation here sees one process
+    per_update = args.per_device_train_batch_size * gpus * args.gradient_accumulation_steps
+    assert per_update == 128 * 8
+    assert args.generation_batch_size == 512 * 8
+    steps_per_generation = args.generation_batch_size // (args.per_device_train_batch_size * gpus)
+    assert steps_per_generation // args.gradient_accumulation_steps == 4
+    # TRL computes old log-probs (so updates 2-4 are clipped) only in this misalignment
+    assert args.gradient_accumulation_steps % (steps_per_generation * args.num_iterations) != 0
+    assert args.lr_scheduler_type == "constant_with_warmup"
+    assert args.beta == 0.0 and args.delta > 1 + args.epsilon_high
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p.name for p in (ROOT / "experiments/paper").glob("*.yaml"))
+)
+def test_paper_configs_validate(path):
+    cfg = load_config(ROOT / "experiments/paper" / path)
+    assert cfg.model.name == "Qwen/Qwen2.5-Math-1.5B"
+
+
+def test_paper_has_reasoning_only_offsets_and_schedule_configs():
+    offsets = load_config(ROOT / "experiments/paper/rollout-offsets-reasoning.yaml").sampler
+    assert offsets.mode == "multi" and offsets.rollout_offsets
+    assert offsets.offsets_apply_to == "reasoning"
+    everyone = load_config(ROOT / "experiments/paper/rollout-offsets-all.yaml").sampler
+    assert everyone.offsets_apply_to == "all" and everyone.rollout_offsets
+    sched = load_config(ROOT / "experiments/paper/reasoning-schedule-1.0-1.7-p0.4.yaml").sampler
+    assert sched.high_temperature_schedule.kind == "step"
+    assert sched.low_temperature_schedule.kind == "constant"  # knowledge tokens stay put
+    sampler = MultiTemperatureSampler(OmegaConf.to_object(sched))
+    for step, high in [(0, 1.0), (195, 1.0), (196, 1.1), (1395, 1.6), (1396, 1.7), (1599, 1.8)]:
+        sampler.step = step
+        values = sampler.scheduled_values()
+        assert values["high_temperature"] == pytest.approx(high), step
+        assert values["low_temperature"] == 1.0
+
+
+def test_offsets_apply_to_is_validated_with_its_key(tmp_path):
+    with pytest.raises(ValueError, match=r"^sampler\.offsets_apply_to: must be one of"):
+        MultiTemperatureConfig(offsets_apply_to="knowledge").validate()
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "experiments/aime.yaml", ["sampler.offsets_apply_to=every"])
+    assert str(err.value).startswith("sampler.offsets_apply_to:")
+    assert "\n" not in str(err.value)
+
+
+# Two peaked (knowledge) rows and two flat (reasoning) rows under a fixed threshold of 1.5.
+ROWS = torch.tensor(
+    [
+        [6.0, 3.5, 2.0, 1.0, 0.5, 0.0],
+        [0.0, 0.3, 5.0, 2.5, 1.5, 0.5],
+        [0.3, 0.1, 0.0, -0.2, 0.4, 0.2],
+        [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+    ]
+).repeat(2, 1)
+
+
+def _offset_sampler(apply_to: str, mode: str = "multi") -> MultiTemperatureSampler:
+    cfg = MultiTemperatureConfig(
+        mode=mode,
+        threshold_mode="fixed",
+        entropy_threshold=1.5,
+        high_temperature=1.2,
+        low_temperature=0.8,
+        temperature=1.0,
+        rollout_offsets=True,
+        rollout_offset_step=0.1,
+        offsets_apply_to=apply_to,
+    )
+    return MultiTemperatureSampler(cfg, generator=torch.Generator().manual_seed(0))
+
+
+def test_offsets_move_only_reasoning_tokens_by_default():
+    sampler = _offset_sampler("reasoning")
+    offsets = sampler.offsets_tensor(num_generations=8, batch_size=8)
+    assert offsets.tolist() == pytest.approx([0, 0, -0.1, 0.1, -0.2, 0.2, -0.3, 0.3])
+    step = sampler(ROWS, temperature_offsets=offsets)
+    assert step.is_reasoning.tolist() == [False, False, True, True] * 2
+    want = torch.where(step.is_reasoning, 1.2 + offsets, torch.tensor(0.8))
+    torch.testing.assert_close(step.temperatures, want)
+    assert MultiTemperatureConfig().offsets_apply_to == "reasoning"
+
+
+def test_offsets_move_every_token_when_all():
+    sampler = _offset_sampler("all")
+    offsets = sampler.offsets_tensor(num_generations=8, batch_size=8)
+    step = sampler(ROWS, temperature_offsets=offsets)
+    base = torch.where(step.is_reasoning, torch.tensor(1.2), torch.tensor(0.8))
+    torch.testing.assert_close(step.temperatures, base + offsets)
+
+
+@pytest.mark.parametrize("apply_to", ["reasoning", "all"])
+def test_single_mode_offsets_move_the_one_temperature(apply_to):
+    sampler = _offset_sampler(apply_to, mode="single")
+    offsets = sampler.offsets_tensor(num_generations=8, batch_size=8)
+    step = sampler(ROWS, temperature_offsets=offsets)
+    torch.testing.assert_close(step.temperatures, 1.0 + offsets)
+
+
+def test_reasoning_offsets_draw_knowledge_rows_at_the_knowledge_temperature():
+    # The distribution, not just the recorded temperature: a knowledge row with a +2.0 offset
+    # must still be drawn at 0.8 (its log-prob is that of softmax(logits / 0.8)).
+    sampler = _offset_sampler("reasoning")
+    logits = ROWS[:1].repeat(4000, 1)
+    step = sampler(logits, temperature_offsets=torch.full((4000,), 2.0))
+    want = torch.log_softmax(logits[0] / 0.8, -1)[step.tokens]
+    torch.testing.assert_close(step.logprobs, want)
+    freq = torch.bincount(step.tokens, minlength=6).float() / 4000
+    assert abs(freq[0].item() - torch.softmax(logits[0] / 0.8, -1)[0].item()) < 0.03
