@@ -19,11 +19,11 @@ class BlockSparseAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan):
+    def forward(ctx, q, k, v, plan: Plan, kernel: str = "auto"):
         lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
         out = kernels.block_sparse_attention(
             q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,
-            plan.block_size, plan.segment_size, plan.scale, kernel="generic", lse=lse,
+            plan.block_size, plan.segment_size, plan.scale, kernel=kernel, lse=lse,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, plan.kp, plan.vp, plan.perm, plan.counts,
                               plan.indices)  # fmt: skip
@@ -33,7 +33,7 @@ class BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         dq, dk, dv = kernels.block_sparse_attention_backward(do, *ctx.saved_tensors, *ctx.blocks)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def pbs_attention(
@@ -52,8 +52,8 @@ def pbs_attention(
     kernel of the triton backend ("sm90" or "generic", see :func:`pbs.kernels.attention_kernel`)
     and, when ``timing``, the time split score_permute_ms / select_ms / attention_ms.
     Differentiable in q, k, v: the triton backend through :class:`BlockSparseAttention` (our
-    backward kernels; forwards with gradients run the generic kernel), flex through
-    FlexAttention's backward; the selection is not differentiated.
+    backward kernels), flex through FlexAttention's backward; the selection is not
+    differentiated.
     """
     config = config or PBSConfig()
     check_inputs(q, k, v)
@@ -71,17 +71,15 @@ def pbs_attention(
     else:
         with torch.no_grad():  # selection has no gradient
             plan = make_plan(q, k, v, config, timer=timer)
-        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if kernels.available(q) and wants_grad:
-            # Only the generic kernel writes the log-sum-exp the backward needs.
-            kernel = "generic"
-            out = BlockSparseAttention.apply(q, k, v, plan)
-        elif kernels.available(q):
+        if kernels.available(q):
             kernel = kernels.attention_kernel(q, config.block_size)
-            out = kernels.block_sparse_attention(
-                q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,
-                config.block_size, config.segment_size, scale, kernel=kernel,
-            )  # fmt: skip
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                out = BlockSparseAttention.apply(q, k, v, plan, kernel)
+            else:
+                out = kernels.block_sparse_attention(
+                    q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,
+                    config.block_size, config.segment_size, scale, kernel=kernel,
+                )  # fmt: skip
         else:  # no Triton here (CPU without the interpreter): same result, dense masked
             out, backend = attend_plan(q, k, v, plan), "torch"
         timer.mark("attention")

@@ -182,15 +182,13 @@ def block_sparse_attention(
     q: (B, HQ, N, D); k, v, kp, vp: (B, HKV, N, D) (kp/vp may be longer); counts, idx from
     :func:`select_blocks`; ``kernel`` as in :func:`attention_kernel`. Returns (B, HQ, N, D) in
     q's dtype (or fills ``out``). ``lse``: an optional contiguous (B, HQ, N) fp32 tensor that
-    receives each row's log2-sum-exp for the backward (generic kernel only).
+    receives each row's log2-sum-exp (qk scale included) for the backward.
     """
     B, HQ, N, D = q.shape
     o = torch.empty_like(q) if out is None else out
     if attention_kernel(q, block, kernel) == "sm90":
-        if lse is not None:
-            raise ValueError("pbs: the sm90 kernel does not write the log-sum-exp; use generic")
         return attention_sm90.block_sparse_attention_sm90(
-            q, k, v, kp, vp, counts, idx, block, seg, scale, o
+            q, k, v, kp, vp, counts, idx, block, seg, scale, o, lse
         )
     G = HQ // k.shape[1]
     n_qb, n_kb = idx.shape[2], idx.shape[3]

@@ -87,13 +87,15 @@ def _producer(n_tiles, n_kept, desc_perm, desc, perm_row0, row0, own0, idx_ptr, 
 
 @gluon.jit
 def _consumer(part: gl.constexpr, q_smem, q_bar, q_desc, k_ring, v_ring, k_ready, v_ready,
-              k_empty, v_empty, O, sob, soh, son, b, h, q_row0, start_m, n_tiles, N, qk_scale,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+              k_empty, v_empty, O, LSE, sob, soh, son, b, h, q_row0, start_m, n_tiles, N,
+              qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              STORE_LSE: gl.constexpr):  # fmt: skip
     """One warpgroup: rows [start_m + part*ROWS, +ROWS) of the query block, over every tile;
     the last tile is the diagonal one (keys from start_m on), masked.
 
     Scores are in log2 units and the scale multiplies the row max, so an unmasked score costs
-    one FMA before exp2. The output goes straight to O (B, HQ, N, HEAD_DIM), rows past N masked.
+    one FMA before exp2. The output goes straight to O (B, HQ, N, HEAD_DIM), rows past N masked;
+    with STORE_LSE each row's log2-sum-exp goes to LSE (B*HQ, N) fp32 (row q_row0 + i).
     """
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -146,6 +148,8 @@ def _consumer(part: gl.constexpr, q_smem, q_bar, q_desc, k_ring, v_ring, k_ready
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
 
+    if STORE_LSE:
+        gl.store(LSE + q_row0 + offs_m, m_i + gl.log2(l_i), mask=offs_m < N)
     last = (n_tiles - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
     acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(last), acc)
@@ -162,10 +166,11 @@ def _consumer(part: gl.constexpr, q_smem, q_bar, q_desc, k_ring, v_ring, k_ready
 
 @gluon.jit
 def _block_sparse_attn_fwd_sm90(
-    q_desc, k_desc, v_desc, kp_desc, vp_desc, O, COUNTS, IDX,
+    q_desc, k_desc, v_desc, kp_desc, vp_desc, O, LSE, COUNTS, IDX,
     sob, soh, son, N, NP, n_qb, n_kb, qk_scale,
     HQ: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
     SEG: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    STORE_LSE: gl.constexpr,
 ):  # fmt: skip
     """Block-sparse causal forward over per-query-block lists of kept key blocks.
 
@@ -173,6 +178,7 @@ def _block_sparse_attn_fwd_sm90(
     original K, V as (B*HKV*N, HEAD_DIM); kp_desc, vp_desc: permuted K, V as (B*HKV*NP,
     HEAD_DIM) (NP >= N rows per head); key/value blocks (BLOCK, HEAD_DIM). O: (B, HQ, N,
     HEAD_DIM) with strides sob, soh, son. COUNTS, IDX: as in pbs.kernels.select_blocks.
+    With STORE_LSE, LSE: (B*HQ, N) fp32 receives each row's log2-sum-exp (for the backward).
     qk_scale: softmax scale times log2(e). BLOCK = 2 * ROWS: two consumer warpgroups.
     Grid: (cdiv(N, BLOCK), B*HQ), longest rows first; launched with 4 warps (consumer 0).
     Rows read past a head's end belong to the next head (or are zero past the tensor's end):
@@ -214,11 +220,11 @@ def _block_sparse_attn_fwd_sm90(
     gl.warp_specialize(
         [
             (_consumer, (0, q_smem.index(0), q_bar.index(0), q_desc, k_ring, v_ring, k_ready,
-                         v_ready, k_empty, v_empty, O, sob, soh, son, b, h, pid_bh * N, start_m,
-                         n_tiles, N, qk_scale, HEAD_DIM, BLOCK, STAGES)),
+                         v_ready, k_empty, v_empty, O, LSE, sob, soh, son, b, h, pid_bh * N,
+                         start_m, n_tiles, N, qk_scale, HEAD_DIM, BLOCK, STAGES, STORE_LSE)),
             (_consumer, (1, q_smem.index(1), q_bar.index(1), q_desc, k_ring, v_ring, k_ready,
-                         v_ready, k_empty, v_empty, O, sob, soh, son, b, h, pid_bh * N, start_m,
-                         n_tiles, N, qk_scale, HEAD_DIM, BLOCK, STAGES)),
+                         v_ready, k_empty, v_empty, O, LSE, sob, soh, son, b, h, pid_bh * N,
+                         start_m, n_tiles, N, qk_scale, HEAD_DIM, BLOCK, STAGES, STORE_LSE)),
             (_producer, (n_tiles, n_kept, kp_desc, k_desc, perm_row0, row0, own0, idx_ptr,
                          k_ready, k_empty, k_ring, BLOCK, STAGES)),
             (_producer, (n_tiles, n_kept, vp_desc, v_desc, perm_row0, row0, own0, idx_ptr,
@@ -262,8 +268,10 @@ def block_sparse_attention_sm90(
     seg: int,
     scale: float,
     out: torch.Tensor,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as :func:`pbs.kernels.block_sparse_attention`; fills and returns ``out``.
+    """Same contract as :func:`pbs.kernels.block_sparse_attention`; fills and returns ``out``
+    (and ``lse``, a contiguous (B, HQ, N) fp32 tensor, when given).
 
     TMA reads Q, K and V as rows of equally spaced heads: inputs laid out otherwise
     (transformers' transposed projections) are copied first. kp/vp may be views of longer
@@ -282,9 +290,9 @@ def block_sparse_attention_sm90(
         for t in (_rows(k), _rows(v), kp2, vp2)
     ]
     _block_sparse_attn_fwd_sm90[(triton.cdiv(N, block), B * HQ)](
-        q_desc, *kv_descs, out, counts, idx, *out.stride()[:3], N, kp2.shape[0] // (B * HKV),
-        idx.shape[2], idx.shape[3], scale * LOG2E,
+        q_desc, *kv_descs, out, lse, counts, idx, *out.stride()[:3], N,
+        kp2.shape[0] // (B * HKV), idx.shape[2], idx.shape[3], scale * LOG2E,
         HQ=HQ, G=HQ // HKV, HEAD_DIM=D, BLOCK=block, SEG=seg, STAGES=STAGES,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        CONSUMER_REGS=CONSUMER_REGS, STORE_LSE=lse is not None, num_warps=4,
     )  # fmt: skip
     return out

@@ -153,3 +153,20 @@ def test_bf16_gradients_match_reference_on_gpu(seed):
     for name, a, b in zip(["out", "dq", "dk", "dv"], got, ref, strict=True):
         assert not a.isnan().any(), name
         assert rel_err(a, b) < TOL[torch.bfloat16], (name, rel_err(a, b), c, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sm90_forward_writes_the_same_log_sum_exp_as_the_generic_kernel():
+    """On Hopper, forwards with gradients run the sm90 kernel: its LSE feeds our backward."""
+    q, k, v, _ = make_inputs(2, 8, 2, 1500, 128, torch.bfloat16, 11)
+    if kernels.attention_kernel(q, 128) != "sm90":
+        pytest.skip("the sm90 kernel needs a Hopper GPU")
+    cfg = PBSConfig(threshold=0.7, min_seq_len=0)
+    plan = make_plan(q, k, v, cfg)
+    lists = (q, k, v, plan.kp, plan.vp, plan.counts, plan.indices, 128, cfg.segment_size)
+    lse = {}
+    for kernel in ("sm90", "generic"):
+        lse[kernel] = torch.full(q.shape[:3], float("nan"), device=DEV)
+        kernels.block_sparse_attention(*lists, plan.scale, kernel=kernel, lse=lse[kernel])
+    torch.testing.assert_close(lse["sm90"], lse["generic"], atol=2e-2, rtol=1e-3)

@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MAX_SHARED = 232448  # Hopper's shared memory per thread block (227 KB)
 
 
-def build(dtype: torch.dtype, head_dim: int, block: int):
-    """Compile the kernel for sm_90; returns Triton's compiled kernel (PTX and metadata)."""
+def build(dtype: torch.dtype, head_dim: int, block: int, store_lse: bool):
+    """Compile the kernel for sm_90; returns Triton's compiled kernel (PTX and metadata).
+    ``store_lse``: the variant that also writes the log-sum-exp (forwards with gradients)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -38,10 +39,11 @@ def build(dtype: torch.dtype, head_dim: int, block: int):
     kv = desc(block)
     ints = torch.empty(4, dtype=torch.int32)
     args = dict(q_desc=desc(attention_sm90.ROWS.value), k_desc=kv, v_desc=kv, kp_desc=kv, vp_desc=kv,
-                O=rows, COUNTS=ints, IDX=ints, sob=1, soh=1, son=1, N=1, NP=1, n_qb=1, n_kb=1,
-                qk_scale=0.1)  # fmt: skip
+                O=rows, LSE=torch.empty(4), COUNTS=ints, IDX=ints, sob=1, soh=1, son=1, N=1, NP=1,
+                n_qb=1, n_kb=1, qk_scale=0.1)  # fmt: skip
     const = dict(HQ=4, G=2, HEAD_DIM=head_dim, BLOCK=block, SEG=2 * block,
-                 STAGES=attention_sm90.STAGES, CONSUMER_REGS=attention_sm90.CONSUMER_REGS)  # fmt: skip
+                 STAGES=attention_sm90.STAGES, CONSUMER_REGS=attention_sm90.CONSUMER_REGS,
+                 STORE_LSE=store_lse)  # fmt: skip
     fn = attention_sm90._block_sparse_attn_fwd_sm90
     signature = {
         name: "constexpr" if name in const
@@ -59,23 +61,27 @@ def build(dtype: torch.dtype, head_dim: int, block: int):
 
 
 @pytest.mark.parametrize(
-    "dtype,head_dim,block",
-    [("bfloat16", 128, 128), ("float16", 64, 128)],
+    "dtype,head_dim,block,store_lse",
+    [("bfloat16", 128, 128, 0), ("float16", 64, 128, 0), ("bfloat16", 128, 128, 1)],
 )
-def test_sm90_kernel_builds_for_hopper(dtype, head_dim, block):
+def test_sm90_kernel_builds_for_hopper(dtype, head_dim, block, store_lse):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run(
-        [sys.executable, __file__, dtype, str(head_dim), str(block)],
+        [sys.executable, __file__, dtype, str(head_dim), str(block), str(store_lse)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    wgmma, tma, shared = done.stdout.split()[-3:]
+    wgmma, tma, shared, fp32_store = done.stdout.split()[-4:]
     assert wgmma == "True" and tma == "True"  # wgmma fed by TMA loads
+    assert fp32_store == str(bool(store_lse))  # the fp32 log-sum-exp is written when asked for
     assert 0 < int(shared) <= MAX_SHARED
 
 
 if __name__ == "__main__":
-    kernel = build(getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    kernel = build(
+        getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
+    )
     ptx = kernel.asm["ptx"]
-    print("wgmma.mma_async" in ptx, "cp.async.bulk.tensor" in ptx, kernel.metadata.shared)
+    print("wgmma.mma_async" in ptx, "cp.async.bulk.tensor" in ptx, kernel.metadata.shared,
+          "st.global.b32" in ptx)  # fmt: skip
