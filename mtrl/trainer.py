@@ -42,6 +42,7 @@ import functools
 import logging
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,7 +66,11 @@ from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler
 
 logger = logging.getLogger(__name__)
 
-ROLLOUT_KEYS = ("temperatures", "entropies", "is_reasoning")
+# TRL 1.16 reads transformers' deprecated `model.is_gradient_checkpointing` on every rollout
+# (trl/models/utils.py, unwrap_model_for_generation); the warning is about TRL's code.
+warnings.filterwarnings(
+    "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+)
 
 
 @dataclass
