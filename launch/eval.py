@@ -31,15 +31,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mtrl.data import DataError
+    from mtrl.data import DataError, load_prompts
     from mtrl.eval import evaluate, format_table
-    from mtrl.models import load_model_and_tokenizer
+    from mtrl.models import load_model_and_tokenizer, load_tokenizer
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model, tokenizer, _ = load_model_and_tokenizer(cfg.model, cfg.pbs)
+        # Tokenizer and benchmark data first: their errors (a bad row, a prompt over
+        # data.max_prompt_tokens) end the run before the weights are read.
+        tokenizer = load_tokenizer(cfg.model)
+        for bench in cfg.eval.benchmarks:
+            load_prompts(bench, tokenizer)
+        model, tokenizer, _ = load_model_and_tokenizer(cfg.model, cfg.pbs, tokenizer=tokenizer)
         model.to(device)
         result = evaluate(model, tokenizer, cfg, step=None, output_file=args.output)
     except (ConfigError, DataError) as exc:

@@ -357,3 +357,41 @@ def test_reasoning_gym_task_options_reach_the_generator():
         load_prompts(
             data_cfg(source="reasoning_gym", task="basic_arithmetic", task_options={"digits": 3})
         )
+
+
+def test_eval_launcher_reports_a_bad_benchmark_row_before_loading_weights(
+    tmp_path, tokenizer, monkeypatch, capsys
+):
+    import importlib.util
+    from pathlib import Path
+
+    from mtrl import models
+    from mtrl.config import TinyModelConfig
+
+    folder = tmp_path / "model"
+    models.build_tiny_model(TinyModelConfig(), tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    bench = tmp_path / "bench.jsonl"
+    bench.write_bytes(b'{"problem": "1+1?", "answer": "2"}\n{"problem": "\xff", "answer": "1"}\n')
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded before the benchmark data was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("launch_eval", root / "launch" / "eval.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    argv = [
+        str(root / "experiments" / "smoke.yaml"),
+        f"model.name={folder}",
+        f"eval.benchmarks=[{{source: '{bench}'}}]",
+        "--no-mlflow",
+    ]
+    capsys.readouterr()  # save_pretrained's progress bar
+    with pytest.raises(SystemExit) as info:
+        launcher.main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {bench} row 2: not valid UTF-8 (byte 0xff at column 14)\n"
+    )
