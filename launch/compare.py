@@ -15,12 +15,25 @@ the spread across its runs as a band (min-max, or +-1 std with `--band std`):
 - entropy.png         `sampler/entropy_mean`
 
 and report.md: a table of each group's final values (mean +- std over its runs) and the figures.
+
+A run counts only when it finished: MLflow status FINISHED and a held-out evaluation at its
+final step (`train.max_steps`). Others (FAILED, KILLED, still RUNNING because the process
+died, or no final evaluation) are listed as failed with the reason and left out of every
+mean, figure and difference; the table shows n per group. With a baseline group (`--baseline
+LABEL`, default `single T=1.0` when present) each other group gets the paired, by-seed
+difference of its final values against the baseline's runs of the same seeds, with a 95%
+percentile-bootstrap interval over seeds (10,000 resamples, fixed RNG seed), and a sentence
+that says only what the interval supports.
+
+An http(s) tracking server that does not answer ends the program within seconds with one
+line (MLflow's own client would retry for minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import statistics
 import sys
@@ -33,6 +46,8 @@ REASONING_SHARE = "sampler/reasoning_share"
 TEMPERATURES = ("sampler/reasoning/temperature_mean", "sampler/knowledge/temperature_mean")
 ENTROPY = "sampler/entropy_mean"
 HELDOUT = re.compile(r"^eval/[^/]+/(avg_at_\d+|maj_at_\d+|pass_at_\d+)$")
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # fixed in advance: the same data always gives the same interval
 
 
 @dataclass
@@ -43,10 +58,38 @@ class Run:
     params: dict[str, str]
     tags: dict[str, str]
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    status: str = "FINISHED"  # MLflow's run status
+    last_logged_ms: int = 0  # the latest metric timestamp (ms since the epoch)
 
     @property
     def seed(self) -> str:
         return self.params.get("train.seed", "?")
+
+
+def final_step(run: Run) -> int | None:
+    """The step a finished run ends at: `train.max_steps` when set (> 0)."""
+    try:
+        steps = int(float(run.params.get("train.max_steps", "")))
+    except ValueError:
+        return None
+    return steps if steps > 0 else None
+
+
+def failure(run: Run, now_ms: int) -> str | None:
+    """Why `run` does not count (None when it does): not FINISHED, or no final evaluation."""
+    if run.status in ("FAILED", "KILLED"):
+        return f"MLflow status {run.status}"
+    if run.status != "FINISHED":
+        age = (now_ms - run.last_logged_ms) / 60_000 if run.last_logged_ms else math.inf
+        return f"status {run.status}, last metric {age:.0f} min ago (process dead or not done)"
+    evals = [k for k in run.histories if HELDOUT.match(k)]
+    if not evals:
+        return "no held-out evaluation logged"
+    last = max(h[-1][0] for k in evals if (h := run.histories[k]))
+    end = final_step(run)
+    if end is not None and last < end:
+        return f"no evaluation at the final step {end} (last at step {last})"
+    return None
 
 
 # ---------------------------------------------------------------------------- reading
@@ -88,12 +131,15 @@ def load_runs(client: Any, experiments: list[str], run_ids: list[str]) -> list[R
             experiment=exp_name,
             params=dict(run.data.params),
             tags=dict(run.data.tags),
+            status=str(run.info.status),
+            last_logged_ms=int(run.info.start_time or 0),
         )
         for key in run.data.metrics:
             history = client.get_metric_history(run.info.run_id, key)
             points: dict[int, float] = {}
             for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
                 points[int(m.step)] = float(m.value)  # the latest value logged at a step wins
+                item.last_logged_ms = max(item.last_logged_ms, int(m.timestamp))
             item.histories[key] = sorted(points.items())
         runs.append(item)
     return runs
@@ -133,9 +179,13 @@ def sampler_label(params: dict[str, str]) -> str:
 
 
 def group_label(run: Run, group_by: str | None) -> str:
+    """The group of a run: its sampler setting, `arm` (its name without `-s<seed>`), a param
+    or a tag."""
     if not group_by:
         label = sampler_label(run.params)
         return label if label != "?" else run.name
+    if group_by == "arm":
+        return re.sub(r"-s\d+$", "", run.name)
     kind, _, key = group_by.partition(".")
     if kind == "tag":
         return f"{key}={run.tags.get(key, '?')}"
@@ -185,6 +235,78 @@ def final_value(history: list[tuple[int, float]], window: int = 1) -> float | No
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_bootstrap(
+    diffs: list[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of paired differences and its percentile-bootstrap interval.
+
+    Resamples the n differences (one per seed) with replacement `resamples` times; the bounds
+    are the (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled means. One
+    difference gives (d, d, d): no interval.
+    """
+    import numpy as np
+
+    if not diffs:
+        raise ValueError("paired_bootstrap: no paired differences")
+    values = np.asarray(diffs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(values.mean()), float(low), float(high)
+
+
+def run_final(run: Run, key: str, window: int = 1) -> float | None:
+    """A run's final value of `key`: its last evaluation, or the mean of its last `window`
+    logged training steps."""
+    return final_value(run.histories.get(key, []), window if not key.startswith("eval/") else 1)
+
+
+def paired_differences(
+    runs: list[Run], baseline: list[Run], key: str, window: int = 1
+) -> list[tuple[str, float]]:
+    """(seed, run's final `key` minus the baseline run's of the same seed), seeds in order.
+
+    Seeds without a value on both sides are left out; a seed with several runs on one side is
+    an error (pairing would be ambiguous).
+    """
+
+    def by_seed(group: list[Run]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for run in group:
+            if run.seed in out:
+                raise ValueError(f"two runs of seed {run.seed} in one group ({run.name})")
+            value = run_final(run, key, window)
+            if value is not None:
+                out[run.seed] = value
+        return out
+
+    mine, base = by_seed(runs), by_seed(baseline)
+    seeds = sorted(set(mine) & set(base), key=lambda s: (len(s), s))
+    return [(s, mine[s] - base[s]) for s in seeds]
+
+
+def verdict(
+    label: str, baseline: str, metric: str, diff: tuple[float, float, float], n: int
+) -> str:
+    """One sentence that says no more than the interval: higher, lower or no detectable
+    difference (the interval holds 0); values in percentage points."""
+    mean, low, high = (100 * v for v in diff)
+    interval = f"{mean:+.1f} points, 95% CI [{low:+.1f}, {high:+.1f}], {n} paired seeds"
+    if n < 2:
+        return (
+            f"{label} vs {baseline} on {metric}: one paired seed only, no interval ({mean:+.1f})."
+        )
+    if low > 0:
+        return f"{label} scored higher than {baseline} on {metric} ({interval})."
+    if high < 0:
+        return f"{label} scored lower than {baseline} on {metric} ({interval})."
+    return f"{label} vs {baseline} on {metric}: no detectable difference ({interval})."
 
 
 # ---------------------------------------------------------------------------- figures
@@ -321,16 +443,24 @@ def cell(values: list[float], start: list[float] | None = None, digits: int = 3)
     return text
 
 
-def table(groups: dict[str, list[Run]], eval_keys: list[str], reward_window: int) -> list[str]:
-    header = ["group", "runs", "seeds", f"final reward (last {reward_window})"]
+def table(
+    groups: dict[str, list[Run]],
+    eval_keys: list[str],
+    reward_window: int,
+    failed: dict[str, list[tuple[Run, str]]],
+) -> list[str]:
+    """Each group's final values over its finished runs (n), and how many failed."""
+    header = ["group", "n", "failed", "seeds", f"final reward (last {reward_window})"]
     header += [display(k.removeprefix("eval/")) for k in eval_keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, runs in groups.items():
+    for label in dict.fromkeys([*groups, *failed]):
+        runs = groups.get(label, [])
         rewards = [final_value(r.histories.get(REWARD, []), reward_window) for r in runs]
         row = [
             label.replace("|", "\\|"),
             str(len(runs)),
-            ", ".join(sorted({r.seed for r in runs})),
+            str(len(failed.get(label, []))),
+            ", ".join(sorted({r.seed for r in runs}, key=lambda s: (len(s), s))),
             cell([v for v in rewards if v is not None]),
         ]
         for key in eval_keys:
@@ -343,6 +473,49 @@ def table(groups: dict[str, list[Run]], eval_keys: list[str], reward_window: int
     return lines
 
 
+def paired_keys(runs: list[Run], eval_keys: list[str]) -> list[str]:
+    """The metrics compared by seed: per benchmark avg@n (the primary: the first), the largest
+    pass@k, boxed rate and mean completion tokens; then the mean token entropy of rollouts."""
+    keys = []
+    for key in eval_keys:
+        bench = key.split("/")[1]
+        if "/avg_at_" in key or "/pass_at_" in key:
+            keys.append(key)
+        if "/avg_at_" in key:
+            keys += [f"eval/{bench}/boxed_rate", f"eval/{bench}/mean_tokens"]
+    keys = [k for k in dict.fromkeys(keys) if any(k in r.histories for r in runs)]
+    keys = [k for k in keys if "/avg_at_" in k] + [k for k in keys if "/avg_at_" not in k]
+    if any(ENTROPY in r.histories for r in runs):
+        keys.append(ENTROPY)
+    return keys
+
+
+def paired_table(
+    groups: dict[str, list[Run]], baseline: str, keys: list[str], reward_window: int
+) -> tuple[list[str], list[str]]:
+    """(table lines, verdict sentences): each group minus the baseline, by seed, per metric:
+    mean difference [95% bootstrap CI] (n seeds). Verdicts for the primary metric (keys[0])."""
+    header = ["group", *(f"Δ {display(k.removeprefix('eval/'))}" for k in keys)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    verdicts = []
+    for label, runs in groups.items():
+        if label == baseline:
+            continue
+        row = [label.replace("|", "\\|")]
+        for i, key in enumerate(keys):
+            diffs = [d for _, d in paired_differences(runs, groups[baseline], key, reward_window)]
+            if not diffs:
+                row.append("-")
+                continue
+            mean, low, high = paired_bootstrap(diffs)
+            row.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={len(diffs)})")
+            if i == 0:
+                metric = display(key.removeprefix("eval/"))
+                verdicts.append(verdict(label, baseline, metric, (mean, low, high), len(diffs)))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines, verdicts
+
+
 def write_report(
     runs: list[Run],
     out: Path,
@@ -352,19 +525,38 @@ def write_report(
     band: str,
     smoothing: int,
     reward_window: int,
+    baseline: str | None = None,
+    now_ms: int | None = None,
 ) -> Path:
+    """Figures and report.md for `runs` in `out`; failed runs listed, left out of the rest.
+
+    `baseline`: the group every other is compared with by seed (default: `single T=1.0` when
+    such a group exists). `now_ms` (default: now) dates how long a RUNNING run has been silent.
+    """
+    import time
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     groups: dict[str, list[Run]] = {}
+    failed: dict[str, list[tuple[Run, str]]] = {}
     for run in runs:
-        groups.setdefault(group_label(run, group_by), []).append(run)
+        label = group_label(run, group_by)
+        reason = failure(run, now_ms)
+        if reason is None:
+            groups.setdefault(label, []).append(run)
+        else:
+            failed.setdefault(label, []).append((run, reason))
+    ok_runs = [r for members in groups.values() for r in members]
+    if baseline is None and "single T=1.0" in groups:
+        baseline = "single T=1.0"
     cmap = plt.get_cmap("tab10")
-    colors = {label: cmap(i % 10) for i, label in enumerate(groups)}
-    eval_keys = heldout_keys(runs)
+    colors = {label: cmap(i % 10) for i, label in enumerate(dict.fromkeys([*groups, *failed]))}
+    eval_keys = heldout_keys(ok_runs)
     figures: list[tuple[str, str]] = []
     missing: list[str] = []
 
@@ -438,24 +630,54 @@ def write_report(
     )
 
     spread = "±1 std" if band == "std" else "min-max"
+    n_failed = sum(len(v) for v in failed.values())
     lines = [
         f"# {title}",
         "",
         f"{len(runs)} runs from `{tracking_uri}`, grouped by "
         f"{f'`{group_by}`' if group_by else 'sampler setting'}; runs of a group are repeats "
-        f"(seeds). Lines: mean over a group's runs; bands: {spread} across them.",
+        f"(seeds). {len(ok_runs)} finished; {n_failed} failed and are left out of every mean, "
+        f"figure and difference (listed below). Lines: mean over a group's finished runs; "
+        f"bands: {spread} across them.",
         "",
-        f"Table: mean ± std (sample std over runs) of each run's final value; reward is the mean "
-        f"of its last {reward_window} logged steps, held-out metrics the last evaluation "
-        f"(in parentheses: the base model at step 0, where evaluated).",
+        f"Table: n finished runs per group; mean ± std (sample std over runs) of each run's "
+        f"final value; reward is the mean of its last {reward_window} logged steps, held-out "
+        f"metrics the last evaluation (in parentheses: the model at step 0, where evaluated).",
         "",
-        *table(groups, eval_keys, reward_window),
+        *table(groups, eval_keys, reward_window, failed),
         "",
     ]
+    if baseline in groups and len(groups) > 1:
+        keys = paired_keys(ok_runs, eval_keys)
+        if keys:
+            rows, verdicts = paired_table(groups, baseline, keys, reward_window)
+            lines += [
+                f"## Paired differences against {baseline}",
+                "",
+                f"Per seed: a group's final value minus the {baseline} run of the same seed; "
+                f"mean over seeds [95% percentile bootstrap interval over seeds, "
+                f"{BOOTSTRAP_RESAMPLES:,} resamples, RNG seed {BOOTSTRAP_SEED}] (n paired "
+                f"seeds). Primary: {display(keys[0].removeprefix('eval/'))}.",
+                "",
+                *rows,
+                "",
+                *[f"- {v}" for v in verdicts],
+                "",
+            ]
     for name, caption in figures:
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     if missing:
         lines += ["No data for: " + ", ".join(missing) + ".", ""]
+    if failed:
+        lines += ["## Failed runs (left out)", "", "| group | run | seed | reason | run id |"]
+        lines.append("|---|---|---|---|---|")
+        for label, members in failed.items():
+            for r, reason in members:
+                lines.append(
+                    f"| {label.replace('|', chr(92) + '|')} | {r.name} | {r.seed} | {reason} | "
+                    f"`{r.run_id}` |"
+                )
+        lines.append("")
     lines += [
         "## Runs",
         "",
@@ -473,12 +695,43 @@ def write_report(
     return path
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise SystemExit with one line when an http(s) tracking server does not answer.
+
+    Also caps MLflow's own HTTP retries and timeout for this process, so that a server that
+    dies mid-way fails in seconds too.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered: a server without /health is still a server
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(
+            f"error: --tracking-uri: no MLflow server answers at {uri} ({reason})"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", nargs="+", default=[], help="MLflow experiment names")
     parser.add_argument("--runs", nargs="+", default=[], help="MLflow run ids")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    parser.add_argument("--group-by", help="param.<key> or tag.<key> (default: sampler setting)")
+    parser.add_argument(
+        "--group-by",
+        help="param.<key>, tag.<key> or arm (run name without -s<seed>); default: sampler setting",
+    )
+    parser.add_argument(
+        "--baseline", help="group compared with by seed (default: 'single T=1.0' when present)"
+    )
     parser.add_argument("--out", help="report folder (default: reports/<name>)")
     parser.add_argument("--name", help="report name (default: the experiment names)")
     parser.add_argument("--band", choices=("minmax", "std"), default="minmax")
@@ -492,9 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.experiment and not args.runs:
         parser.error("name runs with --experiment or --runs")
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    try:
+        check_reachable(args.tracking_uri)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=args.tracking_uri)
@@ -513,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         args.band,
         max(1, args.smooth),
         max(1, args.final_window),
+        baseline=args.baseline,
     )
     print(f"report: {path}")
     return 0

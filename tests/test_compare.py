@@ -1,8 +1,13 @@
-"""launch/compare.py renders figures and a table from a local MLflow store holding real runs."""
+"""launch/compare.py renders figures and a table from a local MLflow store holding real runs,
+leaves failed runs out (and lists them), and compares groups by seed with a bootstrap CI."""
 
 import importlib.util
+import itertools
 import math
+import socket
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -20,7 +25,9 @@ def load_compare():
     return module
 
 
-def make_run(client, experiment_id, name, params, rewards, evals, share, temps=None):
+def make_run(
+    client, experiment_id, name, params, rewards, evals, share, temps=None, status="FINISHED"
+):
     run_id = client.create_run(experiment_id, run_name=name).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     metrics = []
@@ -42,7 +49,8 @@ def make_run(client, experiment_id, name, params, rewards, evals, share, temps=N
             Metric("eval/toy/maj_at_4", value, 0, step),
         ]
     client.log_batch(run_id, metrics=metrics)
-    client.set_terminated(run_id)
+    if status != "RUNNING":  # a crashed process leaves its run RUNNING
+        client.set_terminated(run_id, status=status)
     return run_id
 
 
@@ -93,11 +101,13 @@ def test_compare_renders_figures_and_table(store, tmp_path):
         assert png.stat().st_size > 5000
     report = (out / "report.md").read_text()
     assert (
-        "| group | runs | seeds | final reward (last 10) | toy/avg@4 | toy/pass@4 | toy/maj@4 |"
+        "| group | n | failed | seeds | final reward (last 10) | toy/avg@4 | toy/pass@4 | toy/maj@4 |"
         in report
     )
     rows = [line for line in report.splitlines() if line.startswith("| single T=1.0 |")]
-    assert rows and "| 0.250 |" in rows[0]  # mean reward of the last <= 10 steps, one run
+    assert rows and rows[0].startswith(
+        "| single T=1.0 | 1 | 0 | 0 | 0.250 |"
+    )  # mean reward of the last <= 10 steps, one run
     assert "0.300 (from 0.100)" in rows[0]  # final held-out accuracy, base model in brackets
     assert "| multi p=0.2 T=1.2/0.8 |" in report
     assert "![Reward](reward.png)" in report and "![Held-out accuracy](heldout.png)" in report
@@ -115,9 +125,138 @@ def test_compare_groups_seeds_as_repeats(store, tmp_path):
     assert len(rows) == 3  # one group in the table, its two runs in the run list
     row = rows[0]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "2" and cells[2] == "0, 1"
+    assert cells[1] == "2" and cells[2] == "0" and cells[3] == "0, 1"
     std = math.sqrt(((0.4 - 0.5) ** 2 + (0.6 - 0.5) ** 2) / 1)
-    assert cells[3] == f"0.500 ± {std:.3f}"
-    assert cells[6] == f"0.400 ± {math.sqrt(0.02):.3f} (from 0.100)"
+    assert cells[4] == f"0.500 ± {std:.3f}"
+    assert cells[7] == f"0.400 ± {math.sqrt(0.02):.3f} (from 0.100)"
     agg = compare.aggregate([[(1, 1.0), (2, 3.0)], [(2, 5.0)]])
     assert agg["step"] == [1, 2] and agg["mean"] == [1.0, 4.0] and agg["n"] == [1, 2]
+
+
+# ---------------------------------------------------------------------------- failed runs, pairing
+
+SINGLE = {"sampler.mode": "single", "sampler.temperature": 1.0, "train.max_steps": 4}
+MULTI = {
+    "sampler.mode": "multi",
+    "sampler.reasoning_fraction": 0.2,
+    "sampler.high_temperature": 1.2,
+    "sampler.low_temperature": 0.8,
+    "train.max_steps": 4,
+}
+BASE_FINAL = {0: 0.30, 1: 0.10, 2: 0.50, 3: 0.20, 4: 0.40}
+MULTI_FINAL = {0: 0.35, 1: 0.30, 2: 0.55, 3: 0.40, 4: 0.55}
+
+
+@pytest.fixture(scope="module")
+def paired_store(store):
+    """Five seeds per setting; multi seed 4 crashed (RUNNING, no final eval), an extra multi
+    run was KILLED and one single run FINISHED without its final evaluation."""
+    uri, _ = store
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("paired")
+    rewards = [0.1, 0.2, 0.3, 0.4]
+    for seed, final in BASE_FINAL.items():
+        make_run(
+            client,
+            exp,
+            f"single-s{seed}",
+            {**SINGLE, "train.seed": seed},
+            rewards,
+            {0: 0.1, 4: final},
+            0.2,
+        )
+    for seed, final in MULTI_FINAL.items():
+        crashed = seed == 4
+        make_run(
+            client,
+            exp,
+            f"multi-s{seed}",
+            {**MULTI, "train.seed": seed},
+            rewards[:2],
+            {0: 0.1} if crashed else {0: 0.1, 4: final},
+            0.2,
+            (1.2, 0.8),
+            status="RUNNING" if crashed else "FINISHED",
+        )
+    make_run(
+        client,
+        exp,
+        "multi-s9",
+        {**MULTI, "train.seed": 9},
+        rewards,
+        {0: 0.1, 4: 0.9},
+        0.2,
+        (1.2, 0.8),
+        status="KILLED",
+    )
+    make_run(client, exp, "single-s9", {**SINGLE, "train.seed": 9}, rewards, {0: 0.1, 2: 0.2}, 0.2)
+    return uri
+
+
+def test_failed_runs_are_listed_and_left_out(paired_store, tmp_path):
+    compare = load_compare()
+    out = tmp_path / "paired"
+    assert (
+        compare.main(["--experiment", "paired", "--tracking-uri", paired_store, "--out", str(out)])
+        == 0
+    )
+    report = (out / "report.md").read_text()
+    row = next(r for r in report.splitlines() if r.startswith("| multi p=0.2 T=1.2/0.8 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["4", "2", "0, 1, 2, 3"]  # n finished, failed, seeds
+    finals = [MULTI_FINAL[s] for s in range(4)]  # the crashed seed is not a 0 in the mean
+    mean, std = statistics.fmean(finals), statistics.stdev(finals)
+    assert cells[5].startswith(f"{mean:.3f} ± {std:.3f}")
+    base = next(r for r in report.splitlines() if r.startswith("| single T=1.0 |"))
+    assert [c.strip() for c in base.strip("|").split("|")][1:3] == ["5", "1"]
+    failed = report.split("## Failed runs (left out)")[1].split("## Runs")[0]
+    assert "multi-s4" in failed and "status RUNNING" in failed
+    assert "multi-s9" in failed and "MLflow status KILLED" in failed
+    assert "single-s9" in failed and "no evaluation at the final step 4 (last at step 2)" in failed
+    runs_section = report.split("## Runs")[1]
+    assert "multi-s4" not in runs_section and "multi-s1" in runs_section
+
+
+def test_paired_difference_and_bootstrap_interval(paired_store, tmp_path):
+    compare = load_compare()
+    out = tmp_path / "paired-ci"
+    args = ["--experiment", "paired", "--tracking-uri", paired_store, "--out", str(out)]
+    assert compare.main([*args, "--baseline", "single T=1.0"]) == 0
+    report = (out / "report.md").read_text()
+    diffs = [MULTI_FINAL[s] - BASE_FINAL[s] for s in range(4)]  # seeds with both runs finished
+    mean, low, high = compare.paired_bootstrap(diffs)
+    assert mean == pytest.approx(statistics.fmean(diffs))
+    row = next(r for r in report.splitlines() if r.startswith("| multi p=0.2 T=1.2/0.8 | +"))
+    assert row.split("|")[2].strip() == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n=4)"
+    # The percentile bounds against the exact bootstrap distribution (all 4^4 resamples).
+    exact = sorted(statistics.fmean(c) for c in itertools.product(diffs, repeat=4))
+    q = statistics.quantiles(exact, n=40, method="inclusive")  # 2.5% steps
+    assert low == pytest.approx(q[0], abs=0.01) and high == pytest.approx(q[-1], abs=0.01)
+    assert low > 0  # every difference is positive: the sentence says "higher"
+    assert "multi p=0.2 T=1.2/0.8 scored higher than single T=1.0 on toy/avg@4" in report
+    # Same data, same interval (fixed RNG seed); constant differences give a point.
+    assert compare.paired_bootstrap(diffs) == (mean, low, high)
+    assert compare.paired_bootstrap([0.1, 0.1, 0.1]) == pytest.approx((0.1, 0.1, 0.1))
+    text = compare.verdict("a", "b", "acc", (0.01, -0.02, 0.04), 5)
+    assert "no detectable difference" in text and "[-2.0, +4.0]" in text
+
+
+def test_dead_tracking_server_fails_fast(tmp_path, capsys):
+    compare = load_compare()
+    with socket.socket() as sock:  # a port that nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    code = compare.main(
+        [
+            "--experiment",
+            "x",
+            "--tracking-uri",
+            f"http://127.0.0.1:{port}",
+            "--out",
+            str(tmp_path / "dead"),
+        ]
+    )
+    assert code == 2 and time.monotonic() - started < 10
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"no MLflow server answers at http://127.0.0.1:{port}" in err
