@@ -178,7 +178,13 @@ def test_truncation_applies_after_temperature(knob, value, support_hot, support_
     base = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, NEG])
     logits = base.repeat(2 * DRAWS, 1)
     gen = torch.Generator().manual_seed(3)
-    cfg = _config(mode="multi", high_temperature=2.0, low_temperature=0.5, **{knob: value})
+    cfg = _config(
+        mode="multi",
+        high_temperature=2.0,
+        low_temperature=0.5,
+        offsets_apply_to="all",
+        **{knob: value},
+    )
     sampler = MultiTemperatureSampler(cfg, generator=gen)
     offsets = torch.zeros(2 * DRAWS)
     offsets[:DRAWS] = 1.5
@@ -198,7 +204,9 @@ def test_truncation_applies_after_temperature(knob, value, support_hot, support_
 
 
 def test_rollout_offsets_and_clamp():
-    sampler = MultiTemperatureSampler(_config(rollout_offsets=True, min_temperature=0.05))
+    sampler = MultiTemperatureSampler(
+        _config(rollout_offsets=True, min_temperature=0.05, offsets_apply_to="all")
+    )
     offsets = sampler.offsets_tensor(num_generations=4, batch_size=8)
     assert offsets.tolist() == pytest.approx([0, 0, -0.1, 0.1] * 2)
     step = sampler(ROWS.repeat(2, 1), temperature_offsets=offsets)
