@@ -30,14 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         exit_with(ConfigError("eval.benchmarks: name at least one benchmark"))
 
     import torch
+    from omegaconf import OmegaConf
 
     from mtrl.data import DataError, load_prompts
     from mtrl.eval import evaluate, format_table
     from mtrl.models import load_model_and_tokenizer, load_tokenizer
+    from mtrl.scoring import configure as configure_scoring
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    configure_scoring(OmegaConf.to_object(cfg.scoring))  # limits of the answer-checking workers
     try:
         # Tokenizer and benchmark data first: their errors (a bad row, a prompt over
         # data.max_prompt_tokens) end the run before the weights are read.
