@@ -1,138 +1,512 @@
-"""The learning comparison: one temperature vs multi-temperature vs rollout offsets, seeds in parallel.
+"""The learning comparison: one temperature vs multi-temperature vs rollout offsets, by seed.
 
-    python bench/learning.py --out bench/results/learning.md [--seeds 0 1 2] [--steps 60]
+    python bench/learning.py --call c1 --arms single_t1 multi_p02 --seeds 0 1 2 3 4   # GPU
+    python bench/learning.py --call c2 --arms single_matched multi_p04 --seeds 0 1 2 3 4
+    python bench/learning.py --call c3 --arms offsets --seeds 0 1 2 3 4
+    python bench/learning.py --report --out bench/results/learning.md                 # CPU
 
-Runs `experiments/arith.yaml` (SmolLM2-135M-Instruct, two-term arithmetic, held-out accuracy
-on problems of another seed before and during training) once per setting and seed, all at
-the same time on one GPU, into one MLflow store; then `launch/compare.py` draws the figures
-and this script writes the table with the card, the date, the commit and the commands.
+Protocol, fixed before any run:
+
+- Experiment `experiments/learning.yaml`: SmolLM2-135M-Instruct, GRPO on 2-term 2-digit
+  +/- problems (reasoning-gym seed 0, 1,000 problems), held-out avg@4 on 500 problems of
+  seed 1,000,000 from which `mtrl.eval` drops every question that is in the training pool
+  (27 of 600; `eval/<bench>/dropped_overlap` logs it), 4 samples at T = 0.6, top-p 0.95.
+- Shared start: every arm starts from the same weights, the converted base model, and the
+  same prompt, whose user message carries one worked example ending in `\\boxed{}` (the base
+  model boxed 18/24 answers with it, 0/16 without, on a CPU sample). Not a warm-up
+  checkpoint: a device machine is handed back 30 s after a call and what travels between
+  calls is at most 64 MiB, so a 270 MB checkpoint cannot be "saved once" and shared by
+  runs of different calls; re-training it in each call would give each call its own start.
+- Arms (`ARMS`): single T = 1.0 (the baseline); single T = the multi p=0.2 arm's measured
+  mean token temperature (`single_matched`); multi p = 0.2, T = 1.2 / 0.8; the authors'
+  later multi p = 0.4, T = 1.2 / 1.0; single T = 1.0 with rollout offsets (0, 0, -0.1,
+  +0.1, ..., +-0.3 across the 8 completions of a prompt, mean 1.0).
+- The matched temperature is measured, not assumed: per logged step of each finished
+  multi_p02 run, share x T_reasoning + (1 - share) x T_knowledge from its
+  `sampler/reasoning_share` and `sampler/*/temperature_mean` metrics, averaged over steps,
+  then over runs (nominal: 0.2 x 1.2 + 0.8 x 0.8 = 0.88). So multi_p02 runs before it.
+- Seeds 0-4 in every arm, the same fixed number of steps (`--steps`, 30) in every run.
+- Statistics: primary = per seed, an arm's final held-out avg@4 minus single_t1's of the
+  same seed; mean over seeds with a 95% percentile bootstrap interval over seeds (10,000
+  resamples, RNG seed 0). Secondary, the same way: pass@4, boxed rate, mean completion
+  tokens, mean token entropy of rollouts. A run that did not finish (exit status, deadline,
+  MLflow status, no final evaluation) is listed with its reason and left out; never a 0.
+  A later attempt of the same arm and seed replaces an earlier one (both are listed).
+
+Sizes (one H100/H200 per call, calls of at most 10 minutes, ~20 minutes of device time):
+the previous data point ran 9 processes of `arith.yaml` at once on an H200: 64 completions
+x 160 tokens per step, ~45 steps in 7.3 min with three slow (transformers) evaluations of
+400 completions, i.e. ~6-7 s per step per process with 9 sharing the card; a step is bound
+by per-token launch overhead, not by the batch. Here a step is 128 completions (16 prompts
+x 8) of at most 128 tokens, so about the same ~6-7 s: 30 steps ~3.3 min; evaluation at step
+0 and 30 of 500 x 4 = 2,000 completions in batches of 256 (8 decodes of 128 tokens, ~20-30
+s each on the fast engine); model load and graph capture ~1 min. One batch of 8-9 runs: ~5
+min; with ~1.5 min of installing, ~6.5 min a call, and ~1.5 min to start a machine: 3 calls
+x ~8 min = ~24 min at worst, ~20 min if steps run as fast as the fast engine promises. 25
+runs: c1 = single_t1 + multi_p02 (10 runs), c2 = single_matched + multi_p04 (10), c3 =
+offsets (5, plus any retries). Memory: per process ~2.2 GB of fp32 weights, gradients and
+Adam plus activations and caches, <8 GB; 10 processes fit 78 GB. `--deadline` (default
+480 s) stops what is still running so that the call ends in time; those runs count as
+failed. The script prints each run's wall time; if c1's runs took longer than planned,
+keep `--steps` (every run must have the same steps) and split the rest over more calls.
+
+Each call writes `<work>/<call>/`: an MLflow file store (`mlruns`, what mlflow-skinny
+writes), one log per run and `manifest.json` (card, date, commit, command, each run's
+arm, seed, exit status, seconds). `--report` reads every `<work>/*/manifest.json` and its
+store and writes the report, its figures beside it (`<out stem>/`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
+import json
+import math
+import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import mlflow
-import torch
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {  # run name prefix: overrides of experiments/arith.yaml
-    "single": ["sampler.mode=single", "sampler.temperature=1.0"],
-    "multi": ["sampler.mode=multi", "sampler.reasoning_fraction=0.2"],
-    "offsets": [
-        "sampler.mode=single",
-        "sampler.temperature=1.0",
-        "sampler.rollout_offsets=true",
-    ],
-}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/learning.md")
-    parser.add_argument("--work", default="runs/learning", help="outputs and the MLflow store")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--timeout", type=float, default=540, help="seconds for all runs")
-    parser.add_argument("--commit", help="the commit measured (default: git's HEAD)")
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow store (default: sqlite in --work; file:... for mlflow-skinny)",
-    )
-    parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
-    args = parser.parse_args()
-
-    work = (ROOT / args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    uri = args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
-    commands = {}
-    for setting, overrides in SETTINGS.items():
-        for seed in args.seeds:
-            name = f"{setting}-s{seed}"
-            commands[name] = [
-                sys.executable,
-                str(ROOT / "launch" / "train.py"),
-                str(ROOT / "experiments" / "arith.yaml"),
-                *overrides,
-                f"train.seed={seed}",
-                f"train.max_steps={args.steps}",
-                f"train.output_dir={work / name}",
-                f"tracking.uri={uri}",
-                f"tracking.run_name={name}",
-                *args.overrides,
-            ]
-    # Create the store before the runs start: concurrent first use races on its schema.
-    client = mlflow.MlflowClient(uri)
-    if client.get_experiment_by_name("arith") is None:
-        client.create_experiment("arith")
-    start = time.time()
-    procs = {}
-    for name, command in commands.items():
-        log = open(work / f"{name}.log", "w")  # noqa: SIM115 (closed below)
-        procs[name] = (
-            subprocess.Popen(command, cwd=work, stdout=log, stderr=subprocess.STDOUT),
-            log,
-        )
-    failed = []
-    for name, (proc, log) in procs.items():
-        try:
-            proc.wait(timeout=max(1.0, args.timeout - (time.time() - start)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if proc.returncode != 0:
-            failed.append((proc.returncode, name))
-    minutes = (time.time() - start) / 60
-
-    report = Path(args.out).resolve().with_suffix("")
-    subprocess.run(
+EXPERIMENT_FILE = "experiments/learning.yaml"
+EXPERIMENT = "learning"  # tracking.experiment of that file
+BASELINE = "single_t1"
+CALIBRATION = "multi_p02"  # the arm whose measured mean temperature single_matched uses
+MATCHED = "single_matched"
+ARMS: dict[str, tuple[str, list[str]]] = {  # name: (description, overrides)
+    BASELINE: ("single T=1.0", ["sampler.mode=single", "sampler.temperature=1.0"]),
+    MATCHED: ("single T = multi p=0.2's measured mean token temperature", []),
+    CALIBRATION: (
+        "multi p=0.2 T=1.2/0.8",
         [
-            sys.executable,
-            str(ROOT / "launch" / "compare.py"),
-            "--experiment",
-            "arith",
-            "--tracking-uri",
-            uri,
-            "--out",
-            str(report),
-            "--name",
-            "learning",
+            "sampler.mode=multi",
+            "sampler.reasoning_fraction=0.2",
+            "sampler.high_temperature=1.2",
+            "sampler.low_temperature=0.8",
         ],
-        check=True,
+    ),
+    "multi_p04": (
+        "multi p=0.4 T=1.2/1.0 (the authors' later setting)",
+        [
+            "sampler.mode=multi",
+            "sampler.reasoning_fraction=0.4",
+            "sampler.high_temperature=1.2",
+            "sampler.low_temperature=1.0",
+        ],
+    ),
+    "offsets": (
+        "single T=1.0, rollout offsets 0,0,-0.1,+0.1,...,+-0.3",
+        [
+            "sampler.mode=single",
+            "sampler.temperature=1.0",
+            "sampler.rollout_offsets=true",
+            "sampler.rollout_offset_step=0.1",
+        ],
+    ),
+}
+SEEDS = [0, 1, 2, 3, 4]
+STEPS = 30
+
+
+def load_compare() -> Any:
+    """launch/compare.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "launch" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def git_commit() -> str:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     )
-    commit = (
-        args.commit
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
+    return result.stdout.strip() or "unknown"
+
+
+def manifests(work: Path) -> list[dict[str, Any]]:
+    """Every call's manifest under `work`, oldest first."""
+    found = [json.loads(p.read_text()) for p in sorted(work.glob("*/manifest.json"))]
+    return sorted(found, key=lambda m: m["started"])
+
+
+def load_all_runs(work: Path) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(compare.Run of every call's store, each with `.call` set; the manifests)."""
+    compare = load_compare()
+    import mlflow
+
+    calls = manifests(work)
+    runs = []
+    for uri in dict.fromkeys(m["tracking_uri"] for m in calls):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        if client.get_experiment_by_name(EXPERIMENT) is None:
+            continue
+        for run in compare.load_runs(client, [EXPERIMENT], []):
+            run.call = next(
+                (m["call"] for m in calls if m["tracking_uri"] == uri), "?"
+            )  # a store belongs to one call
+            runs.append(run)
+    return runs, calls
+
+
+def manifest_failures(runs: list[Any], calls: list[dict[str, Any]]) -> dict[str, str]:
+    """run id -> the failure its call recorded (exit status, deadline), for runs with one."""
+    records = {(m["call"], r["name"]): r for m in calls for r in m["runs"]}
+    failures = {}
+    for run in runs:
+        record = records.get((run.call, run.name))
+        if record and record["failure"]:
+            failures[run.run_id] = record["failure"]
+    return failures
+
+
+def run_temperature(run: Any) -> float | None:
+    """A run's mean token temperature: per step share x T_reasoning + (1 - share) x T_knowledge
+    (a step without reasoning tokens logs no reasoning temperature: its share is 0), averaged
+    over the logged steps."""
+    share = dict(run.histories.get("sampler/reasoning_share", []))
+    high = dict(run.histories.get("sampler/reasoning/temperature_mean", []))
+    low = dict(run.histories.get("sampler/knowledge/temperature_mean", []))
+    per_step = []
+    for step, s in share.items():
+        if step in low and (step in high or s == 0):
+            per_step.append(s * high.get(step, 0.0) + (1 - s) * low[step])
+    return statistics.fmean(per_step) if per_step else None
+
+
+def measured_temperature(work: Path) -> tuple[float, list[str]]:
+    """The matched temperature (3 decimals) from the finished calibration runs under `work`,
+    and their names. Raises SystemExit with one line when there are none."""
+    compare = load_compare()
+    runs, calls = load_all_runs(work) if work.is_dir() else ([], [])
+    failures = manifest_failures(runs, calls)
+    now = int(time.time() * 1000)
+    values = {}
+    for run in runs:
+        arm = compare.group_label(run, "arm")
+        finished = run.run_id not in failures and compare.failure(run, now) is None
+        if arm == CALIBRATION and finished:
+            value = run_temperature(run)
+            if value is not None:
+                values[run.name] = value
+    if not values:
+        raise SystemExit(
+            f"error: --arms {MATCHED}: no finished {CALIBRATION} run under {work} to measure "
+            f"its mean temperature from (run {CALIBRATION} in an earlier call, or pass "
+            "--matched-temperature)"
+        )
+    return round(statistics.fmean(values.values()), 3), sorted(values)
+
+
+def run_commands(
+    arms: list[str],
+    seeds: list[int],
+    steps: int,
+    folder: Path,
+    uri: str,
+    matched_temperature: float | None,
+    extra: list[str],
+) -> dict[str, tuple[str, int, list[str]]]:
+    """name -> (arm, seed, command) of every run of a batch; names are `<arm>-s<seed>`."""
+    commands = {}
+    for arm in arms:
+        overrides = list(ARMS[arm][1])
+        if arm == MATCHED:
+            overrides = ["sampler.mode=single", f"sampler.temperature={matched_temperature}"]
+        for seed in seeds:
+            name = f"{arm}-s{seed}"
+            commands[name] = (
+                arm,
+                seed,
+                [
+                    sys.executable,
+                    str(ROOT / "launch" / "train.py"),
+                    str(ROOT / EXPERIMENT_FILE),
+                    *overrides,
+                    f"train.seed={seed}",
+                    f"train.max_steps={steps}",
+                    f"eval.every_n_steps={steps}",  # step 0 and the final step
+                    f"train.output_dir={folder / name}",
+                    f"tracking.uri={uri}",
+                    f"tracking.run_name={name}",
+                    f"tracking.experiment={EXPERIMENT}",
+                    *extra,
+                ],
+            )
+    return commands
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Run the batch's runs as parallel processes (at most --parallel at once) into
+    <work>/<call>/, writing the manifest as each ends; stop all at --deadline."""
+    work = Path(args.work).resolve()
+    folder = work / args.call
+    if (folder / "manifest.json").exists():
+        raise SystemExit(f"error: --call {args.call}: {folder} already holds a call; name another")
+    matched = args.matched_temperature
+    calibration: list[str] = []
+    if MATCHED in args.arms and matched is None:
+        matched, calibration = measured_temperature(work)
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = args.tracking_uri or (folder / "mlruns").as_uri()
+    commands = run_commands(args.arms, args.seeds, args.steps, folder, uri, matched, args.overrides)
+    import mlflow
+    import torch
+
+    # Create the experiment before the runs start: concurrent first use races on it.
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT)
+    manifest: dict[str, Any] = {
+        "call": args.call,
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "commit": args.commit or git_commit(),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "tracking_uri": uri,
+        "steps": args.steps,
+        "matched_temperature": matched,
+        "matched_from": calibration or ("--matched-temperature" if matched else None),
+        "runs": [],
+    }
+
+    def save() -> None:
+        tmp = folder / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(folder / "manifest.json")
+
+    save()
+    start = time.time()
+    queue = list(commands)
+    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            name = queue.pop(0)
+            log = open(folder / f"{name}.log", "w")  # noqa: SIM115 (closed when it ends)
+            proc = subprocess.Popen(
+                commands[name][2], cwd=folder, stdout=log, stderr=subprocess.STDOUT
+            )
+            running[name] = (proc, log, time.time())
+        time.sleep(2)
+        late = time.time() - start > args.deadline
+        for name, (proc, log, began) in list(running.items()):
+            if proc.poll() is None and not late:
+                continue
+            reason = None
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                reason = f"killed at the batch deadline ({args.deadline:.0f} s)"
+            elif proc.returncode != 0:
+                reason = f"exit status {proc.returncode} (see {name}.log)"
+            log.close()
+            arm, seed, _ = commands[name]
+            seconds = time.time() - began
+            manifest["runs"].append(
+                {
+                    "name": name,
+                    "arm": arm,
+                    "seed": seed,
+                    "seconds": round(seconds, 1),
+                    "returncode": proc.returncode,
+                    "failure": reason,
+                }  # fmt: skip
+            )
+            print(f"{name}: {reason or 'finished'} after {seconds / 60:.1f} min", flush=True)
+            del running[name]
+            save()
+        if late:
+            for name in queue:
+                arm, seed, _ = commands[name]
+                manifest["runs"].append(
+                    {
+                        "name": name,
+                        "arm": arm,
+                        "seed": seed,
+                        "seconds": 0.0,
+                        "returncode": None,
+                        "failure": "not started before the deadline",
+                    }  # fmt: skip
+                )
+            queue = []
+    manifest["minutes"] = round((time.time() - start) / 60, 2)
+    save()
+    failed = [r for r in manifest["runs"] if r["failure"]]
+    print(f"{args.call}: {len(commands)} runs in {manifest['minutes']} min, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> Path:
+    """The report `out` (markdown) from every call under `work`; figures in `<out stem>/`."""
+    compare = load_compare()
+    runs, calls = load_all_runs(work)
+    if not calls:
+        raise SystemExit(f"error: --work: no call manifests under {work}")
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    records = {(m["call"], r["name"]): r for m in calls for r in m["runs"]}
+    order = {m["call"]: i for i, m in enumerate(calls)}
+    failures = manifest_failures(runs, calls)
+    # A later attempt of the same arm and seed replaces an earlier one.
+    latest: dict[str, Any] = {}
+    for run in sorted(runs, key=lambda r: (order.get(r.call, -1), r.name)):
+        latest[run.name] = run
+    replaced = [r for r in runs if latest[r.name] is not r]
+    kept = [r for r in runs if latest[r.name] is r]
+    in_store = {(r.call, r.name) for r in runs}
+    missing = [(c, r) for (c, name), r in records.items() if (c, name) not in in_store]
+
+    figures = out.parent / out.stem
+    sub = compare.write_report(
+        kept,
+        figures,
+        "Comparison",
+        "`, `".join(dict.fromkeys(m["tracking_uri"] for m in calls)),
+        "arm",
+        "minmax",
+        1,
+        5,
+        baseline=BASELINE,
+        now_ms=now_ms,
+        failures=failures,
     )
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    body = sub.read_text().split("\n", 1)[1]  # without its title
+    body = body.replace("](", f"]({figures.name}/").replace("## ", "### ")
+
+    ok = [r for r in kept if (failures.get(r.run_id) or compare.failure(r, now_ms)) is None]
+    by_arm: dict[str, list[Any]] = {}
+    for run in ok:
+        by_arm.setdefault(compare.group_label(run, "arm"), []).append(run)
+    eval_keys = compare.heldout_keys(ok)
+    primary = next((k for k in eval_keys if "/avg_at_" in k), None)
+    conclusion = []
+    if primary is None or BASELINE not in by_arm:
+        conclusion.append(f"No conclusion: no finished {BASELINE} run with a held-out evaluation.")
+    else:
+        metric = compare.display(primary.removeprefix("eval/"))
+        for arm in ARMS:
+            if arm == BASELINE or arm not in by_arm:
+                continue
+            diffs = [d for _, d in compare.paired_differences(by_arm[arm], by_arm[BASELINE],
+                                                              primary)]  # fmt: skip
+            if not diffs:
+                continue
+            stat = compare.paired_bootstrap(diffs)
+            text = compare.verdict(arm, BASELINE, metric, stat, len(diffs))
+            if len(diffs) < len(SEEDS):
+                text += f" Fewer paired seeds than the planned {len(SEEDS)}."
+            conclusion.append(text)
+        absent = [a for a in ARMS if a not in by_arm]
+        if absent:
+            conclusion.append("No finished runs for: " + ", ".join(absent) + ".")
+
+    def dropped() -> str:
+        values = sorted(
+            {
+                (k.split("/")[1], v)
+                for r in ok
+                for k, h in r.histories.items()
+                if k.endswith("/dropped_overlap")
+                for _, v in h
+            }  # fmt: skip
+        )
+        problems = sorted(
+            {
+                v
+                for r in ok
+                for k, h in r.histories.items()
+                if k.endswith("/num_problems")
+                for _, v in h
+            }  # fmt: skip
+        )
+        if not values:
+            return "not logged"
+        kept_n = ", ".join(f"{v:.0f}" for v in problems)
+        return ", ".join(f"{b}: {v:.0f}" for b, v in values) + f" dropped; {kept_n} evaluated"
+
+    matched = [m for m in calls if m.get("matched_temperature") is not None]
     lines = [
         "# Learning: one temperature vs multi-temperature vs rollout offsets",
         "",
-        f"- card: {card}; date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
-        f"commit: {commit}",
-        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- {len(commands)} runs at once on the one card, {minutes:.1f} min wall time; "
-        f"{len(failed)} did not finish (exit status or timeout)",
-        "- each run: `python launch/train.py experiments/arith.yaml <setting> train.seed=S "
-        f"train.max_steps={args.steps}`, settings:",
-        *[f"  - {setting}: `{' '.join(o)}`" for setting, o in SETTINGS.items()],
+        "## Conclusion",
         "",
-        (report / "report.md").read_text(),
+        *[f"- {c}" for c in conclusion],
+        "",
+        "## Protocol (fixed before the runs)",
+        "",
+        f"- experiment `{EXPERIMENT_FILE}`: SmolLM2-135M-Instruct, GRPO, 2-term 2-digit +/-; "
+        f"every run starts from the same base weights and prompt; held-out problems that are "
+        f"in the training pool are dropped ({dropped()}).",
+        f"- arms (runs named `<arm>-s<seed>`), seeds {', '.join(map(str, SEEDS))} in each, "
+        f"{', '.join(sorted({str(m['steps']) for m in calls}))} steps in every run:",
+        *[f"  - `{a}`: {d}" + (f" (`{' '.join(o)}`)" if o else "") for a, (d, o) in ARMS.items()],
+        *[
+            f"  - `{MATCHED}` in {m['call']}: T = {m['matched_temperature']} from "
+            f"{m['matched_from']}"
+            for m in matched
+        ],
+        f"- primary: per seed, final held-out avg@4 minus `{BASELINE}`'s of the same seed; mean "
+        "with a 95% percentile bootstrap interval over seeds (10,000 resamples, RNG seed 0). "
+        "Secondary the same way: pass@4, boxed rate, mean completion tokens, mean token "
+        "entropy. Runs that did not finish are listed with their reason, never counted as 0.",
+        "",
+        "## Calls",
+        "",
+        "| call | card | started | commit | runs | minutes | failed | command |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for code, name in failed:
-        lines.append(f"- {name} did not finish: status {code}, see its log")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    for m in calls:
+        names = ", ".join(r["name"] for r in m["runs"])
+        bad = [r["name"] for r in m["runs"] if r["failure"]]
+        lines.append(
+            f"| {m['call']} | {m['card']} | {m['started']} | {m['commit']} | {names} | "
+            f"{m.get('minutes', '?')} | {', '.join(bad) or '-'} | `{m['command']}` |"
+        )
+    lines += ["", f"Report: `python bench/learning.py --report --work {work.name} --out {out}`"]
+    if replaced or missing:
+        lines += ["", "Attempts not counted:", ""]
+        lines += [f"- {r.name} of {r.call}: replaced by a later attempt" for r in replaced]
+        lines += [f"- {r['name']} of {c}: {r['failure'] or 'no MLflow run'}" for c, r in missing]
+    lines += ["", "## Results", "", body]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="runs/learning", help="calls' folders (stores, logs)")
+    parser.add_argument("--call", help="this batch's name: its folder under --work")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=[])
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    parser.add_argument("--steps", type=int, default=STEPS, help="the same in every run")
+    parser.add_argument("--parallel", type=int, default=10, help="runs at once on the card")
+    parser.add_argument("--deadline", type=float, default=480, help="seconds for the batch")
+    parser.add_argument("--matched-temperature", type=float, help=f"T of {MATCHED}")
+    parser.add_argument("--commit", help="the commit measured (default: git's HEAD)")
+    parser.add_argument("--tracking-uri", help="default: a file store in <work>/<call>/mlruns")
+    parser.add_argument("--report", action="store_true", help="only write the report")
+    parser.add_argument("--out", default="bench/results/learning.md")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    if args.report:
+        path = write_learning_report(Path(args.work).resolve(), Path(args.out).resolve())
+        print(path.read_text())
+        return 0
+    if not args.call or not args.arms:
+        parser.error("a batch needs --call and --arms (or pass --report)")
+    if args.steps <= 0 or args.parallel <= 0 or len(set(args.seeds)) != len(args.seeds):
+        parser.error("--steps and --parallel must be > 0, --seeds without repeats")
+    if args.matched_temperature is not None and not math.isfinite(args.matched_temperature):
+        parser.error("--matched-temperature must be finite")
+    return run_batch(args)
 
 
 if __name__ == "__main__":

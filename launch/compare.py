@@ -527,11 +527,13 @@ def write_report(
     reward_window: int,
     baseline: str | None = None,
     now_ms: int | None = None,
+    failures: dict[str, str] | None = None,
 ) -> Path:
     """Figures and report.md for `runs` in `out`; failed runs listed, left out of the rest.
 
     `baseline`: the group every other is compared with by seed (default: `single T=1.0` when
     such a group exists). `now_ms` (default: now) dates how long a RUNNING run has been silent.
+    `failures`: run id -> reason, for failures the caller knows of (an exit status).
     """
     import time
 
@@ -546,7 +548,7 @@ def write_report(
     failed: dict[str, list[tuple[Run, str]]] = {}
     for run in runs:
         label = group_label(run, group_by)
-        reason = failure(run, now_ms)
+        reason = (failures or {}).get(run.run_id) or failure(run, now_ms)
         if reason is None:
             groups.setdefault(label, []).append(run)
         else:
