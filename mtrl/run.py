@@ -33,16 +33,28 @@ def resume_checkpoint(cfg: ExperimentConfig, output_dir: str) -> str | None:
 
 def build_trainer(cfg: ExperimentConfig, resume: bool = False) -> Any:
     """Load model, data and rewards; return a ready MultiTempGRPOTrainer with MLflow attached."""
-    from mtrl.data import load_prompts
+    from mtrl.data import load_prompts_with_stats
     from mtrl.eval import EvalCallback
-    from mtrl.models import load_model_and_tokenizer
+    from mtrl.models import load_model_and_tokenizer, load_tokenizer
     from mtrl.rewards import build_reward_funcs
+    from mtrl.scoring import configure as configure_scoring
     from mtrl.tracking import MLflowCallback
     from mtrl.trainer import MultiTempGRPOTrainer
 
     args = grpo_config(cfg)  # before any loading: its errors are config errors
-    model, tokenizer, peft_config = load_model_and_tokenizer(cfg.model, cfg.pbs)
-    dataset = load_prompts(cfg.data, tokenizer)
+    # Rewards score the policy's text in sandboxed worker processes with these limits.
+    configure_scoring(OmegaConf.to_object(cfg.scoring))
+    # The data is read and checked before the weights load: a bad row costs seconds, not minutes.
+    tokenizer = load_tokenizer(cfg.model)
+    dataset, data_stats = load_prompts_with_stats(cfg.data, tokenizer)
+    logger.info(
+        "data: %d prompts from %s (%d bad rows skipped, %d of them over data.max_prompt_tokens)",
+        data_stats.rows_kept,
+        data_stats.source,
+        data_stats.rows_skipped,
+        data_stats.rows_too_long,
+    )
+    model, tokenizer, peft_config = load_model_and_tokenizer(cfg.model, cfg.pbs, tokenizer)
     reward_funcs, _ = build_reward_funcs(cfg.rewards)
     tracker = MLflowCallback(
         cfg, args.output_dir, resume=resume, is_main_process=args.process_index == 0

@@ -158,8 +158,9 @@ class MultiTemperatureConfig:
             )
         if not 0.0 <= self.reasoning_fraction <= 1.0:
             _fail(f"{prefix}.reasoning_fraction", "must be in [0, 1]", self.reasoning_fraction)
-        if self.window_size < 1:
-            _fail(f"{prefix}.window_size", "must be >= 1", self.window_size)
+        # The window is a GPU ring buffer of fp32 entropies: 10^8 is 400 MB (the paper's 10^5).
+        if not 1 <= self.window_size <= 10**8:
+            _fail(f"{prefix}.window_size", "must be in [1, 100000000]", self.window_size)
         for name in ("high_temperature", "low_temperature", "temperature", "min_temperature"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
