@@ -146,6 +146,43 @@ _block_sparse_attn_tuned = triton.autotune(
 )(_block_sparse_attn_fwd)
 
 
+def _tiles_split_blocks(configs, named_args, **kwargs):
+    """Backward tiles: query and key tiles split a selection block evenly."""
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    keep = [c for c in configs if block % c.kwargs["BLOCK_M"] == 0 == block % c.kwargs["BLOCK_N"]]
+    return keep or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4)]
+
+
+def _bwd_tuned(kernel, shapes):
+    """``kernel`` autotuned over (BLOCK_M, BLOCK_N, warps, stages) ``shapes``. The candidates
+    surround the tile shapes of Triton's fused-attention tutorial (wide query tiles for dq,
+    wide key tiles for dk/dv); not yet swept on our block lists."""
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in shapes
+    ]
+    return triton.autotune(
+        configs=configs,
+        key=["N_BUCKET", "HQ", "G", "HEAD_DIM", "BLOCK", "SEG"],
+        prune_configs_by={"early_config_prune": _tiles_split_blocks},
+    )(kernel)
+
+
+_attn_bwd_dq_tuned = _bwd_tuned(
+    _attn_bwd_dq,
+    [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+)
+_attn_bwd_dkdv_tuned = _bwd_tuned(
+    _attn_bwd_dkdv,
+    [(32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
+)
+
+
+def _autotune(q: torch.Tensor) -> bool:
+    """Autotune attention tiles: on a GPU, unless PBS_AUTOTUNE=0 (tests: one fixed shape)."""
+    return q.is_cuda and not interpreting() and os.environ.get("PBS_AUTOTUNE", "1") != "0"
+
+
 def attention_kernel(q: torch.Tensor, block: int, kernel: str = "auto") -> str:
     """Which attention kernel runs q (B, HQ, N, D): "sm90" (Gluon, TMA and async wgmma; Hopper
     GPUs, bf16/fp16, head dim 64/128, block 128) or "generic" (any GPU, the interpreter).
@@ -199,7 +236,7 @@ def block_sparse_attention(
         N, n_qb, n_kb, scale * LOG2E, triton.next_power_of_2(N),
     )  # fmt: skip
     meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg, STORE_LSE=lse is not None)
-    if q.is_cuda and not interpreting() and os.environ.get("PBS_AUTOTUNE", "1") != "0":
+    if _autotune(q):
 
         def grid(m):
             return (triton.cdiv(N, m["BLOCK_M"]), B * HQ)
@@ -255,7 +292,7 @@ def block_sparse_attention_backward(
     seg: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`block_sparse_attention` (generic kernel) for output gradient ``do``.
+    """Gradients of :func:`block_sparse_attention` (either kernel) for output gradient ``do``.
 
     do, q, out: (B, HQ, N, D); k, v, kp, vp, perm, counts, idx as in the forward (perm:
     (B, HKV, N) int32, kp[..., i, :] = k[..., perm[i], :]); lse: (B, HQ, N) fp32 written by the
@@ -275,29 +312,34 @@ def block_sparse_attention_backward(
     )  # fmt: skip
     lse = lse.contiguous()
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    # Tile shapes of Triton's fused-attention tutorial for the GPU (wide key tiles for dk/dv,
-    # wide query tiles for dq); small ones keep the interpreter fast.
-    bm, bn = min(block, 32 if interpreting() else 128), min(block, 32)
-    _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
-        q, k, v, kp, vp, do, dq, lse, delta, counts, idx,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        N, n_qb, n_kb, qk_scale, scale,
-        HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=4 if bm < 128 else 8, num_stages=2,
-    )  # fmt: skip
     tcounts, tidx = key_block_lists(counts, idx, HKV)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    bm, bn = min(block, 32), min(block, 32 if interpreting() else 128)
-    _attn_bwd_dkdv[(triton.cdiv(N, bn), B * HKV)](
+    dq_args = (
+        q, k, v, kp, vp, do, dq, lse, delta, counts, idx,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        N, n_qb, n_kb, qk_scale, scale, triton.next_power_of_2(N),
+    )  # fmt: skip
+    dkdv_args = (
         q, kp, vp, do, dk, dv, lse, delta, perm, tcounts, tidx,
         *q.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3],
         *perm.stride(), *dk.stride()[:3],
-        N, n_qb, n_kb, qk_scale, scale,
-        HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=4 if bn < 128 else 8, num_stages=2,
+        N, n_qb, n_kb, qk_scale, scale, triton.next_power_of_2(N),
     )  # fmt: skip
+    meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg)
+    if _autotune(q):
+        _attn_bwd_dq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * HQ)](*dq_args, **meta)
+        _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * HKV)](*dkdv_args, **meta)
+    else:  # interpreter (small tiles keep it fast), or PBS_AUTOTUNE=0: one fixed shape
+        bm, bn = min(block, 32 if interpreting() else 128), min(block, 32)
+        _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
+            *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm < 128 else 8
+        )
+        bm, bn = min(block, 32), min(block, 32 if interpreting() else 128)
+        _attn_bwd_dkdv[(triton.cdiv(N, bn), B * HKV)](
+            *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bn < 128 else 8
+        )
     return dq, dk, dv
 
 

@@ -66,12 +66,13 @@ def _attn_bwd_dq(
     Q, K, V, KP, VP, DO, DQ, LSE, DELTA, COUNTS, IDX,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     spkb, spkh, spkn, spvb, spvh, spvn, sdb, sdh, sdn, sgb, sgh, sgn,
-    N, n_qb, n_kb, qk_scale, sm_scale,
+    N, n_qb, n_kb, qk_scale, sm_scale, N_BUCKET,
     HQ: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr, SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """DQ (B, HQ, N, HEAD_DIM), strides sgb, sgh, sgn. Arguments as in the forward kernel, plus
-    DO (strides sd*), LSE and DELTA (B*HQ, N) fp32. Grid: (cdiv(N, BLOCK_M), B*HQ)."""
+    DO (strides sd*), LSE and DELTA (B*HQ, N) fp32. Grid: (cdiv(N, BLOCK_M), B*HQ).
+    N_BUCKET only keys the autotuner."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
@@ -160,7 +161,7 @@ def _attn_bwd_dkdv(
     Q, KP, VP, DO, DK, DV, LSE, DELTA, PERM, TCOUNTS, TIDX,
     sqb, sqh, sqn, spkb, spkh, spkn, spvb, spvh, spvn, sdb, sdh, sdn,
     spb, sph, spn, sgb, sgh, sgn,
-    N, n_qb, n_kb, qk_scale, sm_scale,
+    N, n_qb, n_kb, qk_scale, sm_scale, N_BUCKET,
     HQ: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr, SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -170,7 +171,8 @@ def _attn_bwd_dkdv(
     position of each permuted row. TCOUNTS: (B, HKV, n_kb) int32 and TIDX: (B, HKV, n_kb,
     G*n_qb) int32 list, per permuted key block, the (query head in group * n_qb + query block)
     entries that kept it. DK, DV: (B, HKV, N, HEAD_DIM) with strides sgb, sgh, sgn.
-    Grid: (cdiv(N, BLOCK_N), B*HKV).
+    Grid: (cdiv(N, BLOCK_N), B*HKV), early key blocks (kept by the most queries) first.
+    N_BUCKET only keys the autotuner.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
