@@ -153,8 +153,10 @@ def full_forward_logits(model, ids, mask, out):
     return logits[:, p - 1 : p - 1 + out.completion_ids.shape[1]]
 
 
-@pytest.mark.parametrize("threshold_mode", ["window", "batch"])
-def test_logprobs_temperatures_entropies_aligned(model, threshold_mode):
+@pytest.mark.parametrize(
+    "threshold_mode,apply_to", [("window", "all"), ("batch", "all"), ("window", "reasoning")]
+)
+def test_logprobs_temperatures_entropies_aligned(model, threshold_mode, apply_to):
     ids, mask = left_padded([9, 4, 7, 2, 9, 6, 5, 8])
     cfg = dict(
         threshold_mode=threshold_mode,
@@ -164,6 +166,7 @@ def test_logprobs_temperatures_entropies_aligned(model, threshold_mode):
         low_temperature=0.6,
         rollout_offsets=True,
         rollout_offset_step=0.1,
+        offsets_apply_to=apply_to,
     )
     s = sampler(**cfg)
     offsets = s.offsets_tensor(num_generations=4, batch_size=ids.shape[0])
@@ -179,8 +182,10 @@ def test_logprobs_temperatures_entropies_aligned(model, threshold_mode):
     torch.testing.assert_close(out.logprobs[m], lp[m], atol=1e-4, rtol=1e-4)
     ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
     torch.testing.assert_close(out.entropies[m], ent[m], atol=1e-4, rtol=1e-4)
-    # temperature follows the class of the same column, plus the row's offset
-    base = torch.where(out.is_reasoning, 1.4, 0.6) + offsets[:, None]
+    # temperature follows the class of the same column, plus the row's offset (on reasoning
+    # tokens only, unless offsets_apply_to is "all")
+    knowledge = 0.6 + (offsets[:, None] if apply_to == "all" else 0.0)
+    base = torch.where(out.is_reasoning, 1.4 + offsets[:, None], knowledge)
     torch.testing.assert_close(out.temperatures[m], base[m].float())
     assert out.is_reasoning[m].any() and (~out.is_reasoning[m]).any()
 
