@@ -147,3 +147,29 @@ def test_training_gradients_equal_sdpa_at_threshold_one(registered):
         grads[impl] = [p.grad.clone() for p in model.parameters()]
     for a, b in zip(grads["pbs"], grads["sdpa"], strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_left_padded_training_batch_has_per_sequence_gradients(registered):
+    """A padded batch with gradients: each row's loss gives the gradients it gives alone."""
+    pbs.hf.register(block_size=16, segment_size=32, threshold=0.6, min_seq_len=32)
+    model = tiny("llama")
+    model.set_attn_implementation("pbs")
+    g = torch.Generator().manual_seed(6)
+    lengths = [80, 45]
+    n = max(lengths)
+    ids = torch.zeros(2, n, dtype=torch.long)
+    mask = torch.zeros(2, n, dtype=torch.long)
+    for i, L in enumerate(lengths):
+        ids[i, n - L :] = torch.randint(1, 128, (L,), generator=g)
+        mask[i, n - L :] = 1
+    ids, mask = ids.to(DEV), mask.to(DEV)
+    weight = model.model.layers[0].self_attn.k_proj.weight
+    before = dict(pbs.hf.calls)
+    logits = model(ids, attention_mask=mask).logits.float()
+    (logits * mask[..., None]).sum().backward()
+    assert pbs.hf.calls["pbs_grad"] - before["pbs_grad"] == 2  # both layers, sparse
+    padded = weight.grad.clone()
+    model.zero_grad()
+    for i, L in enumerate(lengths):
+        model(ids[i : i + 1, n - L :]).logits.float().sum().backward()  # accumulates
+    torch.testing.assert_close(padded, weight.grad, **TOL)
