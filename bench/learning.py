@@ -496,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    # One file store per call: concurrent runs write separate folders (no database lock), and
+    # mlflow-skinny, which the GPU machines install, has no sqlite backend. MLflow 3 asks for
+    # this opt-in; the runs inherit it.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     if args.report:
         path = write_learning_report(Path(args.work).resolve(), Path(args.out).resolve())
         print(path.read_text())

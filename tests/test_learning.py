@@ -206,3 +206,37 @@ def test_report_lists_failures_and_gives_paired_intervals(work, tmp_path):
     for name in ["reward", "heldout", "entropy"]:
         assert f"(learning/{name}.png)" in text
         assert (tmp_path / "learning" / f"{name}.png").stat().st_size > 5000
+
+
+def test_batches_on_cpu_end_to_end(tmp_path):
+    """Two real calls with a tiny model (seconds each): the matched arm takes its temperature
+    from the first call's multi run; a third call hits its deadline; the report has them all."""
+    learning = load_learning()
+    work = tmp_path / "work"
+    tiny = [
+        "model.name=tiny",
+        "train.bf16=false",
+        "train.per_device_train_batch_size=8",
+        "train.max_completion_length=8",
+        "eval.max_new_tokens=4",
+        "eval.max_problems=8",
+        "eval.num_samples=2",
+    ]
+    common = ["--work", str(work), "--seeds", "0", "--steps", "1"]
+    assert learning.main(["--call", "c1", "--arms", "single_t1", "multi_p02", *common, *tiny]) == 0
+    with pytest.raises(SystemExit, match="already holds a call"):
+        learning.main(["--call", "c1", "--arms", "single_t1", *common, *tiny])
+    assert learning.main(["--call", "c2", "--arms", "single_matched", *common, *tiny]) == 0
+    expected, names = learning.measured_temperature(work)  # the tiny model's own mixture
+    assert names == ["multi_p02-s0"] and 0.8 <= expected <= 1.2
+    manifest = json.loads((work / "c2" / "manifest.json").read_text())
+    assert manifest["matched_temperature"] == expected
+    assert manifest["matched_from"] == ["multi_p02-s0"]
+    late = ["--call", "c3", "--arms", "offsets", "--deadline", "0.5", *common, *tiny]
+    assert learning.main(late) == 1
+    out = tmp_path / "learning.md"
+    assert learning.main(["--report", "--work", str(work), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"`single_matched` in c2: T = {expected} from ['multi_p02-s0']" in text
+    assert "killed at the batch deadline (0 s)" in text or "not started" in text
+    assert "| single_t1 | 1 | 0 | 0 |" in text and "| single_matched | 1 | 0 | 0 |" in text
