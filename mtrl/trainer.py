@@ -54,6 +54,7 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from mtrl.config import RolloutConfig
+from mtrl.rewards import pop_scoring_counts
 from mtrl.rollout import (
     RolloutEngine,
     RolloutOutput,
@@ -423,7 +424,20 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             mask=rollout.mask,
         )
         self._log_sampler_metrics(self._last_rollout)
+        self._log_scoring_counts()
         return output
+
+    def _log_scoring_counts(self) -> None:
+        """Completions whose sandboxed scorer timed out or crashed (scored 0), summed over processes."""
+        counts = pop_scoring_counts()  # every process scores with the same rewards: same keys
+        if not counts:
+            return
+        keys = sorted(counts)
+        local = torch.tensor([counts[k] for k in keys], device=self.accelerator.device)
+        totals = self.accelerator.gather(local[None]).sum(0).tolist()
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for key, total in zip(keys, totals, strict=True):
+            metrics[key].append(total)
 
     def _importance_ratio(self, batch: dict) -> torch.Tensor:
         """min(p_train / p_sample, cap) per completion token, (batch, completion_len).

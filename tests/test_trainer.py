@@ -233,3 +233,34 @@ def test_auto_engine_uses_generate_under_zero3(make_trainer, monkeypatch):
     assert trainer._rollout_engine(trainer.model) is None
     trainer._zero3 = False
     assert trainer._rollout_engine(trainer.model) is not None  # CUDA without ZeRO-3: fast
+
+
+def test_scorer_timeouts_reach_the_trainer_metrics(make_trainer):
+    """A completion whose sandboxed scorer times out is counted in `rewards/<name>/timeouts`."""
+    from omegaconf import OmegaConf
+
+    from mtrl import scoring
+    from mtrl.config import DataConfig
+    from mtrl.data import load_prompts
+    from mtrl.rewards import pop_scoring_counts, reasoning_gym_reward
+    from mtrl.scoring import ScoringConfig
+
+    data = DataConfig(source="reasoning_gym", task="countdown", size=1, seed=5)
+    rows = load_prompts(OmegaConf.structured(data))
+    row = {k: list(rows[k]) for k in rows.column_names if k != "prompt"}
+
+    def countdown(prompts, completions, **kwargs):
+        # Every completion is scored as the hostile countdown answer below, for the row above.
+        answers = ["\\boxed{9**9**9**9}"] + ["\\boxed{1}"] * (len(completions) - 1)
+        return [reasoning_gym_reward([None], [a], **row)[0] for a in answers]
+
+    scoring.configure(ScoringConfig(timeout_s=1.0, workers=1))
+    pop_scoring_counts()
+    try:
+        trainer = make_trainer(reward_funcs=[countdown])
+        rollout(trainer, prompts=1)
+    finally:
+        scoring.configure(ScoringConfig())
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    assert metrics["rewards/reasoning_gym/timeouts"] == [1.0]
+    assert metrics["rewards/reasoning_gym/crashes"] == [0.0]
