@@ -130,8 +130,14 @@ def git_commit() -> str:
 
 
 def manifests(work: Path) -> list[dict[str, Any]]:
-    """Every call's manifest under `work`, oldest first."""
-    found = [json.loads(p.read_text()) for p in sorted(work.glob("*/manifest.json"))]
+    """Every call's manifest under `work`, oldest first. A call's file store is read from
+    beside its manifest: the absolute path it had on the GPU machine is not this one's."""
+    found = []
+    for path in sorted(work.glob("*/manifest.json")):
+        manifest = json.loads(path.read_text())
+        if manifest["tracking_uri"].startswith("file:"):
+            manifest["tracking_uri"] = (path.parent / "mlruns").as_uri()
+        found.append(manifest)
     return sorted(found, key=lambda m: m["started"])
 
 
@@ -469,7 +475,7 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
             f"| {m['call']} | {m['card']} | {m['started']} | {m['commit']} | {names} | "
             f"{m.get('minutes', '?')} | {', '.join(bad) or '-'} | `{m['command']}` |"
         )
-    lines += ["", f"Report: `python bench/learning.py --report --work {work.name} --out {out}`"]
+    lines += ["", f"Report: `python bench/learning.py --report --work {work} --out {out}`"]
     if replaced or missing:
         lines += ["", "Attempts not counted:", ""]
         lines += [f"- {r.name} of {r.call}: replaced by a later attempt" for r in replaced]
