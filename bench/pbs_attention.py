@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 
 from pbs import PBSConfig, kernels, pbs_attention  # noqa: E402
-from pbs.flex import _flex, block_mask_from_plan  # noqa: E402
+from pbs.flex import block_mask_from_plan, compiled_flex_attention  # noqa: E402
 from pbs.permute import key_importance, permute_kv, segment_permutation  # noqa: E402
 from pbs.plan import density, make_plan  # noqa: E402
 from pbs.select import block_logits, select_blocks, sink_block  # noqa: E402
@@ -99,7 +99,7 @@ def phases(q, k, v, cfg: PBSConfig) -> dict:
     vcat = torch.cat([F.pad(plan.vp, (0, 0, 0, padded - n)), v], 2)
     mask = block_mask_from_plan(plan, n, HQ)
     t["blockmask"] = bench(lambda: block_mask_from_plan(plan, n, HQ))
-    flex = _flex()
+    flex = compiled_flex_attention()
     t["attn_flex"] = bench(
         lambda: flex(q, kcat, vcat, block_mask=mask, scale=scale, enable_gqa=True)
     )

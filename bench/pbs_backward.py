@@ -40,7 +40,7 @@ from bench.pbs_attention import inputs, threshold_for  # noqa: E402
 from bench.report import git_commit, header  # noqa: E402
 from pbs import PBSConfig, kernels, pbs_attention, reference_attention  # noqa: E402
 from pbs.api import BlockSparseAttention  # noqa: E402
-from pbs.flex import _flex, block_mask_from_plan  # noqa: E402
+from pbs.flex import block_mask_from_plan, compiled_flex_attention  # noqa: E402
 from pbs.plan import density, make_plan  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def measure(q, k, v, cfg: PBSConfig, cuda: bool) -> dict:
         for p, x in ((plan.kp, k), (plan.vp, v))
     )  # fmt: skip
     mask = block_mask_from_plan(plan, n, hq)
-    flex = _flex()
+    flex = compiled_flex_attention()
     opts = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
     t["flex_attn"] = float("nan") if not cuda else bench(
         fwd_bwd(

@@ -17,7 +17,7 @@ from .plan import Plan, Timer, make_plan
 _compiled = None
 
 
-def _flex():
+def compiled_flex_attention():
     """flex_attention, compiled on the GPU (the eager version materialises all scores)."""
     global _compiled
     if _compiled is None:
@@ -103,7 +103,7 @@ def pbs_flex_attention(
     if q.is_cuda:
         # Flex's default tiles are 128 wide; our blocks must be a multiple of its tiles.
         opts = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
-        out = _flex()(
+        out = compiled_flex_attention()(
             q, kcat, vcat, block_mask=mask, scale=plan.scale, enable_gqa=True, kernel_options=opts
         )
     else:
