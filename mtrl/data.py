@@ -209,9 +209,17 @@ def format_prompt(problem: str, cfg: Any) -> str | list[dict[str, str]]:
     """The `prompt` value for one problem: chat messages or a text prompt (see module doc)."""
     body = str(cfg.template).replace("{problem}", problem)
     system = cfg.system_prompt
+    shots = cfg.get("few_shot") or []
     if cfg.prompt_format == "text":
-        return f"{system}\n\n{body}" if system else body
+        paragraphs = [str(system)] if system else []
+        paragraphs += [f"{shot.user}\n{shot.assistant}" for shot in shots]
+        return "\n\n".join([*paragraphs, body])
     messages = [{"role": "system", "content": str(system)}] if system else []
+    for shot in shots:
+        messages += [
+            {"role": "user", "content": str(shot.user)},
+            {"role": "assistant", "content": str(shot.assistant)},
+        ]
     return [*messages, {"role": "user", "content": body}]
 
 

@@ -395,3 +395,24 @@ def test_eval_launcher_reports_a_bad_benchmark_row_before_loading_weights(
     assert capsys.readouterr().err == (
         f"error: {bench} row 2: not valid UTF-8 (byte 0xff at column 14)\n"
     )
+
+
+def test_few_shot_examples_come_before_the_problem(tmp_path):
+    from mtrl.config import load_config
+
+    path = tmp_path / "fs.yaml"
+    path.write_text(
+        "model: {name: tiny}\n"
+        "data:\n  source: aime2025\n  max_samples: 1\n  system_prompt: Box it.\n"
+        "  few_shot: [{user: 'Calculate 1 + 2.', assistant: '\\boxed{3}'}]\n"
+    )
+    cfg = load_config(path)
+    [messages] = load_prompts(cfg.data)["prompt"][:1]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"] == "Calculate 1 + 2." and messages[2]["content"] == "\\boxed{3}"
+    text = load_prompts(OmegaConf.merge(cfg.data, {"prompt_format": "text"}))["prompt"][0]
+    assert text.startswith("Box it.\n\nCalculate 1 + 2.\n\\boxed{3}\n\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: tiny}\ndata: {source: aime2025, few_shot: [{user: hi}]}\n")
+    with pytest.raises(ValueError, match=r"data.few_shot\[0\].assistant"):
+        load_config(bad)
