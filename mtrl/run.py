@@ -55,7 +55,9 @@ def build_trainer(cfg: ExperimentConfig, resume: bool = False) -> Any:
         data_stats.rows_too_long,
     )
     model, tokenizer, peft_config = load_model_and_tokenizer(cfg.model, cfg.pbs, tokenizer)
-    reward_funcs, _ = build_reward_funcs(cfg.rewards)
+    reward_funcs, _ = build_reward_funcs(
+        cfg.rewards, cfg.reward_options, args.max_completion_length
+    )
     tracker = MLflowCallback(
         cfg, args.output_dir, resume=resume, is_main_process=args.process_index == 0
     )
@@ -86,12 +88,16 @@ def train(cfg: ExperimentConfig) -> Any:
     except KeyboardInterrupt:
         # Ctrl-C: the checkpoints on disk are complete (each one is staged, then renamed); end
         # the MLflow run as KILLED and say where to resume from.
+        from transformers import ProgressCallback
+
         from mtrl.tracking import MLflowCallback, RunInterrupted
 
         step = trainer.state.global_step
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, MLflowCallback):
                 callback.end("KILLED", step)
+            elif isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()  # its last line before ours, not after
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         raise RunInterrupted(step, last, trainer.args.process_index == 0) from None
     trainer.save_model(output_dir)

@@ -296,7 +296,6 @@ def train_command(tmp_path, *overrides) -> list[str]:
         f"train.output_dir={tmp_path / 'out'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "train.save_steps=2",
-        "train.disable_tqdm=true",
         *overrides,
     ]
 
