@@ -279,6 +279,7 @@ class MLflowCallback(TrainerCallback):
         self.client.update_run(old_id, status="RUNNING")
         self.run_id = old_id
         logger.info("MLflow: resuming run %s at step %d", old_id, step)
+        self._record()  # output dirs of older versions lack the store file
         return None
 
     def _fresh_run(self, tags: dict[str, str]) -> list[tuple[str, Call]]:

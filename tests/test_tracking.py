@@ -324,7 +324,7 @@ def test_resume_after_a_kill_between_a_logged_step_and_its_checkpoint(tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AFTER_LOGGING)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    overrides = ["train.max_steps=5", "tracking.log_completions=false"]
+    overrides = ["train.max_steps=5", "sampler.entropy_histogram_every=1"]
     killed = subprocess.run(
         [sys.executable, str(script), *train_command(tmp_path, *overrides)[2:]],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -356,6 +356,9 @@ def test_resume_after_a_kill_between_a_logged_step_and_its_checkpoint(tmp_path):
         == old_run.data.tags["mlflow.source.git.commit"]
     )
     assert "config.yaml" in {a.path for a in client.list_artifacts(new_id)}
+    histograms = [a.path for a in client.list_artifacts(new_id, "entropy")]
+    assert histograms == [f"entropy/step_{s:06d}.json" for s in range(1, 6)]
+    assert len(client.list_artifacts(new_id, "completions")) == 5
     assert old_run.info.status == "KILLED" and old_run.data.tags[CONTINUED_IN] == new_id
     assert new_id in old_run.data.tags[NOTE] and old_id in new_run.data.tags[NOTE]
 
