@@ -183,12 +183,29 @@ class EvalConfig:
 
 
 @dataclass
+class SoftOverlongConfig:
+    """DAPO's soft overlong punishment (`rewards.soft_overlong`), lengths in tokens: 0 up to
+    `max_completion_length - buffer`, then falling linearly to -1 at `max_completion_length`."""
+
+    max_completion_length: int | None = _bounded(None, gt=0)  # null: train.max_completion_length
+    buffer: int = _bounded(512, gt=0)  # < max_completion_length
+
+
+@dataclass
+class RewardOptionsConfig:
+    """Options of the rewards that take some, by reward name; read when `rewards` names it."""
+
+    soft_overlong: SoftOverlongConfig = field(default_factory=SoftOverlongConfig)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
+    reward_options: RewardOptionsConfig = field(default_factory=RewardOptionsConfig)
     sampler: MultiTemperatureConfig = field(default_factory=MultiTemperatureConfig)
     # The fields of pbs.PBSConfig (block_size, segment_size, threshold, min_seq_len, force_sink,
     # permute, backend, scale); used when `model.attn_implementation: pbs`. After loading it
@@ -407,7 +424,8 @@ def validate(cfg: DictConfig) -> None:
     cfg.pbs = _pbs_config(cfg.pbs)
     _check_tracking_uri(cfg.tracking.uri)
     _check_train(cfg.train)
-    grpo_config(cfg)  # GRPOConfig's own checks (batch sizes and the like) run before any loading
+    args = grpo_config(cfg)  # GRPOConfig's own checks (batch sizes and the like) run before loading
+    _check_reward_options(cfg, args.max_completion_length)
 
 
 def _check_finite(node: Any, path: str) -> None:
@@ -486,6 +504,17 @@ def _check_rewards(rewards: DictConfig) -> None:
             close = difflib.get_close_matches(str(name), list(REWARDS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"rewards.{name}: unknown reward{hint}; known: {', '.join(REWARDS)}")
+
+
+def _check_reward_options(cfg: DictConfig, max_completion_length: int | None) -> None:
+    """The options of the rewards `rewards` names, checked where they are used: by building the
+    reward functions (cheap: no model, no data). `max_completion_length` is GRPOConfig's."""
+    from mtrl.rewards import build_reward_funcs
+
+    try:
+        build_reward_funcs(cfg.rewards, cfg.reward_options, max_completion_length)
+    except ValueError as exc:
+        raise ConfigError(one_line(exc)) from None
 
 
 def _pbs_config(section: DictConfig) -> dict[str, Any]:

@@ -10,6 +10,11 @@ row" (TRL turns it into NaN and ignores it).
   the gold `answer` under math-verify (so `336` matches `336^\\circ`, `0.5` matches
   `\\frac{1}{2}`, `142` matches `142.0`), else 0.0; no `\\boxed{}` or nothing parseable
   is 0.0.
+- `dapo`: DAPO's rule reward, `accuracy` scored +1.0 (correct) / -1.0 (anything else, no
+  `\\boxed{}` included).
+- `soft_overlong`: DAPO's soft overlong punishment of the completion's length in tokens
+  (`trl.rewards.get_soft_overlong_punishment`), 0 down to -1 over the last `buffer` tokens
+  before the maximum; its lengths come from the `reward_options.soft_overlong` config section.
 - `format`: 1.0 when the completion holds exactly one `\\boxed{...}`, closed and
   non-empty, followed by at most `FORMAT_MAX_TAIL_CHARS` characters (room for a closing
   `$`, `\\]`, a period or a short sentence), else 0.0.
@@ -18,14 +23,15 @@ row" (TRL turns it into NaN and ignores it).
   `<answer>...</answer>`, else the last non-empty line. Rows without `task`/`metadata`
   (not from `data.source: reasoning_gym`) get None.
 
-The policy's output is untrusted. `accuracy` (math-verify parses with sympy) and
+The policy's output is untrusted. `accuracy` and `dapo` (math-verify parses with sympy) and
 `reasoning_gym` (some scorers call Python's `eval`, others sympy's `parse_expr`, which
 evaluates too) score in the sandboxed worker processes of `mtrl.scoring`, with a time and a
-memory limit per completion: a completion that times out or crashes its worker scores 0.0 and
-is counted (`pop_scoring_counts`). In those workers, reasoning-gym's own `eval` calls only
-accept Python literals (`ast.literal_eval`), and answers to scorers that call `parse_expr`
-must look like a formula (`is_plain_formula`); other answers score 0.0 there. `format` and
-the `\\boxed{}` extraction run in the trainer: one pass over the text, linear in its length.
+memory limit per completion: a completion that times out or crashes its worker scores as a
+wrong answer (0.0; -1.0 for `dapo`) and is counted (`pop_scoring_counts`). In those workers,
+reasoning-gym's own `eval` calls only accept Python literals (`ast.literal_eval`), and answers
+to scorers that call `parse_expr` must look like a formula (`is_plain_formula`); other answers
+score 0.0 there. `format` and the `\\boxed{}` extraction run in the trainer: one pass over the
+text, linear in its length.
 """
 
 from __future__ import annotations
@@ -271,11 +277,14 @@ def score_reasoning_gym(task: str, predicted: str | None, entry: dict[str, Any])
 # ---------------------------------------------------------------------------- rewards
 
 
-@_register("accuracy")
-def accuracy_reward(
-    prompts: list[Any], completions: list[Any], answer: list[Any], **kwargs: Any
+def _verified(
+    name: str, completions: list[Any], answer: list[Any], right: float, wrong: float
 ) -> list[float | None]:
-    """1.0 when the last `\\boxed{}` of the completion equals the gold answer (math-verify)."""
+    """`right` where the last `\\boxed{}` equals the gold answer (math-verify), else `wrong`.
+
+    No box, an empty one, and a completion whose scoring times out or crashes all score
+    `wrong`; rows without a gold answer get None. Timeouts and crashes count under `name`.
+    """
     rewards: list[float | None] = [None] * len(completions)
     jobs, rows = [], []
     for i, (completion, gold) in enumerate(zip(completions, answer, strict=True)):
@@ -283,15 +292,31 @@ def accuracy_reward(
             continue
         predicted = last_boxed(completion_text(completion))
         if predicted is None or not predicted.strip():
-            rewards[i] = 0.0
+            rewards[i] = wrong
             continue
         jobs.append((str(gold), predicted))
         rows.append(i)
     batch = scoring.score(math_equal, jobs, default=False)
-    _count("accuracy", batch)
+    _count(name, batch)
     for i, ok in zip(rows, batch.values, strict=True):
-        rewards[i] = 1.0 if ok else 0.0
+        rewards[i] = right if ok else wrong
     return rewards
+
+
+@_register("accuracy")
+def accuracy_reward(
+    prompts: list[Any], completions: list[Any], answer: list[Any], **kwargs: Any
+) -> list[float | None]:
+    """1.0 when the last `\\boxed{}` of the completion equals the gold answer (math-verify)."""
+    return _verified("accuracy", completions, answer, right=1.0, wrong=0.0)
+
+
+@_register("dapo")
+def dapo_reward(
+    prompts: list[Any], completions: list[Any], answer: list[Any], **kwargs: Any
+) -> list[float | None]:
+    """DAPO's rule reward: `accuracy` mapped to +1.0 (correct) / -1.0 (wrong or no box)."""
+    return _verified("dapo", completions, answer, right=1.0, wrong=-1.0)
 
 
 @_register("format")
@@ -348,16 +373,72 @@ def reasoning_gym_reward(
     return rewards
 
 
-def build_reward_funcs(weights: Mapping[str, float]) -> tuple[list[RewardFunc], list[float]]:
+@_register("soft_overlong")
+def soft_overlong_reward(
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]],
+    *,
+    max_completion_length: int,
+    buffer: int,
+    **kwargs: Any,
+) -> list[float | None]:
+    """DAPO's soft overlong punishment of each completion's length L in tokens (TRL's own).
+
+    0 for L <= max_completion_length - buffer, then (max_completion_length - buffer - L) / buffer,
+    reaching -1 at L = max_completion_length, and -1 beyond. `build_reward_funcs` binds the two
+    lengths from `reward_options.soft_overlong` (see `soft_overlong_lengths`).
+    """
+    from trl.rewards import get_soft_overlong_punishment
+
+    return get_soft_overlong_punishment(max_completion_length, buffer)(completion_ids)
+
+
+def soft_overlong_lengths(
+    options: Mapping[str, Any] | None, max_completion_length: int | None
+) -> dict[str, int]:
+    """`soft_overlong`'s keyword arguments from the `reward_options` section, checked.
+
+    `options["soft_overlong"]` holds `max_completion_length` (tokens; None stands for the
+    `max_completion_length` argument, GRPOConfig's) and `buffer` (tokens, 0 < buffer < max).
+    Raises ValueError with one line naming the key.
+    """
+    key = "reward_options.soft_overlong"
+    section = (options or {}).get("soft_overlong") or {}
+    length, source = section.get("max_completion_length"), f"{key}.max_completion_length"
+    if length is None:
+        length, source = max_completion_length, "train.max_completion_length"
+    if length is None:
+        raise ValueError(f"{key}.max_completion_length: null means {source}, which is null too")
+    buffer = section.get("buffer")
+    for name, value in [(source, length), (f"{key}.buffer", buffer)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: must be a whole number of tokens > 0, got {value!r}")
+    if buffer >= length:
+        raise ValueError(f"{key}.buffer: must be < {source} ({length}), got {buffer}")
+    return {"max_completion_length": length, "buffer": buffer}
+
+
+def build_reward_funcs(
+    weights: Mapping[str, float],
+    options: Mapping[str, Any] | None = None,
+    max_completion_length: int | None = None,
+) -> tuple[list[RewardFunc], list[float]]:
     """Reward functions and their weights, in the mapping's order, for GRPOTrainer/GRPOConfig.
 
     `GRPOTrainer(reward_funcs=funcs, args=GRPOConfig(reward_weights=weights, ...))`.
+    `options` is the config's `reward_options` section and `max_completion_length` GRPOConfig's;
+    only the rewards that take options (`soft_overlong`) read them. Raises ValueError (one line).
     """
     funcs, values = [], []
     for name, weight in weights.items():
         if name not in REWARDS:
             raise ValueError(f"rewards.{name}: unknown reward; known: {', '.join(REWARDS)}")
-        funcs.append(REWARDS[name])
+        func = REWARDS[name]
+        if name == "soft_overlong":  # the one reward with options: its two lengths are bound
+            lengths = soft_overlong_lengths(options, max_completion_length)
+            func = functools.partial(func, **lengths)  # TRL logs a partial by the wrapped name
+        funcs.append(func)
         values.append(float(weight))
     if not funcs:
         raise ValueError("rewards: name at least one reward")

@@ -106,6 +106,103 @@ def test_batch_arithmetic_gives_four_updates_of_1024_completions_per_generation(
     assert args.beta == 0.0 and args.delta > 1 + args.epsilon_high
 
 
+def gpu_table() -> list[dict[str, int]]:
+    """The doc's "GPUs N" table: one dict of its integer columns per row."""
+    lines = [line for line in DOC.read_text().splitlines() if line.startswith("| ")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| GPUs N |"))
+    header = [c.strip().split(" (")[0] for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not cells[0].isdigit():
+            break
+        rows.append(dict(zip(header, map(int, cells), strict=True)))
+    return rows
+
+
+def test_four_updates_per_generation_batch_on_every_gpu_count_of_the_doc():
+    from mtrl.config import grpo_config
+
+    rows = gpu_table()
+    assert [row["GPUs N"] for row in rows] == [8, 4, 2, 1]
+    aime = grpo_config(load_config(ROOT / "experiments/aime.yaml"))
+    assert aime.gradient_accumulation_steps == rows[0]["gradient_accumulation_steps"]  # 8 GPUs
+    for row in rows:
+        gpus = row["GPUs N"]
+        cfg = load_config(
+            ROOT / "experiments/aime.yaml",
+            [f"train.gradient_accumulation_steps={128 // gpus}"],  # the doc's rule
+        )
+        args = grpo_config(cfg)
+        assert args.per_device_train_batch_size == row["per_device_train_batch_size"]
+        assert args.gradient_accumulation_steps == row["gradient_accumulation_steps"]
+        # TRL's GRPOConfig derives steps_per_generation for the processes it sees (one here,
+        # which makes the 1-GPU row TRL's own number); the same rule for N processes:
+        assert args.world_size == 1 and args.steps_per_generation == 4096 // 8
+        per_step = args.per_device_train_batch_size * gpus
+        steps_per_generation = args.generation_batch_size // per_step
+        assert steps_per_generation == row["steps_per_generation"]
+        # One optimizer update every gradient_accumulation_steps micro-steps; one generation
+        # batch feeds steps_per_generation x num_iterations of them.
+        micro_steps = steps_per_generation * args.num_iterations
+        assert micro_steps % args.gradient_accumulation_steps == 0
+        updates = micro_steps // args.gradient_accumulation_steps
+        assert updates == row["updates per generation"] == 4
+        completions = args.per_device_train_batch_size * gpus * args.gradient_accumulation_steps
+        assert completions == 1024  # 128 prompts x 8 completions per update
+
+
+def test_learning_rate_warms_up_linearly_then_stays_constant():
+    from transformers import get_scheduler
+
+    from mtrl.config import grpo_config
+
+    args = grpo_config(load_config(ROOT / "experiments/aime.yaml"))
+    assert args.max_steps == 1600 and args.learning_rate == 1.0e-6
+    # What transformers' Trainer.create_scheduler builds from these arguments.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.get_warmup_steps(args.max_steps),
+        num_training_steps=args.max_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    lrs = []  # the rate of optimizer update k = 0 .. max_steps - 1
+    for _ in range(args.max_steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    warmup = 40  # verl's 10 training steps x 4 updates
+    want = [args.learning_rate * min(1.0, k / warmup) for k in range(args.max_steps)]
+    assert lrs == pytest.approx(want, rel=1e-9, abs=1e-18)
+    assert lrs[0] == 0.0 and lrs[20] == pytest.approx(0.5e-6) and lrs[39] < 1.0e-6
+    assert set(lrs[warmup:]) == {args.learning_rate}
+
+
+def test_aime_rewards_are_dapos_rule_reward_and_soft_overlong_punishment():
+    from trl.trainer.utils import get_callable_name
+
+    from mtrl.config import grpo_config
+    from mtrl.rewards import build_reward_funcs
+
+    cfg = load_config(ROOT / "experiments/aime.yaml")
+    args = grpo_config(cfg)
+    funcs, weights = build_reward_funcs(cfg.rewards, cfg.reward_options, args.max_completion_length)
+    names = [get_callable_name(f) for f in funcs]  # how TRL names them in its metrics
+    assert dict(zip(names, weights, strict=True)) == {
+        "accuracy": 0.0,
+        "format": 0.0,
+        "dapo": 1.0,
+        "soft_overlong": 1.0,
+    }
+    assert args.reward_weights == weights
+    overlong = funcs[names.index("soft_overlong")]
+    ids = [[0] * n for n in (1536, 1792, 2048)]  # the script: max_resp_len 2048, buffer 512
+    got = overlong(prompts=[None] * 3, completions=[""] * 3, completion_ids=ids)
+    assert got == [0.0, -0.5, -1.0]
+
+
 @pytest.mark.parametrize(
     "path", sorted(p.name for p in (ROOT / "experiments/paper").glob("*.yaml"))
 )

@@ -11,12 +11,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtrl import scoring
-from mtrl.config import DataConfig
+from mtrl.config import ConfigError, DataConfig, load_config
 from mtrl.data import load_prompts
 from mtrl.rewards import (
     REWARDS,
     accuracy_reward,
     build_reward_funcs,
+    dapo_reward,
     extract_answer,
     find_boxed,
     format_reward,
@@ -175,7 +176,7 @@ def test_reasoning_gym_reward_does_not_apply_to_other_rows():
 
 
 def test_registry_names_and_build():
-    assert set(REWARDS) == {"accuracy", "format", "reasoning_gym"}
+    assert set(REWARDS) == {"accuracy", "dapo", "format", "reasoning_gym", "soft_overlong"}
     for name, func in REWARDS.items():
         assert func.__name__ == name
         assert pickle.loads(pickle.dumps(func)) is func
@@ -184,6 +185,133 @@ def test_registry_names_and_build():
     assert weights == [1.0, 0.2]
     with pytest.raises(ValueError, match="rewards.acuracy: unknown reward"):
         build_reward_funcs({"acuracy": 1.0})
+
+
+# ---------------------------------------------------------------------------- DAPO's rewards
+
+
+def test_dapo_scores_plus_one_and_minus_one_on_aime(aime):
+    golds = aime["answer"]
+    pop_scoring_counts()
+    assert dapo_reward(aime["prompt"], [solved(g) for g in golds], golds) == [1.0] * 30
+    wrong = [solved(golds[(i + 1) % 30]) for i in range(30)]
+    assert dapo_reward(aime["prompt"], wrong, golds) == [-1.0] * 30
+    # Scored in the sandboxed pool, counted under its own name.
+    assert pop_scoring_counts() == {"rewards/dapo/timeouts": 0.0, "rewards/dapo/crashes": 0.0}
+
+
+def test_dapo_wrong_missing_or_unparseable_answers_score_minus_one():
+    completions = [
+        "so \\boxed{\\frac{1}{2}}",  # equal under math-verify
+        "The answer is 0.5.",  # no box
+        "\\boxed{0.5",  # unclosed
+        "\\boxed{}",  # empty
+        "\\boxed{\\frac{}{}}",  # unparseable
+        "\\boxed{0.5} at first, then \\boxed{0.4}",  # the last box counts
+        "",
+        [{"role": "assistant", "content": "\\boxed{1/2}"}],  # chat completions too
+    ]
+    got = dapo_reward([None] * 8, completions, ["0.5"] * 8)
+    assert got == [1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1.0]
+    # Rows without a gold answer do not apply, as for `accuracy`.
+    assert dapo_reward([None] * 2, ["\\boxed{1}"] * 2, [None, " "]) == [None, None]
+
+
+def overlong(funcs, lengths):
+    """`funcs[0]` called as TRL calls a reward: keywords, token ids per completion."""
+    ids = [[7] * n for n in lengths]
+    return funcs[0](prompts=[None] * len(ids), completions=[""] * len(ids), completion_ids=ids)
+
+
+def test_soft_overlong_punishment_values():
+    options = {"soft_overlong": {"max_completion_length": 2048, "buffer": 512}}
+    funcs, weights = build_reward_funcs({"soft_overlong": 1.0}, options)
+    assert weights == [1.0]
+    # 0 up to 2048 - 512 = 1536 tokens; the buffer starts at 1537; -1 at the limit and beyond.
+    lengths = [0, 1, 1536, 1537, 1600, 1792, 2047, 2048, 2049, 4096]
+    want = [0.0, 0.0, 0.0, -1 / 512, -64 / 512, -0.5, -511 / 512, -1.0, -1.0, -1.0]
+    assert overlong(funcs, lengths) == pytest.approx(want, abs=1e-12)
+    # TRL logs a reward by its name: rewards/soft_overlong/mean; it pickles (async rollouts).
+    from trl.trainer.utils import get_callable_name
+
+    assert get_callable_name(funcs[0]) == "soft_overlong"
+    again = pickle.loads(pickle.dumps(funcs[0]))
+    assert overlong([again], [1792]) == [-0.5]
+
+
+def test_soft_overlong_null_max_is_the_generation_limit():
+    options = {"soft_overlong": {"max_completion_length": None, "buffer": 4}}
+    funcs, _ = build_reward_funcs({"soft_overlong": 1.0}, options, max_completion_length=16)
+    assert overlong(funcs, [12, 13, 14, 16, 17]) == [0.0, -0.25, -0.5, -1.0, -1.0]
+
+
+SO = "reward_options.soft_overlong"  # the section's key path, in every message below
+
+
+@pytest.mark.parametrize(
+    "options, max_len, message",
+    [
+        (None, 16, "SO.buffer: must be a whole number of tokens > 0, got None"),
+        ({"soft_overlong": {"buffer": 0}}, 16, "SO.buffer: must be a whole number"),
+        ({"soft_overlong": {"buffer": 16}}, 16, "SO.buffer: must be < train."),
+        ({"soft_overlong": {"buffer": 4}}, None, "SO.max_completion_length: null means train."),
+    ],
+)
+def test_soft_overlong_options_are_checked_when_built(options, max_len, message):
+    with pytest.raises(ValueError) as err:
+        build_reward_funcs({"soft_overlong": 1.0}, options, max_len)
+    assert str(err.value).startswith(message.replace("SO", SO)), str(err.value)
+
+
+def write_experiment(tmp_path, rewards: str):
+    """An experiment on a tiny model with 64-token completions and the given `rewards:`."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "model: {name: tiny}\n"
+        "data: {source: aime2025, split: test}\n"
+        f"rewards: {rewards}\n"
+        "train: {max_completion_length: 64, per_device_train_batch_size: 8}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("SO.buffer=0", "SO.buffer: must be > 0, got 0"),
+        ("SO.buffer=-8", "SO.buffer: must be > 0, got -8"),
+        ("SO.buffer=64", "SO.buffer: must be < train.max_completion_length (64), got 64"),
+        ("SO.max_completion_length=0", "SO.max_completion_length: must be > 0, got 0"),
+        (
+            "SO.max_completion_length=16",
+            "SO.buffer: must be < SO.max_completion_length (16), got 32",
+        ),
+        (
+            "train.max_completion_length=null",
+            "SO.max_completion_length: null means train.max_completion_length, which is null too",
+        ),
+        ("SO.bufer=8", "SO.bufer: unknown key (did you mean 'buffer'?) (in command line)"),
+        ("reward_options.overlong.buffer=8", "reward_options.overlong: unknown key"),
+    ],
+)
+def test_reward_options_config_errors_name_the_key(tmp_path, override, message):
+    path = write_experiment(tmp_path, "{dapo: 1.0, soft_overlong: 1.0}")
+    good = [f"{SO}.buffer=32"]
+    assert load_config(path, good).reward_options.soft_overlong.buffer == 32
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [*good, override.replace("SO", SO)])
+    assert str(err.value).startswith(message.replace("SO", SO)), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_reward_options_are_read_only_for_named_rewards(tmp_path):
+    # The default buffer (512) exceeds this run's 64-token completions: no error unless the
+    # experiment uses soft_overlong.
+    path = write_experiment(tmp_path, "{dapo: 1.0}")
+    assert load_config(path).reward_options.soft_overlong.buffer == 512
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["rewards.soft_overlong=1.0"])
+    assert str(err.value).startswith(f"{SO}.buffer: must be < train.max_completion_length (64)")
 
 
 # ---------------------------------------------------------------------------- untrusted output
