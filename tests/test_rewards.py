@@ -314,6 +314,25 @@ def test_reward_options_are_read_only_for_named_rewards(tmp_path):
     assert str(err.value).startswith(f"{SO}.buffer: must be < train.max_completion_length (64)")
 
 
+@pytest.mark.slow
+def test_a_run_scores_token_lengths_and_logs_both_rewards(smoke_config):
+    # The wiring end to end: config -> build_trainer -> TRL hands completion_ids over.
+    from mtrl.run import build_trainer
+
+    overrides = ["rewards.dapo=1.0", "rewards.soft_overlong=1.0", f"{SO}.buffer=4"]
+    cfg = smoke_config(*overrides, "train.max_steps=1", "train.max_completion_length=12")
+    trainer = build_trainer(cfg)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    # base.yaml's 1 / 0 accuracy scores the same completions: dapo = 2 accuracy - 1.
+    assert logs["rewards/dapo/mean"] == pytest.approx(2 * logs["rewards/accuracy/mean"] - 1)
+    assert logs["rewards/dapo/timeouts"] == 0.0
+    # Lengths 9..12 fall in the buffer, where the punishment is linear: (12 - 4 - L) / 4.
+    assert logs["completions/min_length"] > 8, logs
+    want = (12 - 4 - logs["completions/mean_length"]) / 4
+    assert logs["rewards/soft_overlong/mean"] == pytest.approx(want)
+
+
 # ---------------------------------------------------------------------------- untrusted output
 
 
