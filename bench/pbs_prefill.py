@@ -181,7 +181,7 @@ def quality_rows(captured: dict, configs: list) -> list[str]:
         for _layer, (q, k, v) in sorted(captured.items()):
             n = q.shape[2]
             plan = make_plan(q, k, v, cfg)
-            dens.append(density(plan, n)[0])
+            dens.append(density(plan)[0])
             G = q.shape[1] // k.shape[1]
             for h in range(q.shape[1]):  # one head at a time: (N, N) fp32 matrices
                 s = (q[0, h] @ k[0, h // G].T) * plan.scale
