@@ -577,3 +577,162 @@ def test_engine_cache_reuses_per_role_and_refuses_once(caplog):
             assert out.backend == "generate"
     lines = [r.getMessage() for r in caplog.records if r.name == "mtrl.rollout.generate"]
     assert len(lines) == 1 and "can't" in lines[0]
+
+
+# --------------------------------------------------------------------------- weight mirror
+def move_and_change(model, scale=0.3, seed=7):
+    """What a ZeRO-3 gather does to every parameter (new storage), with new values as after
+    an optimizer step."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.data = p.data + scale * p.data.std().nan_to_num() * torch.randn(p.shape, generator=g)
+
+
+def test_weight_mirror_follows_moved_parameters_at_fixed_addresses():
+    from mtrl.rollout import WeightMirror
+
+    live = tiny_model(seed=2)
+    ids, mask = left_padded([9, 5, 2, 7])
+    n = 16
+    mirror = WeightMirror(live)
+    assert all(p.data_ptr() not in set(mirror.data_ptrs()) for p in live.parameters())
+    eng = RolloutEngine(mirror.model, sampler(top_k=1, threshold_mode="fixed"), NO_EOS, PAD, n)
+    first = eng.generate(ids, mask).completion_ids
+    assert torch.equal(first, hf_greedy(live, ids, mask, n, NO_EOS))
+    assert len(eng._groups) == 4  # the mirror lays q/k/v and gate/up out as one buffer each
+    ptrs, fingerprint = mirror.data_ptrs(), eng._fingerprint()
+
+    move_and_change(live)
+    mirror.refresh(live)
+    assert mirror.data_ptrs() == ptrs and eng._fingerprint() == fingerprint
+    fresh = Qwen2ForCausalLM(live.config).eval()  # a model of the new values, built anew
+    fresh.load_state_dict(live.state_dict())
+    with torch.no_grad():
+        want = fresh(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(mirror.model(input_ids=ids, attention_mask=mask).logits, want)
+    second = eng.generate(ids, mask).completion_ids
+    assert torch.equal(second, hf_greedy(fresh, ids, mask, n, NO_EOS))
+    assert not torch.equal(second, first)  # the engine saw the new weights
+
+
+def test_weight_mirror_keeps_ties_and_drops_hooks():
+    from mtrl.rollout import WeightMirror
+
+    live = tiny_model(tie_word_embeddings=True)
+    assert live.lm_head.weight is live.model.embed_tokens.weight
+
+    def fail(*_):
+        raise AssertionError("a live model's hook ran in the mirror")
+
+    live.model.register_forward_hook(fail)
+    live.model.layers[0].mlp.register_forward_pre_hook(fail)
+    mirror = WeightMirror(live)
+    m = mirror.model
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert m.model.rotary_emb.inv_freq.data_ptr() != live.model.rotary_emb.inv_freq.data_ptr()
+    assert not m.training and not any(p.requires_grad for p in m.parameters())
+    ids, mask = left_padded([5, 3])
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=mask)  # no hook: no AssertionError
+
+
+def test_weight_mirror_lora_runs_unmerged_adapters():
+    peft = pytest.importorskip("peft")
+    from mtrl.rollout import WeightMirror
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    live = peft.get_peft_model(tiny_model(seed=5), cfg).eval()
+    ids, mask = left_padded([6, 4, 2])
+    mirror = WeightMirror(live)
+    assert type(mirror.model) is type(live)
+    eng = RolloutEngine(mirror.model, sampler(top_k=1, threshold_mode="fixed"), NO_EOS, PAD, 12)
+    assert torch.equal(
+        eng.generate(ids, mask).completion_ids, hf_greedy(live, ids, mask, 12, NO_EOS)
+    )
+    ptrs = mirror.data_ptrs()
+    g = torch.Generator().manual_seed(3)
+    for name, p in live.named_parameters():  # a trained adapter, in new storage
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    mirror.refresh(live)
+    ref = hf_greedy(live, ids, mask, 12, NO_EOS)
+    with live.disable_adapter():
+        assert not torch.equal(ref, hf_greedy(live, ids, mask, 12, NO_EOS))  # adapters matter
+    assert torch.equal(eng.generate(ids, mask).completion_ids, ref)
+    assert mirror.data_ptrs() == ptrs
+
+
+def test_weight_mirror_refuses_partitioned_or_changed_parameters():
+    from mtrl.rollout import WeightMirror
+
+    live = tiny_model()
+    mirror = WeightMirror(live)
+    # What ZeRO-3 leaves outside the gather: an empty tensor and the full size on the side.
+    weight = live.model.layers[1].self_attn.o_proj.weight
+    full, weight.data = weight.data, torch.empty(0)
+    weight.ds_numel = full.numel()
+    with pytest.raises(ValueError, match=r"^weight mirror: model.layers.1.self_attn.o_proj.weight"):
+        mirror.refresh(live)
+    with pytest.raises(ValueError, match="partitioned by ZeRO-3"):
+        WeightMirror(live)
+    weight.data = full[:, :-1].contiguous()  # a new shape: not the mirror's model any more
+    del weight.ds_numel
+    with pytest.raises(ValueError, match="o_proj.weight\\); mirror_for"):
+        mirror.refresh(live)
+    assert not mirror.matches(live)
+
+
+def test_mirror_for_caches_declines_once_and_rebuilds_on_change(caplog):
+    from mtrl.rollout import is_mirror, mirror_for
+    from mtrl.rollout.mirror import RESERVE_BYTES, mirror_bytes
+
+    live = tiny_model(seed=6)
+    need = mirror_bytes(live)
+    assert need == sum(p.numel() * 4 for p in live.parameters()) + sum(
+        b.numel() * b.element_size() for b in live.buffers()
+    )
+    with caplog.at_level(logging.INFO, logger="mtrl.rollout.mirror"):
+        mirror = mirror_for(live, "auto", available=need + RESERVE_BYTES)  # just fits
+        assert mirror is not None and is_mirror(mirror.model) and not is_mirror(live)
+        assert mirror_for(live, "auto") is mirror
+        live.lm_head.weight = torch.nn.Parameter(live.lm_head.weight.data[:-1].clone())
+        rebuilt = mirror_for(live, "auto")
+        assert rebuilt is not mirror and rebuilt.model.lm_head.weight.shape[0] == VOCAB - 1
+
+        small = tiny_model(seed=6)
+        assert mirror_for(small, "auto", available=need + RESERVE_BYTES - 1) is None
+        assert mirror_for(small, "auto", available=10 * need + RESERVE_BYTES) is None  # for good
+        forced = tiny_model(seed=6)
+        assert mirror_for(forced, "copy", available=0) is not None  # copy: no memory check
+    lines = [r.getMessage() for r in caplog.records]
+    declined = [line for line in lines if "transformers generate" in line]
+    assert len(declined) == 1 and "rollout.zero3_weights=auto" in declined[0]
+    assert sum("own copy of the weights" in line for line in lines) == 3
+    assert sum("parameters changed" in line for line in lines) == 1
+
+
+def test_wants_engine_under_zero3_only_with_a_mirror():
+    from mtrl.rollout import wants_engine
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert wants_engine("auto", cuda, zero3=False)
+    assert not wants_engine("auto", cuda, zero3=True)  # gathered weights move: no graphs
+    assert wants_engine("auto", cuda, zero3=True, mirror=True)
+    assert not wants_engine("auto", cpu, zero3=True, mirror=True)
+    assert wants_engine("fast", cpu, zero3=True) and not wants_engine("hf", cuda, False, True)
+
+
+def test_zero3_weights_key_is_validated(smoke_config):
+    from mtrl.config import ConfigError
+    from mtrl.rollout import RolloutConfig, Zero3Weights
+
+    assert RolloutConfig().zero3_weights == Zero3Weights.auto == "auto"
+    assert smoke_config("rollout.zero3_weights=copy").rollout.zero3_weights == "copy"
+    with pytest.raises(ValueError, match=r"^rollout.zero3_weights: must be one of auto, copy, ge"):
+        RolloutConfig(zero3_weights="gather").validate()
+    with pytest.raises(ValueError, match=r"^rollout.zero3_weights: generate contradicts rollout"):
+        RolloutConfig(engine="fast", zero3_weights="generate").validate()
+    for bad in ("rollout.zero3_weights=gather", "rollout.zero3_weights=generate"):
+        with pytest.raises(ConfigError, match="rollout.zero3_weights") as info:
+            smoke_config(bad, "rollout.engine=fast")
+        assert "\n" not in str(info.value)

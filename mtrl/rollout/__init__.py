@@ -9,14 +9,17 @@
 
 ``generate`` runs the fast engine (``mtrl.rollout.engine``: static KV cache, CUDA-graph decode
 step, split-KV decode attention, fused projections) where it can serve, transformers
-``generate`` otherwise; see ``mtrl.rollout.generate``. Imports torch, transformers and
+``generate`` otherwise; see ``mtrl.rollout.generate``. Under DeepSpeed ZeRO-3 the engine runs
+on a weight mirror (``mirror_for(model).refresh(model)`` inside the gather, then
+``generate(mirror.model, ...)``); see ``mtrl.rollout.mirror``. Imports torch, transformers and
 accelerate.
 """
 
-from mtrl.rollout.config import EngineChoice, RolloutConfig
+from mtrl.rollout.config import EngineChoice, RolloutConfig, Zero3Weights
 from mtrl.rollout.engine import RolloutEngine, RolloutOutput, UnsupportedModelError
 from mtrl.rollout.fused import fuse_projections
 from mtrl.rollout.generate import completion_mask, engine_for, generate, wants_engine
+from mtrl.rollout.mirror import WeightMirror, decline_mirror, is_mirror, mirror_for
 
 __all__ = [
     "EngineChoice",
@@ -24,9 +27,14 @@ __all__ = [
     "RolloutEngine",
     "RolloutOutput",
     "UnsupportedModelError",
+    "WeightMirror",
+    "Zero3Weights",
     "completion_mask",
+    "decline_mirror",
     "engine_for",
     "fuse_projections",
     "generate",
+    "is_mirror",
+    "mirror_for",
     "wants_engine",
 ]

@@ -15,9 +15,17 @@ from dataclasses import dataclass
 class EngineChoice(enum.StrEnum):
     """Which generation path rollouts take (values compare equal to their strings)."""
 
-    auto = "auto"  # fast on CUDA without ZeRO-3, hf elsewhere
+    auto = "auto"  # fast on CUDA (under ZeRO-3 as rollout.zero3_weights says), hf elsewhere
     fast = "fast"  # our static-cache, CUDA-graph engine (mtrl.rollout.RolloutEngine)
     hf = "hf"  # transformers generate
+
+
+class Zero3Weights(enum.StrEnum):
+    """What rollouts read under DeepSpeed ZeRO-3, where a gather puts the weights in new storage."""
+
+    auto = "auto"  # the engine on its own copy if that copy fits in free GPU memory, else generate
+    copy = "copy"  # the engine on its own copy, refreshed from one gather per rollout
+    generate = "generate"  # transformers generate on the gathered weights
 
 
 @dataclass
@@ -25,6 +33,10 @@ class RolloutConfig:
     """How rollouts are generated, and the correction for sampling/training mismatch."""
 
     engine: EngineChoice = EngineChoice.auto
+    # Under ZeRO-3 the engine runs on a copy of the gathered weights at fixed addresses, so its
+    # CUDA graphs survive re-gathering (mtrl.rollout.mirror); costs one more copy of the weights
+    # on each GPU. engine=fast always copies; engine=hf ignores this key.
+    zero3_weights: Zero3Weights = Zero3Weights.auto
     check_every: int = 16  # fast engine: decode steps between host checks for finished rows
     # fast engine: torch.compile the decode forward inside its CUDA graph (fuses small kernels;
     # about 20 s of compilation once per batch size)
@@ -39,6 +51,16 @@ class RolloutConfig:
         if self.engine not in set(EngineChoice):
             allowed = ", ".join(EngineChoice)
             raise ValueError(f"{prefix}.engine: must be one of {allowed}, got {self.engine!r}")
+        if self.zero3_weights not in set(Zero3Weights):
+            allowed = ", ".join(Zero3Weights)
+            raise ValueError(
+                f"{prefix}.zero3_weights: must be one of {allowed}, got {self.zero3_weights!r}"
+            )
+        if self.engine == EngineChoice.fast and self.zero3_weights == Zero3Weights.generate:
+            raise ValueError(
+                f"{prefix}.zero3_weights: generate contradicts {prefix}.engine=fast (under "
+                "ZeRO-3 the engine runs on the weight copy); use auto or copy, or engine=hf"
+            )
         if not self.check_every >= 1:
             raise ValueError(f"{prefix}.check_every: must be >= 1, got {self.check_every!r}")
         # A cap below 1 would shrink even on-policy tokens (ratio 1); NaN would reach the loss.

@@ -47,7 +47,9 @@ seed/offset bookkeeping: each replay draws fresh noise.
 Models: the policy is used in place (no weight copy; nothing to sync). LoRA: a ``PeftModel``
 runs **unmerged**; the adapter layers are part of the captured step, and since optimizer
 updates are in place the graphs keep seeing the current weights. If any parameter's storage
-moves (ZeRO-3 re-gathering, ``.to()``, merging), the graphs are re-captured on the next call.
+moves (``.to()``, merging, gathered ZeRO-3 weights), the graphs are re-captured on the next
+call. Under ZeRO-3 the trainer therefore serves a weight mirror (``mtrl.rollout.mirror``): a
+copy of the model at fixed addresses into which each rollout's gathered values are copied.
 Gradient checkpointing and dropout are off during rollout (``model.eval()`` under
 ``torch.no_grad()``; the previous train/eval mode is restored). Models whose caches
 ``StaticCache`` cannot represent as plain full-attention layers (sliding-window, linear or
@@ -533,7 +535,8 @@ class RolloutEngine:
         fingerprint = self._fingerprint()
         if self.fused_projections and fingerprint != self._groups_fingerprint:
             groups = ProjectionGroups(self._base)
-            # Storage moves at every rollout under ZeRO-3: say it once, then only on a change.
+            # Storage moves at every call on gathered ZeRO-3 weights: say it once, then only
+            # on a change.
             if self._groups_fingerprint is None or len(groups) != len(self._groups):
                 logger.info("rollout engine: %d projection groups run as one GEMM", len(groups))
             self._groups, self._groups_fingerprint = groups, fingerprint

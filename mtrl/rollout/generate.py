@@ -17,6 +17,9 @@ EOS: whatever the backend, a row's completion is its tokens up to and including 
 EOS (``completion_mask``, the only place this rule lives); everything after is padding:
 ``pad_token_id``, temperature 1.0, entropy 0.0, not reasoning, log-prob 0.0.
 
+ZeRO-3: the engine serves a weight mirror of the gathered model (``mtrl.rollout.mirror``), whose
+tensors never move, so its graphs survive the re-gathering; the trainer builds and refreshes it.
+
 Engine cache: ``engine_for`` keeps one engine per (model, role) (roles: ``"train"``,
 ``"eval"``), so rollouts and periodic evaluation each keep their static cache and captured
 graphs from call to call; asking for a role with another sampler or length replaces (and
@@ -44,12 +47,16 @@ _ANNOUNCED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 ENGINE_LINE = "generation: fast engine (static KV cache, CUDA-graph decode step)"
 
 
-def wants_engine(choice: str, device: torch.device, zero3: bool) -> bool:
-    """Whether to try the fast engine for ``rollout.engine`` = ``choice`` (auto, fast, hf)."""
+def wants_engine(choice: str, device: torch.device, zero3: bool, mirror: bool = False) -> bool:
+    """Whether to try the fast engine for ``rollout.engine`` = ``choice`` (auto, fast, hf).
+
+    ``mirror``: under ZeRO-3, the caller runs the engine on a weight mirror
+    (``mtrl.rollout.mirror``), refreshed from each rollout's gather.
+    """
     if choice == "auto":
-        # ZeRO-3 re-gathers the parameters into new storage every rollout, so the engine
-        # would re-capture its graphs each time; on 2 H200s that capture also failed.
-        return not zero3 and torch.device(device).type == "cuda"
+        # ZeRO-3 re-gathers the parameters into new storage every rollout: graphs captured on
+        # the gathered weights would not survive it, graphs on a mirror's weights do.
+        return (mirror or not zero3) and torch.device(device).type == "cuda"
     return choice == "fast"
 
 
