@@ -37,7 +37,14 @@ from mtrl.rollout.config import RolloutConfig
 from mtrl.sampling import MultiTemperatureConfig
 from mtrl.scoring import ScoringConfig
 
-__all__ = ["ConfigError", "ExperimentConfig", "RolloutConfig", "load_config", "one_line"]
+__all__ = [
+    "ConfigError",
+    "DynamicSamplingConfig",
+    "ExperimentConfig",
+    "RolloutConfig",
+    "load_config",
+    "one_line",
+]
 
 
 class ConfigError(ValueError):
@@ -199,6 +206,46 @@ class RewardOptionsConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling ("filter groups"): a group of completions whose `metric` values
+    are all equal has zero advantage and is dropped; generation rounds with fresh prompts
+    replace it until the generation batch is full or `max_rounds` rounds have run, after which
+    the batch is filled up with dropped (zero-advantage) groups (`mtrl.trainer`)."""
+
+    enabled: bool = False
+    # `reward` (the weighted total) or the name of one reward of `rewards`, e.g. `accuracy`
+    # (DAPO filters on accuracy; a weight of 0 still computes it).
+    metric: str = "reward"
+    # Generation rounds per generation batch, the first included (verl's max_num_gen_batches,
+    # whose 0 = unlimited has no equivalent: a batch where no group can vary would never end).
+    max_rounds: int = _bounded(3, gt=0)
+
+    def validate(
+        self, metrics: list[str], rows_per_process: int, num_generations: int
+    ) -> DynamicSamplingConfig:
+        """Check against the rewards (`metrics`: their names) and TRL's batch arithmetic;
+        raise ValueError('dynamic_sampling.<key>: <why>') (one line)."""
+        if not self.enabled:
+            return self
+        if self.metric != "reward" and self.metric not in metrics:
+            known = ", ".join(["reward", *metrics])
+            raise ValueError(
+                f"dynamic_sampling.metric: '{self.metric}' is not 'reward' or a configured "
+                f"reward; use one of: {known}"
+            )
+        if not self.max_rounds >= 1:
+            raise ValueError(f"dynamic_sampling.max_rounds: must be > 0, got {self.max_rounds}")
+        # Groups are judged and replaced within each process: none may span two processes.
+        if rows_per_process % num_generations:
+            raise ValueError(
+                "dynamic_sampling.enabled: each process's generation batch "
+                f"(per_device_train_batch_size x steps_per_generation = {rows_per_process}) "
+                f"must be a multiple of num_generations ({num_generations})"
+            )
+        return self
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
@@ -206,6 +253,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
     reward_options: RewardOptionsConfig = field(default_factory=RewardOptionsConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     sampler: MultiTemperatureConfig = field(default_factory=MultiTemperatureConfig)
     # The fields of pbs.PBSConfig (block_size, segment_size, threshold, min_seq_len, force_sink,
     # permute, backend, scale); used when `model.attn_implementation: pbs`. After loading it
@@ -426,6 +474,7 @@ def validate(cfg: DictConfig) -> None:
     _check_train(cfg.train)
     args = grpo_config(cfg)  # GRPOConfig's own checks (batch sizes and the like) run before loading
     _check_reward_options(cfg, args.max_completion_length)
+    _check_dynamic_sampling(cfg, args)
 
 
 def _check_finite(node: Any, path: str) -> None:
@@ -513,6 +562,17 @@ def _check_reward_options(cfg: DictConfig, max_completion_length: int | None) ->
 
     try:
         build_reward_funcs(cfg.rewards, cfg.reward_options, max_completion_length)
+    except ValueError as exc:
+        raise ConfigError(one_line(exc)) from None
+
+
+def _check_dynamic_sampling(cfg: DictConfig, args: Any) -> None:
+    """`dynamic_sampling` against `rewards` and the batch sizes of `args` (trl.GRPOConfig, whose
+    steps_per_generation counts this launch's processes)."""
+    section: DynamicSamplingConfig = OmegaConf.to_object(cfg.dynamic_sampling)
+    rows = args.per_device_train_batch_size * args.steps_per_generation
+    try:
+        section.validate(list(cfg.rewards), rows, args.num_generations)
     except ValueError as exc:
         raise ConfigError(one_line(exc)) from None
 

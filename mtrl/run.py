@@ -71,6 +71,7 @@ def build_trainer(cfg: ExperimentConfig, resume: bool = False) -> Any:
         callbacks=[tracker],
         sampler_config=OmegaConf.to_object(cfg.sampler),
         rollout_config=OmegaConf.to_object(cfg.rollout),
+        dynamic_sampling_config=OmegaConf.to_object(cfg.dynamic_sampling),
     )
     tracker.trainer = trainer
     if cfg.eval.every_n_steps and cfg.eval.benchmarks:

@@ -34,11 +34,16 @@ TRL methods overridden (what a TRL upgrade must re-check):
 - `_compute_loss`: log-probs at the batch's temperatures; importance-sampling weight (TRL
   applies its own correction only on its vLLM path).
 - `_save_checkpoint`: writes the checkpoint under .staging/ and renames it into place.
+- `_prepare_inputs`: with `dynamic_sampling` on, TRL's one generation of a generation batch
+  becomes rounds of generation that drop zero-variance groups (`_dynamic_sampling_rounds`);
+  TRL's buffering (shuffle, split into micro-batches, reuse) is unchanged.
+- `_calculate_rewards`: keeps the round's gathered rewards, which dynamic sampling judges.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import shutil
@@ -51,9 +56,9 @@ from accelerate.utils import is_peft_model
 from transformers.trainer_utils import rotate_checkpoints
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import pad
+from trl.trainer.utils import RepeatSampler, pad
 
-from mtrl.config import RolloutConfig
+from mtrl.config import DynamicSamplingConfig, RolloutConfig
 from mtrl.rewards import pop_scoring_counts
 from mtrl.rollout import (
     RolloutEngine,
@@ -109,6 +114,36 @@ def _fit(x: torch.Tensor, length: int, fill: float) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, length - x.size(1)), value=fill)
 
 
+def _group_rows(batch: dict, groups: torch.Tensor, group_size: int) -> dict:
+    """The rows of `groups` (indices of consecutive blocks of `group_size` rows) of a scored
+    batch; `num_items_in_batch`, which spans the whole batch, is left out."""
+    rows = (groups[:, None] * group_size + torch.arange(group_size, device=groups.device)).flatten()
+    return {k: v[rows.to(v.device)] for k, v in batch.items() if k != "num_items_in_batch"}
+
+
+def _cat_batches(batches: list[dict], pad_values: dict[str, tuple[float, str]]) -> dict:
+    """Batches joined row-wise; a per-token tensor is padded to the widest on its padding side
+    (left for prompts, right for completions)."""
+    out = {}
+    for key in batches[0]:
+        if key not in pad_values:  # a key a TRL upgrade added: its padding must be decided
+            raise ValueError(f"dynamic sampling: no padding rule for batch key '{key}'")
+        value, side = pad_values[key]
+        parts = [b[key] for b in batches]
+        if parts[0].dim() == 1:
+            out[key] = torch.cat(parts)
+            continue
+        width = max(p.size(1) for p in parts)
+        out[key] = torch.cat([_widen(p, width, side, value) for p in parts])
+    return out
+
+
+def _widen(x: torch.Tensor, width: int, side: str, fill: float) -> torch.Tensor:
+    """Pad the last dimension of x to `width` on `side` ("left" or "right")."""
+    missing = width - x.size(1)
+    return torch.nn.functional.pad(x, (0, missing) if side == "right" else (missing, 0), value=fill)
+
+
 class _HiddenScale:
     """Forward hook on the backbone: within `dividing(...)`, the final hidden state at position
     p is divided by the temperature of token p+1 (outside, the hook passes it through).
@@ -146,7 +181,7 @@ class MultiTempGRPOTrainer(GRPOTrainer):
     `sampler_config` configures the sampler (temperatures, top-k/top-p/min-p); GRPOConfig's
     own temperature/top_p/top_k/min_p must stay neutral. `rollout_config` picks the generation
     backend (`engine`: auto, fast, hf) and the importance-sampling correction of the sampling
-    log-probs.
+    log-probs. `dynamic_sampling_config` turns on DAPO's dynamic sampling (filter groups).
     """
 
     def __init__(
@@ -154,10 +189,12 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         *args,
         sampler_config: MultiTemperatureConfig | None = None,
         rollout_config: RolloutConfig | None = None,
+        dynamic_sampling_config: DynamicSamplingConfig | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.rollout_config = rollout_config or RolloutConfig()
+        self.dynamic_sampling = self._checked_dynamic_sampling(dynamic_sampling_config)
         if self.temperature != 1.0 or self.top_p != 1.0 or self.top_k or self.min_p:
             raise ValueError(
                 "MultiTempGRPOTrainer: leave GRPOConfig temperature/top_p/top_k/min_p at their "
@@ -521,6 +558,166 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             metrics["sampler/threshold"].append(float(self.sampler.last_threshold))
         for name, value in self.sampler.scheduled_values().items():
             metrics[f"sampler/scheduled/{name}"].append(value)
+
+    # --- dynamic sampling (DAPO's filter groups) -----------------------------------------
+
+    def _checked_dynamic_sampling(
+        self, config: DynamicSamplingConfig | None
+    ) -> DynamicSamplingConfig:
+        """`config` checked against this trainer's rewards, batch sizes and dataset."""
+        config = (config or DynamicSamplingConfig()).validate(
+            list(self.reward_func_names),
+            self.args.per_device_train_batch_size * self.args.steps_per_generation,
+            self.num_generations,
+        )
+        if config.enabled and isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                "dynamic_sampling.enabled: needs a map-style training dataset (extra rounds "
+                "draw prompts by index), got an iterable one"
+            )
+        self._round_rewards: torch.Tensor | None = None
+        # Extra rounds' prompts (`_dynamic_sampling_prompts`), made on first use.
+        self._extra_dataset = self._extra_sampler = self._extra_prompts = None
+        return config
+
+    def _prepare_inputs(self, generation_batch):
+        # Why: DAPO's dynamic sampling replaces the groups whose rewards are all equal (zero
+        # advantage) by groups from further generation rounds. TRL's buffering around the one
+        # `_generate_and_score_completions` call of a generation batch stays TRL's: within this
+        # call an instance attribute routes that call to the rounds.
+        if not (self.dynamic_sampling.enabled and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        self._generate_and_score_completions = self._dynamic_sampling_rounds
+        try:
+            return super()._prepare_inputs(generation_batch)
+        finally:
+            del self._generate_and_score_completions
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Why: dynamic sampling judges each group by its rewards, which TRL keeps inside
+        # `_generate_and_score_completions`; (rows of all processes, reward functions).
+        self._round_rewards = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        return self._round_rewards
+
+    def _dynamic_sampling_rounds(self, inputs: list[dict]) -> dict:
+        """The generation batch `inputs` (this process's rows: groups of num_generations
+        consecutive rows) generated and scored, each zero-variance group replaced by a group
+        with variance from a further round on fresh prompts, for at most `max_rounds` rounds.
+
+        Every round generates a full generation batch (the fast engine's captured graphs fit
+        every round) and every process runs the same number of rounds (their collectives must
+        match). At the cap, dropped zero-variance groups fill the batch (zero advantage): TRL
+        splits exactly per_device_train_batch_size x steps_per_generation rows per process.
+        """
+        n = self.num_generations
+        wanted = len(inputs) // n  # groups per process
+        kept: list[dict] = []  # row subsets of each round's output: groups with variance
+        spare: list[dict] = []  # and zero-variance groups, for filling at the cap
+        n_kept = n_spare = varied = flat = rounds = 0
+        while True:
+            batch = inputs if rounds == 0 else self._dynamic_sampling_prompts(len(inputs))
+            output = type(self)._generate_and_score_completions(self, batch)
+            rounds += 1
+            informative = self._informative_groups(len(batch))
+            varied += int(informative.sum())
+            flat += int((~informative).sum())
+            take = informative.nonzero().flatten()[: wanted - n_kept]
+            kept.append(_group_rows(output, take, n))
+            n_kept += take.numel()
+            spares = (~informative).nonzero().flatten()[: wanted - n_spare]
+            spare.append(_group_rows(output, spares, n))
+            n_spare += spares.numel()
+            short = self.accelerator.gather(
+                torch.tensor([wanted - n_kept], device=self.accelerator.device)
+            )
+            if short.max() == 0 or rounds == self.dynamic_sampling.max_rounds:
+                break
+        filled = wanted - n_kept
+        batch = _cat_batches(
+            kept + [_group_rows(_cat_batches(spare, self._pad_values), torch.arange(filled), n)],
+            self._pad_values,
+        )
+        loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
+        batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+
+        counts = torch.tensor([varied, flat, n_kept, filled], device=self.accelerator.device)
+        varied, flat, n_kept, filled = self.accelerator.gather(counts[None]).sum(0).tolist()
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/rounds"].append(rounds)
+        metrics["dynamic_sampling/groups_kept"].append(n_kept)  # with variance, in the batch
+        metrics["dynamic_sampling/groups_dropped"].append(flat - filled)  # zero variance, out
+        metrics["dynamic_sampling/groups_filled"].append(filled)  # zero variance, in (at cap)
+        metrics["dynamic_sampling/groups_surplus"].append(varied - n_kept)  # beyond the batch
+        metrics["dynamic_sampling/stopped_at_cap"].append(float(short.max() > 0))
+        return batch
+
+    def _informative_groups(self, rows: int) -> torch.Tensor:
+        """(rows // num_generations,) bool: which of this process's groups of the round just
+        scored have unequal `dynamic_sampling.metric` values (NaN, unscorable, ignored)."""
+        rewards, self._round_rewards = self._round_rewards, None
+        if self.dynamic_sampling.metric == "reward":  # the weighted total, as TRL sums it
+            values = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1)
+            values[torch.isnan(rewards).all(dim=1)] = torch.nan
+        else:
+            values = rewards[:, self.reward_func_names.index(self.dynamic_sampling.metric)]
+        start = self.accelerator.process_index * rows  # TRL gathers rows in process order
+        grouped = values[start : start + rows].view(-1, self.num_generations)
+        low = grouped.nan_to_num(nan=torch.inf).amin(dim=1)
+        high = grouped.nan_to_num(nan=-torch.inf).amax(dim=1)
+        return high > low
+
+    def _dynamic_sampling_prompts(self, rows: int) -> list[dict]:
+        """This process's `rows` rows of a fresh generation batch for an extra round.
+
+        TRL's RepeatSampler order (each prompt num_generations times in a row), with a seed of
+        its own so that extra rounds do not replay the prompts of the coming steps, cut the
+        way accelerate shards TRL's dataloader: every process draws the same global batch and
+        takes its consecutive slice of it.
+        """
+        size = self.args.generation_batch_size  # rows of all processes
+        if self._extra_sampler is None:
+            self._extra_dataset = self._remove_unused_columns(
+                self.train_dataset, description="dynamic sampling"
+            )
+            self._extra_sampler = RepeatSampler(
+                data_source=self._extra_dataset,
+                mini_repeat_count=self.num_generations,
+                batch_size=size // self.num_generations,
+                shuffle=self.shuffle_dataset,
+                seed=self.args.seed + 1,
+            )
+        for new_pass in (False, True):  # at the end of a pass, a new pass: a new permutation
+            if new_pass or self._extra_prompts is None:
+                self._extra_prompts = iter(self._extra_sampler)
+            indices = list(itertools.islice(self._extra_prompts, size))
+            if len(indices) == size:  # RepeatSampler yields whole batches only
+                break
+        else:
+            raise ValueError("dynamic sampling: the training dataset is smaller than one batch")
+        start = self.accelerator.process_index * rows
+        return [self._extra_dataset[i] for i in indices[start : start + rows]]
+
+    @property
+    def _pad_values(self) -> dict[str, tuple[float, str]]:
+        """Batch key -> (padding value, side) for joining rows of different rounds."""
+        pad_id = self._tokenizer.pad_token_id
+        return {
+            "prompt_ids": (pad_id, "left"),
+            "prompt_mask": (0, "left"),
+            "completion_ids": (pad_id, "right"),
+            "completion_mask": (0, "right"),
+            "tool_mask": (1, "right"),
+            "old_per_token_logps": (0.0, "right"),
+            "ref_per_token_logps": (0.0, "right"),
+            "sampling_per_token_logps": (0.0, "right"),
+            "importance_sampling_ratio": (1.0, "right"),
+            "temperatures": (1.0, "right"),
+            "entropies": (0.0, "right"),
+            "is_reasoning": (False, "right"),
+            "advantages": (0.0, "right"),
+        }
 
     # --- checkpoints --------------------------------------------------------------------
 
