@@ -176,3 +176,91 @@ def test_config_section_is_checked_before_loading(tmp_path):
     # A group may not span two processes (here: 6 rows per process, groups of 4).
     with pytest.raises(ValueError, match=r"^dynamic_sampling\.enabled: .* multiple of"):
         DynamicSamplingConfig(enabled=True).validate(["accuracy"], 6, 4)
+
+
+WORKER = '''
+import json, sys, zlib
+import torch
+from omegaconf import OmegaConf
+from mtrl.config import DynamicSamplingConfig, grpo_config, load_config
+from mtrl.data import load_prompts
+from mtrl.models import load_model_and_tokenizer
+from mtrl.trainer import MultiTempGRPOTrainer
+
+out, overrides = sys.argv[1], sys.argv[2:]
+calls = []
+
+def by_prompt(prompts, completions, **kwargs):
+    """Variance in a group iff its prompt's CRC is even; checks each group is one prompt."""
+    texts = [json.dumps(p) for p in prompts]
+    groups = [texts[i : i + 4] for i in range(0, len(texts), 4)]
+    assert all(len(set(g)) == 1 for g in groups), "a group spans several prompts"
+    calls.append([g[0] for g in groups])
+    return [float(i % 4) if zlib.crc32(t.encode()) % 2 == 0 else 1.0 for i, t in enumerate(texts)]
+
+cfg = load_config(sys.argv[0].replace("worker.py", "smoke.yaml"), overrides)
+model, tokenizer, _ = load_model_and_tokenizer(cfg.model, cfg.pbs)
+args = grpo_config(cfg)
+args.reward_weights = None
+trainer = MultiTempGRPOTrainer(
+    model=model, reward_funcs=[by_prompt], args=args,
+    train_dataset=load_prompts(cfg.data, tokenizer), processing_class=tokenizer,
+    sampler_config=OmegaConf.to_object(cfg.sampler),
+    dynamic_sampling_config=DynamicSamplingConfig(enabled=True, metric="by_prompt", max_rounds=8),
+)
+trainer.model.train()
+trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+parts = trainer._buffered_inputs
+metrics = {k: v for k, v in trainer._metrics["train"].items() if k.startswith("dynamic")}
+result = {
+    "rows": sum(len(p["advantages"]) for p in parts),
+    "zero_advantage_rows": sum(int((p["advantages"] == 0).sum()) for p in parts),
+    "calls": calls,
+    "metrics": metrics,
+}
+rank = trainer.accelerator.process_index
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(result, f)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_fill_their_batches_in_the_same_rounds(tmp_path):
+    """Two gloo processes: each fills its own groups, both run the same number of rounds (their
+    collectives match), every group is one prompt and the processes draw different prompts."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_distributed import free_port
+
+    (tmp_path / "worker.py").write_text(WORKER)
+    shutil.copy(SMOKE, tmp_path / "smoke.yaml")
+    shutil.copy(os.path.join(os.path.dirname(SMOKE), "base.yaml"), tmp_path / "base.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        str(tmp_path / "worker.py"), str(tmp_path),
+        f"train.output_dir={tmp_path / 'out'}",
+        "train.per_device_train_batch_size=4",
+        "train.generation_batch_size=16",  # 2 micro-batches of 4 rows per process: 2 groups
+        "train.max_completion_length=4",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    rounds = [r["metrics"]["dynamic_sampling/rounds"] for r in ranks]
+    assert rounds[0] == rounds[1] and rounds[0][0] > 1  # some group of round 1 had no variance
+    for r in ranks:
+        assert r["rows"] == 8 and r["zero_advantage_rows"] == 0
+        assert len(r["calls"]) == rounds[0][0]
+        assert r["metrics"]["dynamic_sampling/stopped_at_cap"] == [0.0]
+        assert r["metrics"]["dynamic_sampling/groups_kept"] == [4.0]  # summed over processes
+    for call0, call1 in zip(ranks[0]["calls"], ranks[1]["calls"], strict=True):
+        assert not set(call0) & set(call1)  # each process its own slice of the global batch
