@@ -47,6 +47,7 @@ import itertools
 import logging
 import os
 import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,9 +64,12 @@ from mtrl.rewards import pop_scoring_counts
 from mtrl.rollout import (
     RolloutEngine,
     RolloutOutput,
+    decline_mirror,
     engine_for,
     fuse_projections,
     generate,
+    is_mirror,
+    mirror_for,
     wants_engine,
 )
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler
@@ -221,10 +225,22 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         if self._zero3:
             if self.args.ds3_gather_for_generation:
                 logger.info(
-                    "ZeRO-3: each rollout gathers the full parameters once, generates, then "
-                    "re-partitions them (train.ds3_gather_for_generation=true)"
+                    "ZeRO-3: each rollout gathers the full parameters once, %s "
+                    "(train.ds3_gather_for_generation=true)",
+                    "copies them into the fast engine's own weights and re-partitions them "
+                    "before generating (rollout.zero3_weights)"
+                    if self._mirrors_weights()
+                    else "generates, then re-partitions them",
                 )
             else:
+                rollout = self.rollout_config
+                if rollout.engine == "fast" or rollout.zero3_weights == "copy":
+                    key = "engine" if rollout.engine == "fast" else "zero3_weights"
+                    raise ValueError(
+                        f"rollout.{key}: under ZeRO-3 the fast engine runs on a copy of the "
+                        "weights gathered once per rollout; needs "
+                        "train.ds3_gather_for_generation=true"
+                    )
                 logger.info(
                     "ZeRO-3: rollouts gather each layer's parameters on every forward "
                     "(train.ds3_gather_for_generation=false: less memory, much slower)"
@@ -384,6 +400,7 @@ class MultiTempGRPOTrainer(GRPOTrainer):
                 len(prompt_ids),
                 first_index=self.accelerator.process_index * len(prompt_ids),
             ).to(device)
+        started = time.perf_counter()
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -395,18 +412,12 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            out = generate(
-                unwrapped_model,
-                input_ids,
-                attention_mask,
-                sampler=self.sampler,
-                max_new_tokens=self.max_completion_length,
-                eos_token_ids=self.eos_token_ids,
-                pad_token_id=self._tokenizer.pad_token_id,
-                engine=self._rollout_engine(unwrapped_model),
-                temperature_offsets=offsets,
-                generation_config=self.generation_config,
-            )
+            mirror = self._refreshed_mirror(unwrapped_model, started)
+            if mirror is None:
+                out = self._sample(unwrapped_model, input_ids, attention_mask, offsets)
+        if mirror is not None:
+            # ZeRO-3: the gathered parameters are partitioned again; the engine reads its copy.
+            out = self._sample(mirror, input_ids, attention_mask, offsets)
         self._rollout = out
         # Old and reference log-probs are scored inside this same TRL call: at these
         # temperatures (the binding ends with `_generate_and_score_completions`).
@@ -418,9 +429,63 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         logprobs = [row[:n].tolist() for row, n in zip(out.logprobs.cpu(), lengths, strict=True)]
         return completion_ids, logprobs
 
+    def _sample(self, model, input_ids, attention_mask, offsets) -> RolloutOutput:
+        """One rollout of `model` through `mtrl.rollout.generate` (engine or transformers)."""
+        return generate(
+            model,
+            input_ids,
+            attention_mask,
+            sampler=self.sampler,
+            max_new_tokens=self.max_completion_length,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self._tokenizer.pad_token_id,
+            engine=self._rollout_engine(model),
+            temperature_offsets=offsets,
+            generation_config=self.generation_config,
+        )
+
+    def _refreshed_mirror(self, model, started: float):
+        """Under ZeRO-3 with the engine: the weight mirror's model (`mtrl.rollout.mirror`), its
+        values copied from the gathered `model` now (so: inside the gather); else None, and
+        rollouts generate from `model` itself.
+
+        Logs `rollout/weight_copy_s`: seconds from `started` (before the gather) to the end of
+        the copy, i.e. gather + copy.
+        """
+        if not (self._mirrors_weights() and self._fast_engine_configured()):
+            return None
+        rollout = self.rollout_config
+        mirror = mirror_for(model, "copy" if rollout.engine == "fast" else rollout.zero3_weights)
+        if mirror is not None and self._rollout_engine(mirror.model) is None:
+            # The engine can't serve this architecture: generate needs no copy.
+            decline_mirror(model, "the fast engine can't serve this model")
+            mirror = None
+        if mirror is None:
+            return None
+        mirror.refresh(model)
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()  # the copy runs asynchronously: time all of it
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rollout/weight_copy_s"].append(time.perf_counter() - started)
+        return mirror.model
+
+    def _mirrors_weights(self) -> bool:
+        """Whether ZeRO-3 rollouts may run the engine on a weight mirror: one gather per
+        rollout to copy from, an engine that may run, rollout.zero3_weights not `generate`."""
+        rollout = self.rollout_config
+        return (
+            self._zero3
+            and self.args.ds3_gather_for_generation
+            and rollout.engine != "hf"
+            and (rollout.engine == "fast" or rollout.zero3_weights != "generate")
+        )
+
     def _rollout_engine(self, model) -> RolloutEngine | None:
         """The fast engine for `model` when configured and supported, else None (generate)."""
         if not self._fast_engine_configured():
+            return None
+        if self._zero3 and not is_mirror(model):
+            # Gathered ZeRO-3 weights move at every gather; the engine serves their mirror.
             return None
         return engine_for(
             model,
@@ -436,7 +501,12 @@ class MultiTempGRPOTrainer(GRPOTrainer):
 
     def _fast_engine_configured(self) -> bool:
         """Whether rollouts should try the fast engine (rollout.engine, device, ZeRO stage)."""
-        return wants_engine(self.rollout_config.engine, self.accelerator.device, self._zero3)
+        return wants_engine(
+            self.rollout_config.engine,
+            self.accelerator.device,
+            self._zero3,
+            mirror=self._mirrors_weights(),
+        )
 
     def _generate_and_score_completions(self, inputs):
         # Why: the old and reference log-probs TRL scores here need the rollout's per-token

@@ -736,3 +736,28 @@ def test_zero3_weights_key_is_validated(smoke_config):
         with pytest.raises(ConfigError, match="rollout.zero3_weights") as info:
             smoke_config(bad, "rollout.engine=fast")
         assert "\n" not in str(info.value)
+
+
+def test_weight_mirror_runs_its_own_forward_not_a_wrapper_of_the_live_one():
+    """TRL wraps the policy's forward on the instance (its fused log-prob head), closing over
+    the live bound forward; the mirror must not call into the live model through it."""
+    import functools
+
+    from mtrl.rollout import WeightMirror
+
+    live = tiny_model(seed=8)
+    inner = live.forward
+    live.forward = functools.wraps(inner)(lambda *a, **k: inner(*a, **k))
+    live.model.layers[0].self_attn.sibling = live.model.layers[1].self_attn  # a plain attribute
+    mirror = WeightMirror(live)
+    assert mirror.model.model.layers[0].self_attn.sibling is mirror.model.model.layers[1].self_attn
+    ids, mask = left_padded([6, 3])
+    move_and_change(live)  # no refresh: the mirror keeps the old values
+    with torch.no_grad():
+        old = mirror.model(input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(old, live(input_ids=ids, attention_mask=mask).logits)
+        mirror.refresh(live)
+        torch.testing.assert_close(
+            mirror.model(input_ids=ids, attention_mask=mask).logits,
+            live(input_ids=ids, attention_mask=mask).logits,
+        )

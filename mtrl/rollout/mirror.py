@@ -16,7 +16,8 @@ into them:
 Structure: every module of the mirror is a shallow copy of the live one (same class, same
 attribute values and config objects) with its own parameter and buffer tensors and no hooks
 (DeepSpeed's parameter-fetch hooks, the trainer's hidden-state scaling: a rollout needs none of
-them). Parameters tied in the live model (an LM head sharing the embedding) are one tensor in
+them); a ``forward`` set on a live instance (TRL's fused log-prob head wraps the live model's
+bound forward) is dropped, so the mirror runs its class's forward. Parameters tied in the live model (an LM head sharing the embedding) are one tensor in
 the mirror too. The q/k/v and gate/up weights of each layer then share one buffer per group
 (``fuse_projections``), so the engine runs each group as one GEMM.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 import weakref
 
 import torch
@@ -119,7 +121,13 @@ class WeightMirror:
                 made[id(t)] = nn.Parameter(torch.empty_like(t.detach()), requires_grad=False)
             else:
                 made[id(t)] = t.detach().clone()
-        self.model = _clone(model, {}, made)
+        clones: dict[int, nn.Module] = {}
+        self.model = _clone(model, clones, made)
+        for module in clones.values():  # a plain attribute naming a module names its copy
+            state = vars(module)
+            for name, value in list(state.items()):
+                if isinstance(value, nn.Module) and id(value) in clones:
+                    state[name] = clones[id(value)]
         self.model.eval()
         # One buffer per q/k/v and gate/up group: from here on no tensor moves again.
         fuse_projections(self.model)
@@ -162,9 +170,14 @@ def _clone(module: nn.Module, clones: dict[int, nn.Module], made: dict) -> nn.Mo
     new = copy.copy(module)
     clones[id(module)] = new
     state = vars(new)
+    # A forward set on the instance wraps the live model's own (TRL's fused log-prob head
+    # holds the live bound forward): the mirror runs its class's forward.
+    state.pop("forward", None)
     for name, value in list(state.items()):
         if "hook" in name and isinstance(value, dict):
             state[name] = type(value)()
+        elif isinstance(value, types.MethodType) and value.__self__ is module:
+            state[name] = types.MethodType(value.__func__, new)
     state["_parameters"] = {n: made.get(id(p)) for n, p in vars(module)["_parameters"].items()}
     state["_buffers"] = {n: made.get(id(b)) for n, b in vars(module)["_buffers"].items()}
     state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
