@@ -133,19 +133,19 @@ def test_select_drops_skipped_and_their_exclusive_dependencies():
     ]
     env = wheelhouse.target_env("3.12", "manylinux_2_28_x86_64")
     roots = [Requirement("trl"), Requirement("deepspeed")]
-    kept, dropped = wheelhouse.select(items, roots, {"transformers"}, {}, env)
+    kept, dropped, _ = wheelhouse.select(items, roots, {"transformers"}, {}, env)
     # numpy stays: datasets needs it too; tokenizers is transformers' alone.
     assert set(kept) == {"trl", "datasets", "numpy", "pyarrow", "deepspeed"}
     assert dropped["transformers"] == "skipped"
     assert dropped["tokenizers"].startswith("needed only by")
     # An installed version that satisfies every requirement on it is not fetched.
-    kept, dropped = wheelhouse.select(
+    kept, dropped, _ = wheelhouse.select(
         items, roots, {"transformers"}, {"pyarrow": wheelhouse.Version("21.0")}, env
     )
     assert "pyarrow" not in kept and dropped["pyarrow"].startswith("installed")
     # --skip-deps: the skipped packages' whole closure counts as present.
     skip = wheelhouse.closure(items, {"transformers"}, env)
-    kept, _ = wheelhouse.select(items, roots, skip, {}, env)
+    kept, _, _ = wheelhouse.select(items, roots, skip, {}, env)
     assert "numpy" not in kept and "datasets" in kept
 
 
