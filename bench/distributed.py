@@ -24,10 +24,21 @@ gradients over twice as many micro-batches as each of two GPUs does.
     zero3        N GPUs, DeepSpeed ZeRO-3 (generation gathers the weights once per rollout)
     zero3-lora   ZeRO-3 with LoRA adapters (model.lora.enabled=true)
     zero3-resume ZeRO-3, stopped after a checkpoint and resumed from it (train.resume=true)
+    zero3-1gpu-generate  1 GPU, 1 process, DeepSpeed ZeRO-3, rollouts through transformers
+                 generate on the gathered weights (rollout.zero3_weights=generate)
+    zero3-1gpu-engine    the same with the fast engine on its own copy of the weights, copied
+                 from one gather per rollout (rollout.zero3_weights=copy)
 
-Rollouts use `rollout.engine: auto`: the fast engine for single and zero2, transformers
-generate under ZeRO-3 (and in single-fp32, so that no rollout buffers stay allocated between
-steps and the memory comparison holds model states only).
+Rollouts use `rollout.engine: auto`: the fast engine for single and zero2; transformers
+generate in single-fp32 and, with `rollout.zero3_weights=generate`, in zero3, zero3-lora and
+zero3-resume, so that no rollout buffers (the engine's cache, its copy of the weights) stay
+allocated between steps and the memory comparison holds model states only. The two zero3-1gpu
+runs compare the ZeRO-3 rollout paths on one GPU; the difference of their model states is
+the engine's weight copy:
+
+    python bench/distributed.py --gpus 1 --runs zero3-1gpu-generate,zero3-1gpu-engine \
+        --global-batch 64 --micro-batch 32 --steps 3 --warmup 1 \
+        --out bench/results/distributed_zero3_engine.md
 
 The model is Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960)
 with random weights and the project's small test tokenizer, so its embedding is smaller than
@@ -39,7 +50,10 @@ Measured on every rank by a trainer callback: the median step time (CUDA-synchro
 optimizer step with its rollout and all its micro-batches, first `--warmup` steps left out),
 peak allocated memory over the run (generation and activations included), and "model states":
 memory allocated right after the optimizer step, before gradients are zeroed, when parameters,
-gradients and optimizer states are what is left (activations are freed after backward).
+gradients and optimizer states are what is left (activations are freed after backward). Per
+rollout (one `_generate_single_turn` call, CUDA-synchronised): its wall time (gather, copy and
+generation), its completion tokens, its backend, and the trainer's `rollout/weight_copy_s`
+(gather + copy into the engine's weights; logged under ZeRO-3 with the engine).
 """
 
 from __future__ import annotations
@@ -109,11 +123,38 @@ def worker(args: argparse.Namespace) -> int:
             sync()
             self.times.append(time.perf_counter() - self.t0)
 
-    probe = Probe()
+    class Logs(TrainerCallback):
+        def __init__(self):
+            self.weight_copy_s: list[float] = []
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "rollout/weight_copy_s" in logs:
+                self.weight_copy_s.append(logs["rollout/weight_copy_s"])
+
+    probe, logs = Probe(), Logs()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer = build_trainer(cfg, resume=checkpoint is not None)
     trainer.add_callback(probe)
+    trainer.add_callback(logs)
+    rollouts: list[dict] = []
+    generate_single_turn = trainer._generate_single_turn
+
+    def timed_rollout(prompt_ids, *a, **kw):
+        sync()
+        t0 = time.perf_counter()
+        completions, logprobs = generate_single_turn(prompt_ids, *a, **kw)
+        sync()
+        rollouts.append(
+            {
+                "s": time.perf_counter() - t0,
+                "tokens": sum(len(c) for c in completions),
+                "backend": trainer._rollout.backend,
+            }
+        )
+        return completions, logprobs
+
+    trainer._generate_single_turn = timed_rollout
     rank = trainer.accelerator.process_index
     if rank == 0:
         model = trainer.model
@@ -135,6 +176,8 @@ def worker(args: argparse.Namespace) -> int:
         "global_step": trainer.state.global_step,
         "resumed_from": checkpoint,
         "ds3_gather_for_generation": trainer.args.ds3_gather_for_generation,
+        "rollouts": rollouts,
+        "weight_copy_s": logs.weight_copy_s,
         "zero_stage": (
             trainer.accelerator.state.deepspeed_plugin.zero_stage
             if trainer.accelerator.state.deepspeed_plugin
@@ -195,6 +238,8 @@ def summarise(result_dir: Path, warmup: int) -> dict | None:
     r0 = next(r for r in ranks if r["rank"] == 0)
     times = [max(ts) for ts in zip(*(r["step_times"] for r in ranks), strict=False)]
     timed = times[warmup:] or times
+    rollouts = r0.get("rollouts", [])[warmup:]
+    copies = r0.get("weight_copy_s", [])[warmup:]
     return {
         "gpus": r0["world_size"],
         "device": r0["device"],
@@ -207,6 +252,13 @@ def summarise(result_dir: Path, warmup: int) -> dict | None:
         "resumed_from": r0["resumed_from"],
         "gather": r0["ds3_gather_for_generation"],
         "zero_stage": r0["zero_stage"],
+        # rank 0's rollouts after the warm-up ones (one per optimizer step here)
+        "rollout_s": statistics.median(x["s"] for x in rollouts) if rollouts else None,
+        "rollout_tok_s": (
+            sum(x["tokens"] for x in rollouts) / sum(x["s"] for x in rollouts) if rollouts else None
+        ),
+        "backends": sorted({x["backend"] for x in r0.get("rollouts", [])}),
+        "weight_copy_s": statistics.median(copies) if copies else None,
     }
 
 
@@ -279,16 +331,20 @@ def main() -> int:
         parser.error(f"--global-batch must be a multiple of {n} x --micro-batch")
     bf16 = {"model.dtype": "bfloat16"}
     fp32 = {"model.dtype": "float32"}
+    z3_generate = {**fp32, "rollout.zero3_weights": "generate"}
     runs = {  # name: (accelerate config, processes, overrides)
         "single": ("single_gpu.yaml", 1, bf16),
         "zero2": ("zero2.yaml", n, bf16),
         "single-fp32": ("single_gpu.yaml", 1, {**fp32, "rollout.engine": "hf"}),
-        "zero3": ("zero3.yaml", n, fp32),
-        "zero3-lora": ("zero3.yaml", n, {**fp32, "model.lora.enabled": "true"}),
-        "zero3-resume": ("zero3.yaml", n, fp32),
+        "zero3": ("zero3.yaml", n, z3_generate),
+        "zero3-lora": ("zero3.yaml", n, {**z3_generate, "model.lora.enabled": "true"}),
+        "zero3-resume": ("zero3.yaml", n, z3_generate),
+        "zero3-1gpu-generate": ("zero3.yaml", 1, z3_generate),
+        "zero3-1gpu-engine": ("zero3.yaml", 1, {**fp32, "rollout.zero3_weights": "copy"}),
     }
     baseline = {"zero2": "single", "zero3": "single-fp32", "zero3-lora": "single-fp32"}
     baseline["zero3-resume"] = "single-fp32"
+    baseline["zero3-1gpu-engine"] = "zero3-1gpu-generate"
     commands: list[tuple[str, str, int]] = []
     for name in args.runs.split(","):
         config, nproc, extra = runs[name]
@@ -336,6 +392,18 @@ def main() -> int:
             f"{r['state_gib']:.2f} | {mem} | {r['peak_gib']:.2f} | {r['step_s']:.2f} | {speed} |"
         )
     table = "\n".join(lines)
+    rollout_lines = [
+        "| run | rollout backend | rollout (s) | completion tokens / s | gather + copy (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        if r is not None and r["rollout_s"] is not None:
+            copy_s = "-" if r["weight_copy_s"] is None else f"{r['weight_copy_s']:.3f}"
+            rollout_lines.append(
+                f"| {name} | {', '.join(r['backends'])} | {r['rollout_s']:.2f} | "
+                f"{r['rollout_tok_s']:,.0f} | {copy_s} |"
+            )
+    rollout_table = "\n".join(rollout_lines)
     checks = []
     single, single32 = rows.get("single"), rows.get("single-fp32")
     z2, z3, res = rows.get("zero2"), rows.get("zero3"), rows.get("zero3-resume")
@@ -360,7 +428,17 @@ def main() -> int:
     if z3:
         checks.append(
             f"- ZeRO-3 generation: ds3_gather_for_generation={z3['gather']} (the full "
-            "weights are gathered once per rollout, then generate runs unsharded)"
+            f"weights are gathered once per rollout); rollouts by {', '.join(z3['backends'])}"
+        )
+    gen, eng = rows.get("zero3-1gpu-generate"), rows.get("zero3-1gpu-engine")
+    if gen and eng and gen["rollout_tok_s"] and eng["rollout_tok_s"]:
+        ok = eng["backends"] == ["engine"] and gen["backends"] == ["generate"]
+        checks.append(
+            f"- ZeRO-3 rollouts on 1 GPU: the engine on its weight copy {eng['rollout_tok_s']:,.0f} "
+            f"completion tokens/s against generate's {gen['rollout_tok_s']:,.0f} "
+            f"({eng['rollout_tok_s'] / gen['rollout_tok_s']:.1f}x; gather + copy "
+            f"{eng['weight_copy_s'] or float('nan'):.3f} s per rollout); step "
+            f"{gen['step_s'] / eng['step_s']:.2f}x: {'PASS' if ok else 'FAIL (backends)'}"
         )
     devices = sorted({r["device"] for r in rows.values() if r})
     report = (
@@ -379,9 +457,16 @@ right after the optimizer step, before gradients are zeroed (parameters, gradien
 states; the highest rank). Peak: the highest rank's peak allocated memory (generation and
 activations included). Baselines: zero2 against single (bf16 weights, both with the fast
 rollout engine); the ZeRO-3 runs against single-fp32 (fp32 weights and Adam states, as
-DeepSpeed's master copy; transformers generate, as under ZeRO-3).
+DeepSpeed's master copy; transformers generate, as in these ZeRO-3 runs); zero3-1gpu-engine
+(the fast engine on its copy of the gathered weights) against zero3-1gpu-generate.
 
 {table}
+
+Rollouts (rank 0, after the first {args.warmup}): wall time of a rollout (gather, weight copy
+and generation), completion tokens per second over those rollouts, and the trainer's
+`rollout/weight_copy_s` (gather + copy into the engine's own weights, ZeRO-3 with the engine).
+
+{rollout_table}
 
 {chr(10).join(checks)}
 
@@ -393,7 +478,8 @@ Commands (from the repository root; `python bench/distributed.py` runs them all)
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
-    print("\n" + table + "\n\n" + "\n".join(checks) + f"\n\nwritten: {args.out}")
+    print("\n" + table + "\n\n" + rollout_table + "\n\n" + "\n".join(checks))
+    print(f"\nwritten: {args.out}")
     return 0 if all(rc == 0 for _, _, rc in commands) else 1
 
 
