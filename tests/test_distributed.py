@@ -317,7 +317,7 @@ def zero3_engine_worker(out_dir: Path) -> None:
         ROOT / "experiments" / "smoke.yaml",
         [
             f"train.output_dir={out_dir / 'run'}",
-            f"tracking.uri=sqlite:///{out_dir / 'mlflow.db'}",
+            f"tracking.uri=file://{out_dir / 'mlruns'}",  # no SQL store needed on the GPU node
             "model.dtype=float32",
             "train.bf16=false",
             *GREEDY,
@@ -332,6 +332,7 @@ def zero3_engine_worker(out_dir: Path) -> None:
         ],
     )
     trainer = build_trainer(cfg)
+    device = trainer.accelerator.device
     logged: list[dict] = []
 
     class Logs(TrainerCallback):
@@ -353,14 +354,14 @@ def zero3_engine_worker(out_dir: Path) -> None:
     def reference(prompt_ids) -> list[list[int]]:
         """Greedy tokens of transformers generate on the gathered weights, up to the EOS."""
         prompts = [torch.tensor(ids) for ids in prompt_ids]
-        ids = pad(prompts, padding_value=pad_id, padding_side="left").cuda()
+        ids = pad(prompts, padding_value=pad_id, padding_side="left").to(device)
         mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left")
         with gathered() as model, torch.no_grad():
             was = model.training
             model.eval()
             rows = model.generate(
                 input_ids=ids,
-                attention_mask=mask.cuda(),
+                attention_mask=mask.to(device),
                 do_sample=False,
                 max_new_tokens=trainer.max_completion_length,
                 eos_token_id=eos,
@@ -384,13 +385,27 @@ def zero3_engine_worker(out_dir: Path) -> None:
             if j is None:  # one ends where the other goes on: no token differs, an EOS does
                 gaps.append([float("inf"), float("inf"), 0.0])
                 continue
-            seq = torch.tensor([list(prompt) + a[:j]], device="cuda")
+            seq = torch.tensor([list(prompt) + a[:j]], device=device)
             with torch.no_grad():
                 logits = model(input_ids=seq).logits[0, -1].float()
             top = float(logits.max())
             tol = 1e-4 * float(logits.abs().max()) + 1e-5
             gaps.append([top - float(logits[a[j]]), top - float(logits[b[j]]), tol])
         return gaps
+
+    def entropy_gap(model, prompt_ids, completions, entropies) -> float:
+        """Largest |entropy the engine recorded - entropy of the gathered model's forward|
+        over the completion tokens: the two forwards agree, not only their argmax."""
+        gap = 0.0
+        for i, (prompt, completion) in enumerate(zip(prompt_ids, completions, strict=True)):
+            seq = torch.tensor([list(prompt) + completion], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=seq).logits[0].float()
+            logits = logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)]
+            want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+            got = entropies[i, : len(completion)].to(want)
+            gap = max(gap, float((got - want).abs().max()))
+        return gap
 
     def recorded(prompt_ids, *args, **kwargs):
         want = reference(prompt_ids)
@@ -405,6 +420,7 @@ def zero3_engine_worker(out_dir: Path) -> None:
             was = model.training
             model.eval()
             ties = near_ties(model, prompt_ids, result[0], want)
+            gap = entropy_gap(model, prompt_ids, result[0], rollout.entropies)
             model.train(was)
         graphs_alive.append(list(engine._slot.graphs.values()))
         records.append(
@@ -414,6 +430,7 @@ def zero3_engine_worker(out_dir: Path) -> None:
                 "completions": result[0],
                 "reference": want,
                 "near_ties": ties,
+                "entropy_gap": gap,
                 "mirror_equals_gathered": same,
                 "mirror_ptrs": mirror.data_ptrs(),
                 "weights_checksum": checksum,
@@ -445,6 +462,7 @@ def test_zero3_one_process_rollouts_run_the_engine_on_the_weight_copy(tmp_path):
         __file__, ZERO3_WORKER, str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NCCL_NVLS_ENABLE": "0"}
+    env["MLFLOW_ALLOW_FILE_STORE"] = "true"
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "zero3_engine.json").read_text())
@@ -453,6 +471,7 @@ def test_zero3_one_process_rollouts_run_the_engine_on_the_weight_copy(tmp_path):
     for record in (first, second):
         assert record["backend"] == "engine" and record["used_cuda_graph"]
         assert record["mirror_equals_gathered"]
+        assert record["entropy_gap"] < 1e-3, record  # fp32: same forward, other kernels
         # Equal tokens, or equal up to a position where both are within fp32 noise of the top
         # (the engine and transformers run different kernels); at most one such row.
         assert len(record["near_ties"]) <= 1, record
