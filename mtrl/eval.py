@@ -383,8 +383,14 @@ def _generate(
             disable=not show_progress,
             dynamic_ncols=True,
         ):
+            chunk = texts[start : start + batch]
+            real = len(chunk)
+            if engine is not None:
+                # The engine captures one CUDA graph per batch size: a short last batch is
+                # filled with repeats of its last prompt (outputs dropped) to reuse the graph.
+                chunk = chunk + chunk[-1:] * (batch - real)
             enc = tokenizer(
-                texts[start : start + batch],
+                chunk,
                 return_tensors="pt",
                 padding=True,
                 add_special_tokens=add_special_tokens,
@@ -399,11 +405,11 @@ def _generate(
                 pad_token_id=tokenizer.pad_token_id,
                 engine=engine,
             )
-            lengths = out.lengths
-            last = out.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+            out_ids, lengths = out.completion_ids[:real], out.lengths[:real]
+            last = out_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
             done = (lengths > 0) & torch.isin(last, torch.tensor(eos or [-1], device=last.device))
             for row, length, ended in zip(
-                out.completion_ids.tolist(), lengths.tolist(), done.tolist(), strict=True
+                out_ids.tolist(), lengths.tolist(), done.tolist(), strict=True
             ):
                 text_tokens = row[: length - 1] if ended else row[:length]
                 out_texts.append(tokenizer.decode(text_tokens, skip_special_tokens=True))

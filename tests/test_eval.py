@@ -270,5 +270,16 @@ def test_training_and_evaluation_sample_through_the_one_generate(
         "eval.batch_size=4",
         "rollout.engine=fast",
     )
-    evaluate(trainer.model, trainer.processing_class, cfg, write=False, show_progress=False)
-    assert calls == ["engine", "engine", "engine"]  # 3 problems x 2 samples in batches of 4
+    rows = []
+    monkeypatch.setattr(
+        module,
+        "_finish",
+        lambda raw, eos, pad: rows.append(raw.completion_ids.size(0)) or real(raw, eos, pad),
+    )
+    result = evaluate(
+        trainer.model, trainer.processing_class, cfg, write=False, show_progress=False
+    )
+    # 3 problems x 2 samples in batches of 4: the short last batch is filled to 4 (one CUDA
+    # graph per batch size), and its filler outputs are dropped.
+    assert rows == [4, 4]
+    assert [len(r["completions"]) for r in result["records"]] == [2, 2, 2]

@@ -605,6 +605,12 @@ class RolloutEngine:
                 except Exception as e:  # noqa: BLE001 - fall back to the eager step
                     self._graph_failed = f"{type(e).__name__}: {e}"
                     s.graphs.clear()
+                    gen = getattr(self.sampler, "generator", None)
+                    if gen is not None:
+                        # A generator registered with a failed capture refuses eager draws
+                        # ("Offset increment outside graph capture"): draw from a fresh one.
+                        fresh = torch.Generator(gen.device)
+                        self.sampler.generator = fresh.manual_seed(gen.initial_seed())
                     logger.warning(
                         "rollout engine: CUDA graph capture failed, decoding eagerly: %s",
                         self._graph_failed,
