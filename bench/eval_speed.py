@@ -35,6 +35,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--problems", type=int, default=None, help="held-out problems (default 100)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval_speed.md"))
     p.add_argument("--commit", default=None, help="commit to name in the table (default HEAD)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="experiments/arith.yaml overrides, e.g. a random model of SmolLM2's layer shapes: "
+        "model.name=tiny model.tiny.architecture=llama model.tiny.hidden_size=576 "
+        "model.tiny.num_layers=30 model.tiny.num_heads=9 model.tiny.num_kv_heads=3 "
+        "model.tiny.intermediate_size=1536",
+    )
     return p.parse_args(argv)
 
 
@@ -65,7 +73,7 @@ def main(argv=None) -> int:
     overrides = [] if not args.tiny else ["model.name=tiny", "model.dtype=float32"]
     if args.tiny:
         overrides += ["eval.max_new_tokens=16", "eval.batch_size=8"]
-    cfg = load_config(str(ROOT / "experiments" / "arith.yaml"), overrides)
+    cfg = load_config(str(ROOT / "experiments" / "arith.yaml"), [*overrides, *args.overrides])
     problems = args.problems or (6 if args.tiny else int(cfg.eval.max_problems or 100))
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model, cfg.pbs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
