@@ -37,6 +37,7 @@ text, linear in its length.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import json
 import logging
@@ -44,7 +45,7 @@ import re
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from mtrl import scoring
@@ -240,22 +241,43 @@ def is_plain_formula(answer: str) -> bool:
 
 @functools.cache
 def _parse_expr_tasks() -> frozenset[str]:
-    """Disarm reasoning-gym's eval(), and name the tasks whose scorer calls parse_expr/sympify.
-
-    The worker never generates data, so every reasoning-gym module's `eval` can become
-    `ast.literal_eval`: list answers (`['a', 'b']`, what those scorers eval for) still parse,
-    code does not. Returns the task names whose `score_answer` calls sympy's parsers.
-    """
+    """The reasoning-gym tasks whose `score_answer` calls sympy's parse_expr or sympify."""
     from reasoning_gym.factory import DATASETS
 
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] == "reasoning_gym" and module is not None:
-            module.eval = ast.literal_eval  # module globals shadow the builtin
     return frozenset(
         name
         for name, (dataset_cls, _) in DATASETS.items()
         if {"parse_expr", "sympify"} & set(dataset_cls.score_answer.__code__.co_names)
     )
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _literal_eval_only() -> Iterator[None]:
+    """Make every reasoning-gym module's `eval` `ast.literal_eval` while a scorer runs.
+
+    List answers (`['a', 'b']`, what the eval-ing scorers expect) still parse, code does not.
+    Restored afterwards: reasoning-gym's generators eval their own expressions (basic_arithmetic),
+    and data may be generated in the same process.
+    """
+    modules = [
+        m
+        for n, m in list(sys.modules.items())
+        if n.split(".")[0] == "reasoning_gym" and m is not None
+    ]
+    saved = [(m, m.__dict__.get("eval", _MISSING)) for m in modules]
+    for module in modules:
+        module.eval = ast.literal_eval  # module globals shadow the builtin
+    try:
+        yield
+    finally:
+        for module, before in saved:
+            if before is _MISSING:
+                del module.eval
+            else:
+                module.eval = before
 
 
 @functools.cache
@@ -267,11 +289,12 @@ def _scorer(task: str) -> Callable[[str | None, dict[str, Any]], float]:
 
 def score_reasoning_gym(task: str, predicted: str | None, entry: dict[str, Any]) -> float:
     """The task's scorer on `predicted`, behind the guards above (0.0 where a guard refuses)."""
-    parse_expr_tasks = _parse_expr_tasks()
     source = (entry.get("metadata") or {}).get("source_dataset")  # composite: the real task
-    if {task, source} & parse_expr_tasks and not is_plain_formula(predicted or ""):
+    if {task, source} & _parse_expr_tasks() and not is_plain_formula(predicted or ""):
         return 0.0
-    return float(_scorer(task)(predicted, entry))
+    scorer = _scorer(task)
+    with _literal_eval_only():
+        return float(scorer(predicted, entry))
 
 
 # ---------------------------------------------------------------------------- rewards

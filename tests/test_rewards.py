@@ -379,6 +379,10 @@ def test_code_in_an_answer_never_runs(task, tmp_path, monkeypatch):
     for text in texts:
         assert score_reasoning_gym(task, text, entry) == 0.0
     assert list(tmp_path.iterdir()) == []
+    # The disarmed eval is scoped to the scorer: generators that eval their own expressions
+    # (basic_arithmetic's) still work in this process afterwards.
+    prompts, _ = rg_rows("basic_arithmetic", size=50)
+    assert len(prompts) == 50
 
 
 def test_list_answers_still_reach_the_eval_scorers():

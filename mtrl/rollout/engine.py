@@ -446,12 +446,15 @@ class RolloutEngine:
         col = s.col.view(1)
         s.out_tokens.index_copy_(1, col, tok[:, None])
         s.out_mask.index_copy_(1, col, active[:, None])
-        one = torch.ones_like(step.temperatures)
-        zero = torch.zeros_like(step.temperatures)
-        s.out_temperatures.index_copy_(1, col, torch.where(active, step.temperatures, one)[:, None])
-        s.out_entropies.index_copy_(1, col, torch.where(active, step.entropies, zero)[:, None])
+        # Under autocast the sampler's per-token values may come in the logits' dtype (bf16):
+        # the record keeps its own (float32).
+        for out, value, idle in (
+            (s.out_temperatures, step.temperatures, 1.0),
+            (s.out_entropies, step.entropies, 0.0),
+            (s.out_logprobs, step.logprobs, 0.0),
+        ):
+            out.index_copy_(1, col, torch.where(active, value.to(out.dtype), idle)[:, None])
         s.out_is_reasoning.index_copy_(1, col, (active & step.is_reasoning)[:, None])
-        s.out_logprobs.index_copy_(1, col, torch.where(active, step.logprobs, zero)[:, None])
         s.finished |= (tok[:, None] == s.eos[None, :]).any(1)
         s.cur.copy_(tok)
         s.col.add_(1)

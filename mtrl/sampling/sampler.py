@@ -269,6 +269,9 @@ class MultiTemperatureSampler:
         return self.window.quantile(self._q, self._fixed)
 
 
+# Left out of `compile()`: inductor failed to compile top-p's cumsum (its split scan) on an
+# H100; eager, these few kernels still run inside the engine's CUDA graph.
+@torch.compiler.disable
 def truncate(scaled: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     """Top-k, then top-p, then min-p on tempered logits (masked entries become -inf).
 

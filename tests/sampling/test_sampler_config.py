@@ -18,7 +18,7 @@ def test_defaults_follow_the_paper():
         ({"mode": "triple"}, "sampler.mode: must be one of single, multi, got 'triple'"),
         ({"threshold_mode": "median"}, "sampler.threshold_mode:"),
         ({"reasoning_fraction": 1.5}, "sampler.reasoning_fraction: must be in [0, 1]"),
-        ({"window_size": 0}, "sampler.window_size: must be >= 1"),
+        ({"window_size": 0}, "sampler.window_size: must be in [1, 100000000], got 0"),
         ({"top_p": 0.0}, "sampler.top_p:"),
         ({"top_k": -3}, "sampler.top_k:"),
         ({"min_p": 1.0}, "sampler.min_p:"),
