@@ -535,7 +535,11 @@ class MultiTempGRPOTrainer(GRPOTrainer):
         return output
 
     def _log_scoring_counts(self) -> None:
-        """Completions whose sandboxed scorer timed out or crashed (scored 0), summed over processes."""
+        """Count completions whose sandboxed scorer timed out or crashed, summed over processes.
+
+        Those completions are scored as wrong answers: 0, or -1 for dapo (mtrl.rewards); the
+        counts go into TRL's metrics as `rewards/<name>/timeouts` and `rewards/<name>/crashes`.
+        """
         counts = pop_scoring_counts()  # every process scores with the same rewards: same keys
         if not counts:
             return

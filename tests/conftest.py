@@ -59,7 +59,9 @@ def smoke_config(tmp_path):
 
 @pytest.fixture
 def make_trainer(smoke_config):
-    """`make_trainer(*overrides, reward_funcs=[text_length])`: a tiny in-process trainer."""
+    """`make_trainer(*overrides, reward_funcs=[text_length])`: a tiny in-process trainer, built
+    from the smoke config as `mtrl.run.build_trainer` builds it, with the test's rewards and
+    callbacks instead of the config's rewards, MLflow and evaluation."""
     from omegaconf import OmegaConf
 
     from mtrl.config import grpo_config
@@ -82,6 +84,7 @@ def make_trainer(smoke_config):
             callbacks=list(callbacks),
             sampler_config=OmegaConf.to_object(cfg.sampler),
             rollout_config=OmegaConf.to_object(cfg.rollout),
+            dynamic_sampling_config=OmegaConf.to_object(cfg.dynamic_sampling),
         )
 
     return make

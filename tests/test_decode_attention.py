@@ -7,15 +7,12 @@ splits). GPU (marked ``gpu``): bf16 at the engine's shapes, and capture in a CUD
 
 import os
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # run the kernels on the CPU; must precede importing triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from mtrl.rollout.decode_attention import (  # noqa: E402
+# TRITON_INTERPRET=1 on a machine without CUDA is set by tests/conftest.py, before this import.
+from mtrl.rollout.decode_attention import (
     decode_attention,
     decode_attention_reference,
     default_num_splits,
