@@ -465,11 +465,15 @@ class MLflowCallback(TrainerCallback):
             )
 
     def _log_entropy_histogram(self, step: int) -> None:
+        """Every `sampler.entropy_histogram_every` steps: the trainer's histogram of its last
+        rollout's token entropies (`entropy_histogram()`), as entropy/step_<step>.json."""
         every = self.cfg.sampler.entropy_histogram_every
-        rollout = getattr(self.trainer, "last_rollout_stats", None)
-        if rollout is None or every == 0 or step % every:
+        if self.trainer is None or every == 0 or step % every:
             return
-        text = json.dumps(rollout.entropy_histogram())
+        histogram = self.trainer.entropy_histogram()
+        if histogram is None:  # no rollout yet
+            return
+        text = json.dumps(histogram)
         name = f"entropy/step_{step:06d}.json"
         self._call(name, lambda: self.client.log_text(self.run_id, text, name))
 

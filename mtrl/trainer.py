@@ -246,12 +246,6 @@ class MultiTempGRPOTrainer(GRPOTrainer):
                     "(train.ds3_gather_for_generation=false: less memory, much slower)"
                 )
 
-    @property
-    def last_rollout_stats(self) -> RolloutStats | None:
-        """The last rollout's per-token records (kept for mtrl.tracking until it reads
-        `entropy_histogram()`)."""
-        return self._last_rollout
-
     def entropy_histogram(self, bins: int = 40) -> dict | None:
         """Entropy histogram of the last rollout's completion tokens, overall and per class
         (`RolloutStats.entropy_histogram`); None before the first rollout."""
