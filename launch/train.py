@@ -2,12 +2,25 @@
 
 Also runs under plain `python`. A bad config ends with exit status 2 and one line naming the
 key path, before any model or dataset is loaded. Ctrl-C ends the MLflow run as KILLED, prints
-one line naming the last checkpoint and exits with status 130.
+one line naming the last checkpoint and exits with status 130. A finished run ends with a few
+lines (`mtrl.summary`): the run's name and id, the reward at its first and last step, the
+tracking store and the command that browses it.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+import torch
+
+if not torch.accelerator.is_available():
+    # Without an accelerator DeepSpeed (imported by accelerate/TRL when the trainer is built)
+    # falls back to its CPU accelerator and warns "Setting accelerator to CPU. If you have GPU
+    # ..." at import: noise at the top of every CPU run (`make demo`). Naming the accelerator
+    # it would pick anyway silences it; a value the user set is kept. Before any import that
+    # may load DeepSpeed.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 
@@ -35,10 +48,28 @@ def run(cfg) -> int:
     from mtrl.run import train
 
     try:
-        train(cfg)
+        trainer = train(cfg)
     except (ConfigError, DataError) as exc:
         exit_with(exc)
+    if trainer.args.process_index == 0:  # once per run, not once per process
+        print_summary(trainer, cfg.tracking.uri)
     return 0
+
+
+def print_summary(trainer, tracking_uri: str) -> None:
+    """Print `mtrl.summary` of the finished run; an MLflow store unreachable by now costs the
+    summary only (one line on stderr), never the run's exit status."""
+    from mtrl.summary import summary
+    from mtrl.tracking import MLflowCallback
+
+    trackers = [c for c in trainer.callback_handler.callbacks if isinstance(c, MLflowCallback)]
+    run_id = trackers[0].run_id if trackers else None
+    try:
+        text = summary(trainer, tracking_uri, run_id)
+    except Exception as exc:  # MLflow's network errors surface as several exception types
+        print(f"no run summary: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return
+    print(text)
 
 
 if __name__ == "__main__":
