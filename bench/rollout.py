@@ -1,46 +1,47 @@
 """Benchmark: RolloutEngine (static cache + CUDA-graph decode + fused multi-temperature sampler)
-against transformers ``generate``.
+against transformers ``generate``, and each against the memory-read floor of a decode step.
 
     python bench/rollout.py --out bench/results/rollout.md          # GPU, Qwen2.5-1.5B shape
-    python bench/rollout.py --tiny --out /tmp/rollout_tiny.md       # CPU smoke check
+    python bench/rollout.py --tiny --out /tmp/rollout_tiny.md       # CPU plumbing check, seconds
 
-Model: Qwen2.5-1.5B's shape (28 layers, hidden 1536, GQA 12/2 heads, vocab 151936, tied head)
-with random bf16 weights, sdpa attention. Prompts: random tokens, fixed length (128), no
-padding. No early EOS: the engine gets no EOS id (the finished-row bookkeeping still runs, against
-a sentinel id), HF generate gets one with min_new_tokens equal to its run length (so the EOS
-logit is masked), so every row runs the full length.
+Model: Qwen2.5-1.5B's shape (28 layers, hidden 1536, GQA 12/2 heads, head dim 128, vocab
+151936, tied head) with random bf16 weights, sdpa attention. Prompts: random tokens, fixed
+length (128), no padding. No early EOS: the engine gets no EOS id (the finished-row bookkeeping
+still runs, against a sentinel id), HF generate gets one with min_new_tokens equal to its run
+length (so the EOS logit is masked), so every row runs the full length.
 
 The model's q/k/v and gate/up weights are made adjacent once (``fuse_projections``, as the
 trainer does), so every engine variant runs one GEMM per group unless it says otherwise.
 
-Variants:
-  engine          RolloutEngine, multi-temperature sampler (window mode, p = 0.2, window
-                  100000), CUDA graphs; timed over the full new-token count, after one warm-up
-                  call of the same shape that captures the graphs. Wall time includes prefill.
-  engine-single   the same with mode=single (one temperature): the sampler's cost
-  engine-eager    the same step function without CUDA graphs (short run, per-step time)
-  engine+compile  RolloutEngine(compile_decode=True): the decode forward and the sampler's
-                  tensor work through torch.compile (inductor kernels, no inductor CUDA graphs)
-                  inside the captured graph; first new-token count only; compile time
-                  excluded (warm-up call)
-  engine+compile, single temperature   the same with mode=single: the multi-temperature
-                  sampler's cost in the trainer's default (compiled) engine
-  engine+compile, separate projections   the same with fused_projections=False: one GEMM
-                  per q/k/v/gate/up projection instead of one per group
-  engine+compile, SDPA decode attention   the same with split_kv_attention=False: SDPA
-                  (cuDNN) for the decode steps' attention instead of our split-KV kernel
-  engine+compile, eager sampler   the same with sampler.compile(False): what compiling the
-                  sampler saves
-  hf-dynamic      generate(do_sample=True) with the default dynamic cache (TRL's stock path,
-                  TRL sets disable_compile=True); timed over --hf-tokens new tokens
-  hf-static       generate with cache_implementation="static" and its compiled decode step
-                  (disable_compile=False); compile excluded (warm-up call); --hf-tokens
-  floor           weight bytes / measured device copy bandwidth (read + write counted):
-                  one read of the weights per step
+Cases (``--cases``, BATCHxNEW): default 64x256, 64x2048 and 256x2048, the shapes issue 21
+states its targets for. The first case is where the cheaper comparisons run.
 
-HF variants time a short run (--hf-tokens, default 64) and report its ms/step; tokens/s for
-longer completions are extrapolated from that ms/step (optimistic for HF: its attention cost
-grows with length).
+Row groups (``--rows``, comma list, default all; they run in this order and the table is
+rewritten after each, so a run cut short keeps what it measured):
+  main       the trainer's default engine (compile_decode=True on CUDA: the decode forward and
+             the sampler's tensor work through torch.compile inside the captured graph), with
+             the multi-temperature sampler (window mode, p = 0.2, window 100000) and with
+             mode=single (one temperature); every case. The two engines are warmed by one call
+             of the same shape (compile + capture, excluded) and then timed interleaved, the
+             median of --reps calls each. Wall time includes prefill. These rows give issue
+             21's ratios and the multi- over single-temperature overhead.
+  plain      the engine without torch.compile (CUDA graphs only), multi-temperature; first case
+  eager      the same step function without CUDA graphs; a short run (--hf-tokens new tokens)
+             at the first case's batch
+  hf         generate(do_sample=True): hf-dynamic with the default dynamic cache (TRL's stock
+             path; TRL sets disable_compile=True) and hf-static with
+             cache_implementation="static" and its compiled decode step (compile excluded:
+             warm-up call); each timed over a short run of --hf-tokens new tokens, at the
+             cases with at most --hf-max-new new tokens. Longer cases get a "not run" row:
+             generate over 2,048 tokens takes minutes at these batches, and a short run's
+             ms/step would hide its attention cost, which grows with the length.
+  ablations  main's multi-temperature engine with one change each, first case, CUDA only:
+             separate projections (fused_projections=False: one GEMM per q/k/v/gate/up
+             projection), SDPA decode attention (split_kv_attention=False: cuDNN instead of our
+             split-KV kernel), eager sampler (sampler.compile(False))
+
+Floor: see ``step_floor_ms``. Each row reports it for its own batch, prompt length and the
+number of new tokens it timed: weights only, and weights plus the KV cache that the steps read.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,32 +64,121 @@ from shapes import QWEN25_15B, TINY  # noqa: E402  (bench/ is the script folder)
 from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noqa: E402
 
+ROW_GROUPS = ("main", "plain", "eager", "hf", "ablations")
+
+
+# ----------------------------------------------------------------------------- the floor
+@dataclass(frozen=True)
+class KVShape:
+    """What one cached position costs to read: K and V of every layer and KV head."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    bytes_per_value: int  # element size of the cache dtype (the model's dtype)
+
+    @classmethod
+    def of(cls, config, dtype: torch.dtype) -> KVShape:
+        """From a transformers decoder config; head_dim defaults to hidden / attention heads."""
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        return cls(
+            layers=config.num_hidden_layers,
+            kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            bytes_per_value=torch.empty((), dtype=dtype).element_size(),
+        )
+
+    @property
+    def bytes_per_position(self) -> int:
+        """Bytes of one row's K and V at one position, all layers: 2 x L x KVH x D x bytes."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_value
+
+
+def step_floor_ms(
+    weight_bytes: int,
+    kv: KVShape,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    bandwidth: float,
+) -> tuple[float, float]:
+    """Read floor of one generated-token step, in ms, averaged over ``new_tokens`` steps.
+
+    Returns ``(weights_only_ms, weights_plus_kv_ms)``.
+
+    - ``weight_bytes``: bytes of all parameters, read once per step (the LM head included; a
+      tied head is the embedding table, counted once).
+    - Step t (t = 0 .. new_tokens - 1) also reads the K and V of the ``prompt_len + t``
+      positions before its token for each of ``batch`` rows:
+      ``kv.bytes_per_position * (prompt_len + t) * batch`` bytes. Summed over the steps,
+      sum_t (P + t) = n * P + n * (n - 1) / 2 positions per row.
+    - ``bandwidth``: bytes/s, the device's measured copy bandwidth (read + write counted,
+      ``report.copy_bandwidth``).
+
+    The engine's kernels read keys in buckets of 256 positions, so they read somewhat more
+    than this floor counts; the floor is what an ideal step must read.
+    """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens: must be >= 1, got {new_tokens}")
+    positions = new_tokens * prompt_len + new_tokens * (new_tokens - 1) / 2
+    kv_bytes_per_step = kv.bytes_per_position * positions * batch / new_tokens
+    weights_ms = weight_bytes / bandwidth * 1e3
+    return weights_ms, (weight_bytes + kv_bytes_per_step) / bandwidth * 1e3
+
+
+# ----------------------------------------------------------------------------- setup
+def parse_cases(s: str) -> list[tuple[int, int]]:
+    """'64x256,256x2048' -> [(64, 256), (256, 2048)]: (batch, new tokens)."""
+    out = []
+    for item in s.split(","):
+        if item:
+            batch, new = item.lower().split("x")
+            out.append((int(batch), int(new)))
+    if not out:
+        raise ValueError(f"--cases: no BATCHxNEW item in {s!r}")
+    return out
+
+
+def parse_rows(s: str) -> list[str]:
+    rows = [r for r in s.split(",") if r]
+    unknown = sorted(set(rows) - set(ROW_GROUPS))
+    if unknown or not rows:
+        raise ValueError(f"--rows: choose from {','.join(ROW_GROUPS)}, got {s!r}")
+    return rows
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="bench/results/rollout.md")
-    p.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized runs")
-    p.add_argument("--batches", default=None, help="comma list, default 64,256 (4 with --tiny)")
-    p.add_argument("--new-tokens", default=None, help="comma list, default 256,1024 (16 tiny)")
-    p.add_argument("--prompt-len", type=int, default=None, help="default 128 (8 with --tiny)")
-    p.add_argument("--hf-tokens", type=int, default=None, help="HF timed tokens, default 64")
-    p.add_argument("--hf-static-batches", default=None, help="default: same as --batches")
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized cases")
     p.add_argument(
-        "--compile-batches", default=None, help="engine+compile batches (default: --batches)"
+        "--cases",
+        default=None,
+        help="comma list of BATCHxNEW, default 64x256,64x2048,256x2048 (tiny: 4x16,4x32,8x32)",
     )
-    p.add_argument("--skip-compile", action="store_true", help="no engine+compile variant")
+    p.add_argument("--rows", default=",".join(ROW_GROUPS), help="row groups, comma list")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 128 (8 with --tiny)")
+    p.add_argument("--hf-tokens", type=int, default=None, help="HF/eager timed tokens, default 64")
+    p.add_argument(
+        "--hf-max-new", type=int, default=None, help="hf rows at cases up to this, default 256"
+    )
     p.add_argument(
         "--budget-s", type=float, default=1e9, help="skip later sections past this many seconds"
     )
-    p.add_argument("--reps", type=int, default=3, help="multi vs single: interleaved runs")
+    p.add_argument("--reps", type=int, default=2, help="main: interleaved timed calls each")
     p.add_argument("--commit", default=None, help="git commit to report (default: git HEAD)")
     p.add_argument("--device", default=None, help="default cuda if available else cpu")
-    return p.parse_args(argv)
-
-
-def ints(s):
-    return [int(x) for x in s.split(",") if x]
+    args = p.parse_args(argv)
+    args.cases = parse_cases(
+        args.cases or ("4x16,4x32,8x32" if args.tiny else "64x256,64x2048,256x2048")
+    )
+    args.rows = parse_rows(args.rows)
+    args.prompt_len = args.prompt_len or (8 if args.tiny else 128)
+    args.hf_tokens = args.hf_tokens or (8 if args.tiny else 64)
+    args.hf_max_new = args.hf_max_new or (16 if args.tiny else 256)
+    return args
 
 
 class Clock:
@@ -143,268 +234,319 @@ def prompts(batch, length, vocab, device, no_eos):
     return ids.to(device), torch.ones(batch, length, dtype=torch.long, device=device)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tiny = args.tiny
-    shape = TINY if tiny else QWEN25_15B
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batches = ints(args.batches or ("4" if tiny else "64,256"))
-    new_tokens = ints(args.new_tokens or ("16" if tiny else "256,1024"))
-    prompt_len = args.prompt_len or (8 if tiny else 128)
-    hf_tokens = args.hf_tokens or (8 if tiny else 64)
-    hf_static_batches = ints(args.hf_static_batches) if args.hf_static_batches else batches
-    clock = Clock(device)
-    torch.manual_seed(0)
+# ----------------------------------------------------------------------------- the run
+class Bench:
+    """The model, the floor's inputs and the rows measured so far; one method per row group."""
 
-    model = build_model(shape, dtype, device)
-    fused_groups = fuse_projections(model)  # as the trainer does before training
-    vocab = shape["vocab_size"]
-    # No early EOS: the engine gets no EOS id (its finished-row bookkeeping still runs, against
-    # a sentinel); HF gets this id with min_new_tokens = its run length, so it is never drawn.
-    no_eos = vocab - 1
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 26))
-    floor_ms = param_bytes / bw * 1e3
-    rows: list[dict] = []
-    log = print
-    t_start = time.perf_counter()
-    state = {"overhead": float("nan")}
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cuda = self.device.type == "cuda"
+        self.shape = TINY if args.tiny else QWEN25_15B
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.clock = Clock(self.device)
+        torch.manual_seed(0)
+        self.model = build_model(self.shape, self.dtype, self.device)
+        self.fused_groups = fuse_projections(self.model)  # as the trainer does before training
+        self.vocab = self.shape["vocab_size"]
+        # No early EOS: the engine gets no EOS id (its finished-row bookkeeping still runs,
+        # against a sentinel); HF gets this id with min_new_tokens = its run length, so it is
+        # never drawn.
+        self.no_eos = self.vocab - 1
+        # model.parameters() yields a tied head once: the table the LM head reads every step.
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.kv = KVShape.of(self.model.config, self.dtype)
+        self.bw = copy_bandwidth(self.device, (1 << 30) if self.cuda else (1 << 26))
+        self.rows: list[dict] = []
+        self.overhead: dict[tuple[int, int], float] = {}  # (batch, new) -> multi / single - 1
+        self.t_start = time.perf_counter()
+        print(
+            f"params {self.param_bytes / 1e9:.3f} GB, KV {self.kv.bytes_per_position} B per "
+            f"position and row, copy bw {self.bw / 1e12:.2f} TB/s"
+        )
 
-    def unmeasured(method, batch, n_new, note):
-        """A table row for a variant that was skipped or failed (no times)."""
-        nan = float("nan")
-        rows.append(
+    # -------------------------------------------------------------- rows
+    def row(self, method, batch, n_new, ms_step, note=""):
+        """Record a measured row: ``n_new`` steps timed at ``ms_step`` ms each."""
+        w_ms, kv_ms = step_floor_ms(
+            self.param_bytes, self.kv, batch, self.args.prompt_len, n_new, self.bw
+        )
+        self.rows.append(
             dict(
                 method=method,
                 batch=batch,
                 new=n_new,
-                timed=0,
-                ms=nan,
-                tps=nan,
-                floor=nan,
-                note=note,
-            )
-        )
-
-    def over_budget(section):
-        if time.perf_counter() - t_start > args.budget_s:
-            log(f"skipped {section}: past --budget-s {args.budget_s}")
-            unmeasured(section, 0, 0, "skipped (time budget)")
-            return True
-        return False
-
-    def flush():
-        write_table(
-            args,
-            device,
-            rows,
-            param_bytes,
-            bw,
-            floor_ms,
-            state["overhead"],
-            prompt_len,
-            fused_groups,
-        )
-
-    def row(method, batch, n_new, timed, ms_step, note=""):
-        tps = batch / (ms_step / 1e3)
-        rows.append(
-            dict(
-                method=method,
-                batch=batch,
-                new=n_new,
-                timed=timed,
                 ms=ms_step,
-                tps=tps,
-                floor=ms_step / floor_ms,
+                floor_w=w_ms,
+                floor_kv=kv_ms,
                 note=note,
             )
         )
-        log(
-            f"{method:14s} B={batch:4d} new={n_new:5d} timed={timed:5d} {ms_step:8.3f} ms/step {tps:10.0f} tok/s"
+        print(
+            f"{method:40s} B={batch:4d} new={n_new:5d} {ms_step:8.3f} ms/step "
+            f"({ms_step / kv_ms:.2f}x W+KV floor) {batch / ms_step * 1e3:10.0f} tok/s"
         )
 
-    log(f"params {param_bytes / 1e9:.3f} GB, copy bw {bw / 1e12:.2f} TB/s, floor {floor_ms:.3f} ms")
-    capture_s = {}
-    for batch in batches:
-        ids, mask = prompts(batch, prompt_len, vocab, device, no_eos)
-        for n_new in new_tokens:
-            eng = RolloutEngine(model, multi_sampler(), None, 0, n_new, check_every=16)
-            capture_s[(batch, n_new)] = clock(lambda e=eng, i=ids, m=mask: e.generate(i, m))
-            out = None
-
-            def run(e=eng, i=ids, m=mask):
-                nonlocal out
-                out = e.generate(i, m)
-
-            t = clock(run)
-            assert out.completion_ids.shape == (batch, n_new) and bool(out.mask.all()), (
-                "rows stopped early"
+    def unmeasured(self, method, batch, n_new, note):
+        """A row for a variant that was skipped or failed (no times)."""
+        nan = float("nan")
+        self.rows.append(
+            dict(
+                method=method, batch=batch, new=n_new, ms=nan, floor_w=nan, floor_kv=nan, note=note
             )
-            note = f"graphs={out.used_cuda_graph}; first call (capture) {capture_s[(batch, n_new)]:.1f} s"
-            row("engine", batch, n_new, n_new, t / n_new * 1e3, note)
-            eng.release()
-            del eng
-        if device.type == "cuda":
+        )
+        print(f"{method} B={batch} new={n_new}: {note}")
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.t_start > self.args.budget_s
+
+    def inputs(self, batch):
+        return prompts(batch, self.args.prompt_len, self.vocab, self.device, self.no_eos)
+
+    def engine(self, sampler, n_new, compile_decode=None, **options):
+        """A RolloutEngine of the trainer's kind (compiled decode on CUDA unless told)."""
+        compile_decode = self.cuda if compile_decode is None else compile_decode
+        return RolloutEngine(
+            self.model, sampler, None, 0, n_new, compile_decode=compile_decode, **options
+        )
+
+    def engine_name(self, suffix=""):
+        return ("engine+compile" if self.cuda else "engine") + suffix
+
+    def timed_generate(self, eng, ids, mask, n_new) -> float:
+        """Seconds of one ``generate``; checks that every row ran all ``n_new`` tokens."""
+        out = None
+
+        def run():
+            nonlocal out
+            out = eng.generate(ids, mask)
+
+        t = self.clock(run)
+        assert out.completion_ids.shape == (ids.shape[0], n_new) and bool(out.mask.all()), (
+            "rows stopped early"
+        )
+        return t
+
+    def free(self):
+        if self.cuda:
             torch.cuda.empty_cache()
 
-    # multi- vs single-temperature sampling in the engine, interleaved
-    b0, n0 = batches[0], new_tokens[0]
-    ids, mask = prompts(b0, prompt_len, vocab, device, no_eos)
-    engines = {
-        "engine-multi": RolloutEngine(model, multi_sampler(), None, 0, n0),
-        "engine-single": RolloutEngine(model, single_sampler(), None, 0, n0),
-    }
-    for e in engines.values():
-        e.generate(ids, mask)
-    times = {k: [] for k in engines}
-    for _ in range(args.reps):
-        for k, e in engines.items():
-            times[k].append(clock(lambda e=e: e.generate(ids, mask)))
-    ms = {k: statistics.median(v) / n0 * 1e3 for k, v in times.items()}
-    for k in engines:
-        row(k, b0, n0, n0, ms[k], f"median of {args.reps} interleaved")
-        engines[k].release()
-    state["overhead"] = ms["engine-multi"] / ms["engine-single"] - 1
-    del engines
+    # -------------------------------------------------------------- groups
+    def main_rows(self):
+        """Trainer-default engine, multi- and single-temperature, every case, interleaved."""
+        for batch, n_new in self.args.cases:
+            if self.over_budget():
+                self.unmeasured(self.engine_name(), batch, n_new, "skipped (--budget-s)")
+                continue
+            ids, mask = self.inputs(batch)
+            multi, single = self.engine_name(), self.engine_name(", single temperature")
+            engines = {
+                multi: self.engine(multi_sampler(), n_new),
+                single: self.engine(single_sampler(), n_new),
+            }
+            first = {k: self.timed_generate(e, ids, mask, n_new) for k, e in engines.items()}
+            times = {k: [] for k in engines}
+            for _ in range(self.args.reps):
+                for k, e in engines.items():
+                    times[k].append(self.timed_generate(e, ids, mask, n_new))
+            ms = {k: statistics.median(v) / n_new * 1e3 for k, v in times.items()}
+            for k, e in engines.items():
+                graphs = e._slot is not None and bool(e._slot.graphs)
+                self.row(
+                    k,
+                    batch,
+                    n_new,
+                    ms[k],
+                    f"median of {self.args.reps} interleaved; graphs={graphs}; "
+                    f"first call ({'compile + capture' if self.cuda else 'warm-up'}) {first[k]:.1f} s",
+                )
+                e.release()
+            self.overhead[(batch, n_new)] = ms[multi] / ms[single] - 1
+            del engines
+            self.free()
 
-    # eager engine (same step function, no graphs): short run
-    n_eager = min(hf_tokens, new_tokens[0])
-    eager = RolloutEngine(model, multi_sampler(), None, 0, n_eager, use_cuda_graph=False)
-    eager.generate(ids, mask)
-    t = clock(lambda: eager.generate(ids, mask))
-    row("engine-eager", b0, n_eager, n_eager, t / n_eager * 1e3, "no CUDA graph")
-    eager.release()
+    def plain_rows(self):
+        batch, n_new = self.args.cases[0]
+        ids, mask = self.inputs(batch)
+        eng = self.engine(multi_sampler(), n_new, compile_decode=False)
+        first = self.timed_generate(eng, ids, mask, n_new)
+        t = self.timed_generate(eng, ids, mask, n_new)
+        note = f"no torch.compile; graphs={eng._slot is not None and bool(eng._slot.graphs)}; first call (capture) {first:.1f} s"
+        self.row("engine (no compile)", batch, n_new, t / n_new * 1e3, note)
+        eng.release()
+        self.free()
 
-    if not args.skip_hf and not over_budget("hf"):
+    def eager_rows(self):
+        batch, n_new = self.args.cases[0]
+        n = min(self.args.hf_tokens, n_new)
+        ids, mask = self.inputs(batch)
+        eng = self.engine(multi_sampler(), n, compile_decode=False, use_cuda_graph=False)
+        eng.generate(ids, mask)
+        t = self.timed_generate(eng, ids, mask, n)
+        self.row("engine-eager", batch, n, t / n * 1e3, "no CUDA graph, no torch.compile")
+        eng.release()
+
+    def hf_rows(self):
         from transformers import GenerationConfig
 
-        def hf_config(static: bool):
-            gc = GenerationConfig(
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=hf_tokens,
-                min_new_tokens=hf_tokens,
-                eos_token_id=no_eos,
-                pad_token_id=0,
-                disable_compile=not static,
-            )
-            if static:
-                gc.cache_implementation = "static"
-            return gc
-
+        n = self.args.hf_tokens
         for static in (False, True):
             name = "hf-static" if static else "hf-dynamic"
-            for batch in hf_static_batches if static else batches:
-                ids, mask = prompts(batch, prompt_len, vocab, device, no_eos)
-                gc = hf_config(static and device.type == "cuda")
-                with torch.no_grad():
-                    first = clock(
-                        lambda gc=gc, ids=ids, mask=mask: model.generate(
+            for batch, n_new in self.args.cases:
+                if n_new > self.args.hf_max_new:
+                    self.unmeasured(
+                        name,
+                        batch,
+                        n_new,
+                        f"not run ({n_new} new tokens > --hf-max-new {self.args.hf_max_new}): "
+                        "generate at this length takes minutes, and a short run's ms/step "
+                        "would hide its attention cost, which grows with the length",
+                    )
+                    continue
+                if self.over_budget():
+                    self.unmeasured(name, batch, n, "skipped (--budget-s)")
+                    continue
+                gc = GenerationConfig(
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    eos_token_id=self.no_eos,
+                    pad_token_id=0,
+                    disable_compile=not (static and self.cuda),
+                )
+                if static and self.cuda:
+                    gc.cache_implementation = "static"
+                ids, mask = self.inputs(batch)
+
+                def run(gc=gc, ids=ids, mask=mask):
+                    with torch.no_grad():
+                        self.model.generate(
                             input_ids=ids, attention_mask=mask, generation_config=gc
                         )
-                    )
-                    t = statistics.median(
-                        clock(
-                            lambda gc=gc, ids=ids, mask=mask: model.generate(
-                                input_ids=ids, attention_mask=mask, generation_config=gc
-                            )
-                        )
-                        for _ in range(2)
-                    )
-                ms_step = t / hf_tokens * 1e3
-                note = f"first call {first:.1f} s"
-                if static and device.type != "cuda":
-                    note += " (no compile on CPU)"
-                for n_new in new_tokens:
-                    row(name, batch, n_new, hf_tokens, ms_step, note + "; extrapolated")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
 
-    for batch in batches:
-        row("floor", batch, 0, 0, floor_ms, "weight bytes / copy bandwidth")
-
-    compile_batches = ints(args.compile_batches) if args.compile_batches else batches
-    if not args.skip_compile and device.type == "cuda":
-        n_c = new_tokens[0]
-        for batch in compile_batches:
-            for name, make_sampler, fused_sampler, options in (
-                ("engine+compile", multi_sampler, True, {}),
-                ("engine+compile, single temperature", single_sampler, True, {}),
-                (
-                    "engine+compile, separate projections",
-                    multi_sampler,
-                    True,
-                    {"fused_projections": False},
-                ),
-                (
-                    "engine+compile, SDPA decode attention",
-                    multi_sampler,
-                    True,
-                    {"split_kv_attention": False},
-                ),
-                ("engine+compile, eager sampler", multi_sampler, False, {}),
-            ):
-                if over_budget(name):
-                    break
-                ids, mask = prompts(batch, prompt_len, vocab, device, no_eos)
-                eng = RolloutEngine(
-                    model, make_sampler(), None, 0, n_c, compile_decode=True, **options
+                first = self.clock(run)
+                t = statistics.median(self.clock(run) for _ in range(2))
+                note = (
+                    f"short run of {n} new tokens (case {batch}x{n_new}); first call {first:.1f} s"
                 )
-                eng.sampler.compile(fused_sampler)
-                try:
-                    first = clock(lambda e=eng, i=ids, m=mask: e.generate(i, m))
-                    t = statistics.median(
-                        clock(lambda e=eng, i=ids, m=mask: e.generate(i, m)) for _ in range(2)
-                    )
-                except Exception as e:  # noqa: BLE001 - report, keep the rest of the table
-                    log(f"{name} failed: {type(e).__name__}: {e}")
-                    unmeasured(name, batch, n_c, f"failed: {type(e).__name__}")
-                    continue
-                note = f"graphs={eng._slot is not None and bool(eng._slot.graphs)}; first call (compile + capture) {first:.1f} s"
-                row(name, batch, n_c, n_c, t / n_c * 1e3, note)
-                eng.release()
-    flush()
+                if static and not self.cuda:
+                    note += "; no static cache / compile off CUDA"
+                self.row(name, batch, n, t / n * 1e3, note)
+                self.free()
 
-
-def write_table(args, device, rows, param_bytes, bw, floor_ms, overhead, prompt_len, fused_groups):
-    commit = git_commit(args.commit)
-    import transformers
-
-    card = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    )
-    lines = header("Rollout engine benchmark", card, commit) + [
-        f"- torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- model: {'tiny' if args.tiny else 'Qwen2.5-1.5B shape'}, random weights, "
-        f"{param_bytes / 1e9:.3f} GB of parameters; prompt length {prompt_len}, no padding, "
-        "no early EOS",
-        f"- projection groups with adjacent weights (`fuse_projections`): {fused_groups}",
-        f"- weight-read floor: {floor_ms:.3f} ms/step (copy bandwidth {bw / 1e12:.2f} TB/s, "
-        "read + write)",
-        f"- multi-temperature over single-temperature in the engine: {overhead * 100:+.1f}%",
-        "",
-        "ms/step = wall time / new tokens (engine: the whole generate, prefill included; HF: "
-        "a short run of `timed` new tokens, extrapolated to the `new` column). "
-        "tokens/s = batch / (ms/step).",
-        "",
-        "| method | batch | new tokens | timed tokens | ms/step | tokens/s | x floor | notes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['batch']} | {r['new'] or '-'} | {r['timed'] or '-'} | "
-            f"{r['ms']:.2f} | {r['tps']:,.0f} | {r['floor']:.2f} | {r['note']} |"
+    def ablation_rows(self):
+        batch, n_new = self.args.cases[0]
+        variants = (
+            ("separate projections", True, {"fused_projections": False}),
+            ("SDPA decode attention", True, {"split_kv_attention": False}),
+            ("eager sampler", False, {}),
         )
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+        for label, fused_sampler, options in variants:
+            name = f"engine+compile, {label}"
+            if not self.cuda:
+                self.unmeasured(name, batch, n_new, "skipped: needs CUDA (torch.compile + graphs)")
+                continue
+            if self.over_budget():
+                self.unmeasured(name, batch, n_new, "skipped (--budget-s)")
+                continue
+            ids, mask = self.inputs(batch)
+            eng = self.engine(multi_sampler(), n_new, **options)
+            eng.sampler.compile(fused_sampler)
+            try:
+                first = self.timed_generate(eng, ids, mask, n_new)
+                t = statistics.median(self.timed_generate(eng, ids, mask, n_new) for _ in range(2))
+            except Exception as e:  # noqa: BLE001 - report, keep the rest of the table
+                self.unmeasured(name, batch, n_new, f"failed: {type(e).__name__}: {e}")
+                continue
+            finally:
+                eng.release()
+            note = f"first call (compile + capture) {first:.1f} s"
+            self.row(name, batch, n_new, t / n_new * 1e3, note)
+            self.free()
+
+    # -------------------------------------------------------------- table
+    def write_table(self):
+        import transformers
+
+        args = self.args
+        commit = git_commit(args.commit, watch=("mtrl", "bench/rollout.py"))
+        card = (
+            torch.cuda.get_device_name(self.device)
+            if self.cuda
+            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        )
+        overhead = (
+            "; ".join(f"{b}x{n}: {v * 100:+.1f}%" for (b, n), v in self.overhead.items())
+            or "not measured"
+        )
+        lines = header("Rollout engine benchmark", card, commit) + [
+            f"- torch {torch.__version__}, transformers {transformers.__version__}",
+            f"- model: {'tiny' if args.tiny else 'Qwen2.5-1.5B shape'}, random weights, "
+            f"{self.param_bytes / 1e9:.3f} GB of parameters ({self.dtype}); prompt length "
+            f"{args.prompt_len}, no padding, no early EOS",
+            f"- KV cache: {self.kv.layers} layers x {self.kv.kv_heads} KV heads x head dim "
+            f"{self.kv.head_dim} x {self.kv.bytes_per_value} B x 2 (K, V) = "
+            f"{self.kv.bytes_per_position:,} B per position and row",
+            f"- projection groups with adjacent weights (`fuse_projections`): {self.fused_groups}",
+            f"- copy bandwidth {self.bw / 1e12:.2f} TB/s (read + write counted)",
+            f"- multi-temperature over single-temperature (main rows, BATCHxNEW): {overhead}",
+            "",
+            "ms/step = wall time of one generate / new tokens (engine: the whole generate, "
+            "prefill included; hf and eager: a short run, its own new-token count). "
+            "Floors, in ms per step: W = parameter bytes (LM head included) / copy bandwidth; "
+            "W+KV adds the K and V of the P + t positions step t reads, for every row, averaged "
+            "over the row's new tokens (`step_floor_ms`). x W+KV = ms/step / W+KV floor. "
+            "tokens/s = batch / (ms/step).",
+            "",
+            "| method | batch | new tokens | ms/step | floor W | floor W+KV | x W+KV floor "
+            "| tokens/s | notes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in self.rows:
+            if r["ms"] != r["ms"]:  # NaN: skipped or failed, the note says why
+                cells = ["-"] * 5
+            else:
+                cells = [
+                    f"{r['ms']:.2f}",
+                    f"{r['floor_w']:.3f}",
+                    f"{r['floor_kv']:.3f}",
+                    f"{r['ms'] / r['floor_kv']:.2f}",
+                    f"{r['batch'] / r['ms'] * 1e3:,.0f}",
+                ]
+            lines.append(
+                f"| {r['method']} | {r['batch']} | {r['new']} | {' | '.join(cells)} | {r['note']} |"
+            )
+        text = "\n".join(lines) + "\n"
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        return text
+
+
+def main(argv=None) -> str:
+    """Run the chosen row groups; returns the table (also written to --out after each group)."""
+    args = parse_args(argv)
+    bench = Bench(args)
+    groups = {
+        "main": bench.main_rows,
+        "plain": bench.plain_rows,
+        "eager": bench.eager_rows,
+        "hf": bench.hf_rows,
+        "ablations": bench.ablation_rows,
+    }
+    for name in ROW_GROUPS:
+        if name not in args.rows:
+            continue
+        if name != "main" and bench.over_budget():
+            batch, n_new = args.cases[0]
+            bench.unmeasured(name, batch, n_new, f"skipped: past --budget-s {args.budget_s}")
+        else:
+            groups[name]()
+        text = bench.write_table()
     print(text)
+    return text
 
 
 if __name__ == "__main__":
