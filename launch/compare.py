@@ -697,11 +697,12 @@ def write_report(
     return path
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, timeout: float = 5.0, key: str = "--tracking-uri") -> None:
     """Raise SystemExit with one line when an http(s) tracking server does not answer.
 
-    Also caps MLflow's own HTTP retries and timeout for this process, so that a server that
-    dies mid-way fails in seconds too.
+    `key` names where the URI came from in that line (launch/eval.py: `tracking.uri`). Also
+    caps MLflow's own HTTP retries and timeout for this process, so that a server that dies
+    mid-way fails in seconds too.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -717,9 +718,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         pass  # it answered: a server without /health is still a server
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise SystemExit(
-            f"error: --tracking-uri: no MLflow server answers at {uri} ({reason})"
-        ) from None
+        raise SystemExit(f"error: {key}: no MLflow server answers at {uri} ({reason})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

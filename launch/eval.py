@@ -5,7 +5,8 @@ max_new_tokens). `model.name=<folder>` evaluates a trained checkpoint (a trainin
 folder). Prints a table, writes the JSON (`eval.output_file`, `--output`, or
 <output_dir>/eval/eval.json) and logs an MLflow run in the experiment `<experiment>-eval`
 (`--run-id` logs into an existing run instead, e.g. the training run; `--no-mlflow` skips).
-A bad config ends with exit status 2 and one line naming the key path, before any loading.
+A bad config ends with exit status 2 and one line naming the key path, before any loading;
+so does a tracking server that does not answer (the same check and line as launch/compare.py).
 """
 
 import argparse
@@ -28,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_experiment(parser, argv)
     if not cfg.eval.benchmarks:
         exit_with(ConfigError("eval.benchmarks: name at least one benchmark"))
+    if not args.no_mlflow:
+        # Before the evaluation, which takes minutes: its results would go to a dead server.
+        from launch.compare import check_reachable
+
+        try:
+            check_reachable(cfg.tracking.uri, key="tracking.uri")
+        except SystemExit as exc:
+            print(exc, file=sys.stderr)
+            return 2
 
     import torch
     from omegaconf import OmegaConf
@@ -66,10 +76,10 @@ def log_run(cfg, result: dict, run_id: str | None, step: int) -> str:
     import mlflow
 
     from mtrl.eval import log_to_mlflow
-    from mtrl.tracking import create_run
+    from mtrl.tracking import create_run, open_client
 
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    client = mlflow.MlflowClient()
+    mlflow.set_tracking_uri(cfg.tracking.uri)  # log_to_mlflow's client uses it
+    client = open_client(cfg.tracking.uri)
     created = run_id is None
     if created:
         experiment = f"{cfg.tracking.experiment or cfg.name}-eval"
