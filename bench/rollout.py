@@ -511,8 +511,8 @@ class Bench:
             else:
                 cells = [
                     f"{r['ms']:.2f}",
-                    f"{r['floor_w']:.3f}",
-                    f"{r['floor_kv']:.3f}",
+                    f"{r['floor_w']:.4g}",
+                    f"{r['floor_kv']:.4g}",
                     f"{r['ms'] / r['floor_kv']:.2f}",
                     f"{r['batch'] / r['ms'] * 1e3:,.0f}",
                 ]

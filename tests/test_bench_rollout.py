@@ -1,0 +1,124 @@
+"""bench/rollout.py on the CPU: the weight+KV read floor against hand arithmetic, and the table
+of a real tiny run (tiny Qwen2 model, the real engine and generate)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+COLUMNS = (
+    "| method | batch | new tokens | ms/step | floor W | floor W+KV | x W+KV floor "
+    "| tokens/s | notes |"
+)
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    """bench/rollout.py as a module (it imports its neighbours report and shapes)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_rollout", BENCH / "rollout.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_kv_shape_of_configs(rollout):
+    """2 (K, V) x layers x KV heads x head dim x bytes; head dim = hidden / attention heads."""
+    tiny = rollout.KVShape.of(Qwen2Config(**rollout.TINY), torch.float32)
+    assert (tiny.layers, tiny.kv_heads, tiny.head_dim, tiny.bytes_per_value) == (2, 2, 8, 4)
+    assert tiny.bytes_per_position == 256  # 2 * 2 * 2 * 8 * 4
+    qwen = rollout.KVShape.of(Qwen2Config(**rollout.QWEN25_15B), torch.bfloat16)
+    assert qwen.bytes_per_position == 28_672  # 2 * 28 layers * 2 KV heads * 128 * 2 B
+
+
+def test_step_floor_by_hand(rollout):
+    kv = rollout.KVShape(layers=2, kv_heads=2, head_dim=8, bytes_per_value=4)  # 256 B/position
+    # Batch 4, prompt 8, 16 new tokens: steps read 8, 9, ..., 23 positions per row, 248 in all.
+    # KV: 256 B * 248 * 4 rows = 253,952 B over 16 steps = 15,872 B a step. At 1e9 B/s:
+    # weights 1e6 B -> 1 ms; weights + KV -> 1,015,872 B -> 1.015872 ms.
+    w, wkv = rollout.step_floor_ms(1_000_000, kv, 4, 8, 16, 1e9)
+    assert w == pytest.approx(1.0)
+    assert wkv == pytest.approx(1.015872)
+    # One new token reads the prompt only: 256 B * 8 * 4 = 8,192 B.
+    assert rollout.step_floor_ms(1_000_000, kv, 4, 8, 1, 1e9)[1] == pytest.approx(1.008192)
+    with pytest.raises(ValueError, match="new_tokens"):
+        rollout.step_floor_ms(1_000_000, kv, 4, 8, 0, 1e9)
+
+
+def test_bench_rows_and_table(rollout, tmp_path):
+    """A tiny run of the main rows: parameter bytes by hand, each row's floor, the table."""
+    out = tmp_path / "rollout.md"
+    args = rollout.parse_args(
+        ["--tiny", "--device", "cpu", "--cases", "2x4,3x8", "--reps", "1", "--out", str(out)]
+    )
+    bench = rollout.Bench(args)
+    # Tiny Qwen2 (tied head): embedding 1000 x 32 = 32,000; per layer q 32x32+32, k and v
+    # 32x16+16 each, o 32x32, gate/up/down 3 x 2,048, 2 norms x 32 = 9,344; 2 layers; final norm
+    # 32. 50,720 float32 parameters = 202,880 B: the tied LM head counted once, not missing.
+    assert bench.param_bytes == 202_880
+    bench.main_rows()
+    assert [(r["method"], r["batch"], r["new"]) for r in bench.rows] == [
+        ("engine", 2, 4),
+        ("engine, single temperature", 2, 4),
+        ("engine", 3, 8),
+        ("engine, single temperature", 3, 8),
+    ]
+    for r in bench.rows:
+        positions = sum(8 + t for t in range(r["new"]))  # prompt length 8 with --tiny
+        kv_step = 256 * positions * r["batch"] / r["new"]
+        assert r["floor_w"] == pytest.approx(202_880 / bench.bw * 1e3)
+        assert r["floor_kv"] == pytest.approx((202_880 + kv_step) / bench.bw * 1e3)
+        assert r["ms"] > 0
+    assert set(bench.overhead) == {(2, 4), (3, 8)}
+
+    text = bench.write_table()
+    assert out.read_text() == text
+    lines = text.splitlines()
+    assert COLUMNS in lines
+    assert "256 B per position and row" in text
+    rows = [line for line in lines if line.startswith("| engine")]
+    assert len(rows) == 4
+    for line, r in zip(rows, bench.rows, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == COLUMNS.count("|") - 1
+        assert cells[5] == f"{r['floor_kv']:.4g}"
+        assert cells[6] == f"{r['ms'] / r['floor_kv']:.2f}"
+
+
+def test_main_row_selection_and_skipped_generate(rollout, tmp_path):
+    """--rows picks the groups; generate past --hf-max-new gets a 'not run' row, no times."""
+    out = tmp_path / "rollout.md"
+    text = rollout.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--rows",
+            "hf,eager",
+            "--cases",
+            "2x4,2x8",
+            "--hf-tokens",
+            "2",
+            "--hf-max-new",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    methods = [line.split("|")[1].strip() for line in rows[1:]]
+    assert methods == ["engine-eager", "hf-dynamic", "hf-dynamic", "hf-static", "hf-static"]
+    skipped = [line for line in rows if "not run (8 new tokens > --hf-max-new 4)" in line]
+    assert len(skipped) == 2
+    assert all("| - | - | - | - | - |" in line for line in skipped)
+    with pytest.raises(ValueError, match="--rows"):
+        rollout.parse_args(["--rows", "main,bogus"])
