@@ -12,7 +12,7 @@ from transformers import Qwen2Config
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 COLUMNS = (
-    "| method | batch | new tokens | ms/step | floor W | floor W+KV | x W+KV floor "
+    "| method | batch | new tokens | ms/step | floor W | floor W+KV | x W floor | x W+KV floor "
     "| tokens/s | notes |"
 )
 
@@ -91,7 +91,8 @@ def test_bench_rows_and_table(rollout, tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == COLUMNS.count("|") - 1
         assert cells[5] == f"{r['floor_kv']:.4g}"
-        assert cells[6] == f"{r['ms'] / r['floor_kv']:.2f}"
+        assert cells[6] == f"{r['ms'] / r['floor_w']:.2f}"
+        assert cells[7] == f"{r['ms'] / r['floor_kv']:.2f}"
 
 
 def test_main_row_selection_and_skipped_generate(rollout, tmp_path):
@@ -119,6 +120,6 @@ def test_main_row_selection_and_skipped_generate(rollout, tmp_path):
     assert methods == ["engine-eager", "hf-dynamic", "hf-dynamic", "hf-static", "hf-static"]
     skipped = [line for line in rows if "not run (8 new tokens > --hf-max-new 4)" in line]
     assert len(skipped) == 2
-    assert all("| - | - | - | - | - |" in line for line in skipped)
+    assert all("| - | - | - | - | - | - |" in line for line in skipped)
     with pytest.raises(ValueError, match="--rows"):
         rollout.parse_args(["--rows", "main,bogus"])
