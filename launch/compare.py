@@ -25,6 +25,13 @@ difference of its final values against the baseline's runs of the same seeds, wi
 percentile-bootstrap interval over seeds (10,000 resamples, fixed RNG seed), and a sentence
 that says only what the interval supports.
 
+A training resumed after a crash may go on in a new run (mtrl.tracking): the new run holds a
+copy of the old one's history up to the checkpoint and carries the tag `mtrl.resumed_from`;
+the old run carries `mtrl.continued_in` (and ends KILLED). The training counts once, as its
+continuation: a run tagged `mtrl.continued_in` is left out of every mean, figure, difference
+and failure count and listed as "continued in <run name>" (the continuation is judged like
+any run; one not among the compared runs is named by its id).
+
 An http(s) tracking server that does not answer ends the program within seconds with one
 line (MLflow's own client would retry for minutes).
 """
@@ -48,6 +55,7 @@ ENTROPY = "sampler/entropy_mean"
 HELDOUT = re.compile(r"^eval/[^/]+/(avg_at_\d+|maj_at_\d+|pass_at_\d+)$")
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # fixed in advance: the same data always gives the same interval
+CONTINUED_IN = "mtrl.continued_in"  # mtrl.tracking.CONTINUED_IN: "<run id>[ in <store>]"
 
 
 @dataclass
@@ -90,6 +98,16 @@ def failure(run: Run, now_ms: int) -> str | None:
     if end is not None and last < end:
         return f"no evaluation at the final step {end} (last at step {last})"
     return None
+
+
+def continuation(run: Run, by_id: dict[str, Run]) -> str | None:
+    """Where `run`'s training went on ("<run name> (`<id>`)", or the tag's text when that run
+    is not among `by_id`), None when it was not continued in another run."""
+    tag = run.tags.get(CONTINUED_IN)
+    if not tag:
+        return None
+    successor = by_id.get(tag.split()[0])
+    return f"{successor.name} (`{successor.run_id}`)" if successor else f"run {tag}"
 
 
 # ---------------------------------------------------------------------------- reading
@@ -529,7 +547,8 @@ def write_report(
     now_ms: int | None = None,
     failures: dict[str, str] | None = None,
 ) -> Path:
-    """Figures and report.md for `runs` in `out`; failed runs listed, left out of the rest.
+    """Figures and report.md for `runs` in `out`; failed and continued runs listed, left out of
+    the rest.
 
     `baseline`: the group every other is compared with by seed (default: `single T=1.0` when
     such a group exists). `now_ms` (default: now) dates how long a RUNNING run has been silent.
@@ -546,8 +565,13 @@ def write_report(
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     groups: dict[str, list[Run]] = {}
     failed: dict[str, list[tuple[Run, str]]] = {}
+    continued: list[tuple[str, Run, str]] = []  # (group, run, its continuation)
+    by_id = {r.run_id: r for r in runs}
     for run in runs:
         label = group_label(run, group_by)
+        if (successor := continuation(run, by_id)) is not None:
+            continued.append((label, run, successor))
+            continue
         reason = (failures or {}).get(run.run_id) or failure(run, now_ms)
         if reason is None:
             groups.setdefault(label, []).append(run)
@@ -639,8 +663,14 @@ def write_report(
         f"{len(runs)} runs from `{tracking_uri}`, grouped by "
         f"{f'`{group_by}`' if group_by else 'sampler setting'}; runs of a group are repeats "
         f"(seeds). {len(ok_runs)} finished; {n_failed} failed and are left out of every mean, "
-        f"figure and difference (listed below). Lines: mean over a group's finished runs; "
-        f"bands: {spread} across them.",
+        f"figure and difference (listed below)"
+        + (
+            f"; {len(continued)} went on in a continuation run after a resume and count once, "
+            "as that run"
+            if continued
+            else ""
+        )
+        + f". Lines: mean over a group's finished runs; bands: {spread} across them.",
         "",
         f"Table: n finished runs per group; mean ± std (sample std over runs) of each run's "
         f"final value; reward is the mean of its last {reward_window} logged steps, held-out "
@@ -679,6 +709,19 @@ def write_report(
                     f"| {label.replace('|', chr(92) + '|')} | {r.name} | {r.seed} | {reason} | "
                     f"`{r.run_id}` |"
                 )
+        lines.append("")
+    if continued:
+        lines += [
+            "## Continued runs (counted once, as their continuation)",
+            "",
+            "| group | run | seed | continued in | run id |",
+            "|---|---|---|---|---|",
+        ]
+        for label, r, successor in continued:
+            lines.append(
+                f"| {label.replace('|', chr(92) + '|')} | {r.name} | {r.seed} | "
+                f"continued in {successor} | `{r.run_id}` |"
+            )
         lines.append("")
     lines += [
         "## Runs",
