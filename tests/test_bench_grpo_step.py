@@ -1,0 +1,115 @@
+"""bench/grpo_step.py on the CPU: a real tiny GRPO step, dense and PBS (Triton's interpreter),
+split by phase into the table; and the phase timer's bookkeeping."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PHASES = [
+    "rollout prefill",
+    "rollout decode",
+    "log-prob forwards",
+    "rewards + batch",
+    "forward+backward",
+    "optimizer step",
+    "other",
+]
+
+
+@pytest.fixture(scope="module")
+def grpo_step():
+    """bench/grpo_step.py as a module (it imports its neighbours report and shapes)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_grpo_step", BENCH / "grpo_step.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_phases_count_their_own_time(grpo_step):
+    """Nested phases: each counts its own time only, so the phases add up to the outer wall."""
+    phases = grpo_step.Phases(torch.device("cpu"))
+    start = time.perf_counter()
+    with phases("outer"):
+        time.sleep(0.02)
+        with phases("inner"):
+            time.sleep(0.03)
+            with phases("inner"):  # re-entrant: not counted twice
+                time.sleep(0.01)
+        phases.begin("callback")
+        time.sleep(0.01)
+        phases.end("callback")
+    wall = time.perf_counter() - start
+    taken = phases.take()
+    assert set(taken) == {"outer", "inner", "callback"}
+    seconds = {name: s for name, (s, _) in taken.items()}
+    assert seconds["inner"] == pytest.approx(0.04, abs=0.015)
+    assert seconds["outer"] == pytest.approx(0.02, abs=0.015)
+    assert sum(seconds.values()) == pytest.approx(wall, abs=0.005)
+    assert phases.take() == {}  # taken: starts afresh
+    with pytest.raises(RuntimeError, match="ended inside"):
+        phases.begin("a")
+        phases.begin("b")
+        phases.end("a")
+
+
+def table_rows(text: str, title: str) -> dict[str, dict[str, str]]:
+    """{row label: {column: cell}} of the markdown table after the line starting with `title`."""
+    lines = text[text.index(title) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| attention"))
+    columns = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(columns, cells, strict=True))
+    return rows
+
+
+def test_dense_and_pbs_step_by_phase_on_cpu(tmp_path):
+    """The script end to end: a tiny model, 300-token prompts, dense and PBS rows with every
+    phase timed (> 0) and adding up to the step, PBS's density, the header."""
+    out = tmp_path / "grpo_step.md"
+    command = [
+        sys.executable, str(BENCH / "grpo_step.py"),
+        "--tiny", "--prompt-len", "300", "--attn", "both", "--steps", "1", "--warmup", "0",
+        "--out", str(out), "--work", str(tmp_path / "work"), "--commit", "abc1234",
+        "train.per_device_train_batch_size=2", "train.num_generations=2",
+        "train.max_completion_length=3", "pbs.min_seq_len=0",
+    ]  # fmt: skip
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "- card: cpu" in text and "- commit: abc1234" in text
+    assert "`python " in text and "--attn both" in text
+    assert "prompts of 300 random tokens" in text
+
+    seconds = table_rows(text, "Seconds per step")
+    assert list(seconds) == ["dense", "pbs"]
+    for label, row in seconds.items():
+        times = [float(row[p]) for p in PHASES]
+        assert all(t > 0 for t in times), (label, row)
+        assert sum(times) == pytest.approx(float(row["step"]), abs=0.01)
+    assert seconds["dense"]["PBS density"] == "-"
+    assert 0.0 < float(seconds["pbs"]["PBS density"]) <= 1.0
+
+    memory = table_rows(text, "Peak allocated memory")
+    assert list(memory) == ["dense", "pbs"]
+    assert all(set(PHASES) <= set(row) for row in memory.values())
+    assert re.search(r"\| pbs \|( - \|){7}", text)  # no CUDA: not measured
+    assert "What the full run costs" not in text  # only with --config
