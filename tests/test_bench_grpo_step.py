@@ -113,3 +113,30 @@ def test_dense_and_pbs_step_by_phase_on_cpu(tmp_path):
     assert all(set(PHASES) <= set(row) for row in memory.values())
     assert re.search(r"\| pbs \|( - \|){7}", text)  # no CUDA: not measured
     assert "What the full run costs" not in text  # only with --config
+
+
+def test_recipe_cost_is_one_gpu_of_the_run(grpo_step):
+    """--config aime.yaml --gpus 8: the measured process generates its 512 of the 4096
+    completions (64 micro-batches of 8, 4 updates); 1600 updates at the measured seconds."""
+    args = grpo_step.parse_args(
+        ["--config", str(ROOT / "experiments" / "aime.yaml"), "--gpus", "8"]
+    )
+    cfg = grpo_step.load(args, "pbs")
+    assert cfg.model.attn_implementation == "pbs" and cfg.rollout.engine == "fast"
+    from mtrl.config import grpo_config
+
+    grpo = grpo_config(cfg)
+    assert (grpo.generation_batch_size, grpo.steps_per_generation) == (512, 64)
+    assert grpo.gradient_accumulation_steps == 16 and cfg.train.max_steps == 1600
+    seconds = dict.fromkeys((k for k, _ in grpo_step.PHASES), 1.0)
+    seconds.update(prefill=10.0, decode=50.0, train=36.0)  # 100 s per generation batch
+    result = grpo_step.Result(
+        "pbs", seconds, dict.fromkeys(seconds, 40 * grpo_step.GIB), None, None, 1, "bfloat16"
+    )
+    lines = grpo_step.cost_lines(cfg, grpo, [result], 8, 80 * grpo_step.GIB)
+    # 25 s per update x 1600 = 11.1 h on 8 GPUs = 89 GPU-hours; one more round of rollout,
+    # log-probs and rewards (10 + 50 + 1 + 1 = 62 s) per generation batch: 400 x 62 s x 8.
+    row = next(line for line in lines if line.startswith("| pbs"))
+    assert row == "| pbs | 25.00 | 11.1 | 8 x 11.1 | 89 | 55 | 40.0 of 80 GiB |"
+    with pytest.raises(SystemExit):
+        grpo_step.load(grpo_step.parse_args(["--config", args.config, "--gpus", "3"]), None)
