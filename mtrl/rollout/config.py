@@ -41,6 +41,10 @@ class RolloutConfig:
     # fast engine: torch.compile the decode forward inside its CUDA graph (fuses small kernels;
     # about 20 s of compilation once per batch size)
     compile_decode: bool = True
+    # fast engine: Llama/Qwen2-style decoder layers decode with fused Triton kernels for residual
+    # add + RMSNorm and SiLU-mul (mtrl.rollout.fused_norm); other models are unaffected. Off
+    # until measured on a GPU (with and without compile_decode, whose inductor fusions overlap).
+    fused_norms: bool = False
     # Correct for the gap between the forward that sampled (cached decoding, other kernels)
     # and the one that trains: weight each token's loss by min(p_train / p_sample, cap).
     importance_sampling: bool = True
@@ -61,6 +65,11 @@ class RolloutConfig:
                 f"{prefix}.zero3_weights: generate contradicts {prefix}.engine=fast (under "
                 "ZeRO-3 the engine runs on the weight copy); use auto or copy, or engine=hf"
             )
+        for key in ("compile_decode", "fused_norms"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(
+                    f"{prefix}.{key}: must be true or false, got {getattr(self, key)!r}"
+                )
         if not self.check_every >= 1:
             raise ValueError(f"{prefix}.check_every: must be >= 1, got {self.check_every!r}")
         # A cap below 1 would shrink even on-policy tokens (ratio 1); NaN would reach the loss.

@@ -40,6 +40,12 @@ Projections: where a layer's q/k/v (and gate/up) weights are adjacent in memory
 one GEMM per group over a view of them (``mtrl.rollout.fused``): at batch 64 the separate small
 GEMMs are latency-bound. Groups are re-detected whenever parameter storage moves.
 
+Fused norms (``fused_norms=True``, off by default until measured on a GPU): while the engine
+decodes, Llama/Qwen2-style decoder layers run residual add + RMSNorm and SiLU-mul as single
+Triton kernels (``mtrl.rollout.fused_norm``; instance forwards installed around the decode
+steps and removed after, so prefill and every forward outside the engine run the model's own
+code). Other models keep their plain layers; one log line says which.
+
 Sampler RNG: the sampler's ``exponential_`` noise uses the default CUDA generator (or the
 sampler's own generator, registered with the graph), which CUDA graphs support through philox
 seed/offset bookkeeping: each replay draws fresh noise.
@@ -76,6 +82,7 @@ from accelerate.utils import is_peft_model
 from mtrl.rollout.config import RolloutConfig
 from mtrl.rollout.decode_attention import decode_attention, supports_head_dim
 from mtrl.rollout.fused import ProjectionGroups
+from mtrl.rollout.fused_norm import FusedNorms
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +234,9 @@ class RolloutEngine:
       (``sampler.compile()``) through ``torch.compile`` (default mode, no inductor CUDA
       graphs; the decode attention stays eager) inside the captured graph, which fuses the many
       small elementwise kernels; costs one compilation per batch size.
+    - ``fused_norms``: during decode steps, Llama/Qwen2-style decoder layers run residual
+      add + RMSNorm and SiLU-mul as fused Triton kernels (``mtrl.rollout.fused_norm``; CUDA,
+      or any device under ``TRITON_INTERPRET=1``); other models decode with their own layers.
 
     Raises ``UnsupportedModelError`` (at construction or on the first ``generate``) for models
     the static cache or the decode attention can't serve.
@@ -245,6 +255,7 @@ class RolloutEngine:
         compile_decode: bool = False,
         fused_projections: bool = True,
         split_kv_attention: bool = True,
+        fused_norms: bool = False,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
@@ -272,6 +283,9 @@ class RolloutEngine:
         self.split_kv_attention = bool(split_kv_attention)
         self._groups = ProjectionGroups()  # found at the first generate
         self._groups_fingerprint: tuple | None = None
+        self.fused_norms = bool(fused_norms)
+        self._norms = FusedNorms()  # planned at the first generate (the device matters)
+        self._norms_fingerprint: tuple | None = None
         if self.compile_decode:
             sampler.compile()
         self._compiled = None
@@ -543,6 +557,11 @@ class RolloutEngine:
             if self._groups_fingerprint is None or len(groups) != len(self._groups):
                 logger.info("rollout engine: %d projection groups run as one GEMM", len(groups))
             self._groups, self._groups_fingerprint = groups, fingerprint
+        if self.fused_norms and fingerprint != self._norms_fingerprint:
+            norms = FusedNorms(self._base)
+            if norms.summary != self._norms.summary:  # once, then only on a change
+                logger.info(norms.summary)
+            self._norms, self._norms_fingerprint = norms, fingerprint
         try:
             s = self._get_slot(batch, prompt_len, device)
             self._reset(s, attention_mask, temperature_offsets, prompt_len)
@@ -551,7 +570,8 @@ class RolloutEngine:
                 self._consume(s, logits)
                 self._set_decode_attention(True)
                 try:
-                    used_graph = self._decode(s, prompt_len, device, fingerprint)
+                    with self._norms:
+                        used_graph = self._decode(s, prompt_len, device, fingerprint)
                 finally:
                     self._set_decode_attention(False)
         finally:

@@ -4,6 +4,7 @@
     normed = rms_norm(x, weight, eps)                            # the same kernel, no add
     act = silu_mul(gate, up)                  # SiLU(gate) * up; gate/up may be strided views
     act = silu_and_mul(gate_up)               # the same on a [..., 2 * I] gate|up output
+    with FusedNorms(model): ...               # decoder layers use them (the engine's decode)
 
 Each kernel wrapper has a plain PyTorch reference beside it (``*_ref``), the oracle of its
 tests. Shapes: any leading dims, last dim N (hidden size, or intermediate size I) of any value
@@ -30,12 +31,14 @@ on CUDA devices, or on the CPU under ``TRITON_INTERPRET=1`` (the tests); see ``t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import nn
 from torch.library import triton_op, wrap_triton
 
 MAX_N = 65536  # one row per program, held in registers
@@ -229,3 +232,158 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gate_up: last dim must be even, got shape {tuple(gate_up.shape)}")
     gate, up = gate_up.chunk(2, dim=-1)
     return silu_mul(gate, up)
+
+
+# ----------------------------------------------------------------------------- model
+# Classes whose forward is, line for line, LlamaDecoderLayer's / LlamaRMSNorm's / LlamaMLP's
+# (tests/test_fused_norm_engine.py compares the sources, so a transformers upgrade that changes
+# one of them fails a test instead of silently computing something else).
+DECODER_LAYERS = (
+    "LlamaDecoderLayer",
+    "Qwen2DecoderLayer",
+    "Qwen3DecoderLayer",
+    "MistralDecoderLayer",
+)
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+
+
+def _is(module: nn.Module | None, names: tuple[str, ...]) -> bool:
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
+
+
+def _silu_mlp(mlp: nn.Module) -> bool:
+    act = getattr(mlp, "act_fn", None)
+    return _is(mlp, MLPS) and type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+class _Chain:
+    """The normed input a layer computed for the next norm, valid for one tensor and one norm.
+
+    Like ``mtrl.rollout.fused``'s groups: the producer stores (hidden state, norm, normed);
+    the consumer takes it only for the very tensor and norm it was made for, else computes its
+    own norm, so whatever runs between two layers the result is right.
+    """
+
+    def __init__(self):
+        self.input = self.norm = self.normed = None
+
+    def put(self, hidden: torch.Tensor, norm: nn.Module, normed: torch.Tensor) -> None:
+        self.input, self.norm, self.normed = hidden, norm, normed
+
+    def clear(self) -> None:
+        self.input = self.norm = self.normed = None
+
+    def take(self, hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        normed = self.normed if self.input is hidden and self.norm is norm else None
+        self.clear()
+        if normed is None:
+            normed = rms_norm(hidden, norm.weight, norm.variance_epsilon)
+        return normed
+
+
+def _layer_forward(
+    chain: _Chain, layer: nn.Module, next_norm: nn.Module, hidden_states: torch.Tensor, **kwargs
+) -> torch.Tensor:
+    """``LlamaDecoderLayer.forward`` with fused norms; the model calls it with keywords."""
+    normed = chain.take(hidden_states, layer.input_layernorm)
+    attn, _ = layer.self_attn(hidden_states=normed, **kwargs)
+    post = layer.post_attention_layernorm
+    normed, residual = add_rms_norm(attn, hidden_states, post.weight, post.variance_epsilon)
+    mlp_out = layer.mlp(normed)
+    normed, out = add_rms_norm(mlp_out, residual, next_norm.weight, next_norm.variance_epsilon)
+    chain.put(out, next_norm, normed)
+    return out
+
+
+def _norm_forward(chain: _Chain, norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return chain.take(hidden_states, norm)
+
+
+def _mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # gate_proj then up_proj on the same input: mtrl.rollout.fused routes them to one GEMM and
+    # hands back strided views of its output, which silu_mul reads in place.
+    return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+def _decoder(model: nn.Module) -> nn.Module | None:
+    """The module holding the decoder stack (``layers``) and the final ``norm``."""
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), nn.ModuleList) and hasattr(module, "norm"):
+            return module
+    return None
+
+
+class FusedNorms:
+    """A Llama/Qwen2-style model's decoder layers routed to the fused kernels, while installed.
+
+    ``norms = FusedNorms(model)``; ``with norms: ...`` runs the model with instance ``forward``
+    overrides on each decoder layer, its MLP (SiLU only) and the final norm, removed on exit.
+    A layer's forward computes attention, then add+RMSNorm, the MLP with SiLU-mul, then
+    add+RMSNorm with the next layer's (or the final) norm weight, handing that normed tensor
+    to the next consumer. Weights are read from the modules at every call (training updates,
+    LoRA on the projections unmerged). ``len(norms)`` is the number of fused layers: 0 when the
+    model doesn't match (``norms.reason`` says why) or ``FusedNorms()`` (no model).
+    ``norms.summary`` is the one line to log.
+    """
+
+    def __init__(self, model: nn.Module | None = None):
+        self.installs: list[tuple[nn.Module, functools.partial]] = []
+        self.chain = _Chain()
+        self.layers = self.mlps = 0
+        self.reason = "no model" if model is None else self._plan(model)
+
+    def _plan(self, model: nn.Module) -> str | None:
+        decoder = _decoder(model)
+        if decoder is None:
+            return "no decoder stack (a module with `layers` and `norm`)"
+        layers = list(decoder.layers)
+        odd = [type(m).__name__ for m in layers if not _is(m, DECODER_LAYERS)]
+        if not layers or odd:
+            return f"decoder layers {sorted(set(odd)) or 'none'} are not Llama/Qwen2-style"
+        norms = [decoder.norm] + [
+            n for m in layers for n in (m.input_layernorm, m.post_attention_layernorm)
+        ]
+        odd = sorted({type(n).__name__ for n in norms if not _is(n, RMS_NORMS)})
+        if odd:
+            return f"norms {odd} are not Llama-style RMSNorm"
+        weight = decoder.norm.weight
+        if not triton_runs_on(weight.device):
+            return f"Triton does not run on {weight.device.type}"
+        dtypes = sorted({str(n.weight.dtype) for n in norms if n.weight.dtype not in DTYPES})
+        if dtypes:
+            return f"norm weights in {dtypes}"
+        nexts = [m.input_layernorm for m in layers[1:]] + [decoder.norm]
+        for layer, nxt in zip(layers, nexts, strict=True):
+            fwd = functools.partial(_layer_forward, self.chain, layer, nxt)
+            self.installs.append((layer, fwd))
+            if _silu_mlp(layer.mlp):
+                self.installs.append((layer.mlp, functools.partial(_mlp_forward, layer.mlp)))
+        final = functools.partial(_norm_forward, self.chain, decoder.norm)
+        self.installs.append((decoder.norm, final))
+        self.layers = len(layers)
+        self.mlps = sum(1 for m in layers if _silu_mlp(m.mlp))
+        return None
+
+    def __len__(self) -> int:
+        return self.layers
+
+    @property
+    def summary(self) -> str:
+        if self.reason is not None:
+            return f"rollout engine: plain decoder layers (fused norms off: {self.reason})"
+        return (
+            f"rollout engine: {self.layers} decoder layers decode with fused add+RMSNorm, "
+            f"{self.mlps} with fused SiLU-mul"
+        )
+
+    def __enter__(self) -> FusedNorms:
+        for module, forward in self.installs:
+            module.forward = forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.chain.clear()
+        for module, _ in self.installs:
+            module.__dict__.pop("forward", None)
