@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import statistics
 import sys
 import time
@@ -245,6 +246,7 @@ class PhaseTimedTrainer(MultiTempGRPOTrainer):
         engine = super()._rollout_engine(model)
         if engine is not None and "_prefill" not in vars(engine):
             engine._prefill = self.phases.wrap("prefill", engine._prefill)
+            self.engine = engine  # released after the run: its cache and graphs are large
         return engine
 
 
@@ -288,6 +290,14 @@ class Result:
     @property
     def total(self) -> float:
         return sum(self.seconds.values())
+
+
+def updates_per_generation(grpo: Any) -> int:
+    """Optimizer updates one generation batch feeds (TRL: steps_per_generation x num_iterations
+    micro-batches, gradient_accumulation_steps per update); at least 1."""
+    return max(
+        1, grpo.steps_per_generation * grpo.num_iterations // grpo.gradient_accumulation_steps
+    )
 
 
 def build_model(shape: dict, cfg: Any, device: torch.device, positions: int):
@@ -345,9 +355,7 @@ def run(cfg: Any, label: str, shape: dict, args: argparse.Namespace, work: Path)
 
     grpo = grpo_config(cfg)
     grpo.output_dir = str(work / label)
-    updates = max(
-        1, grpo.steps_per_generation * grpo.num_iterations // grpo.gradient_accumulation_steps
-    )
+    updates = updates_per_generation(grpo)
     grpo.max_steps = updates * (args.warmup + args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(shape, cfg, device, args.prompt_len + grpo.max_completion_length)
@@ -399,7 +407,10 @@ def run(cfg: Any, label: str, shape: dict, args: argparse.Namespace, work: Path)
         density = pbs_density(trainer.model, args.prompt_len)
     params = sum(p.numel() for p in trainer.model.parameters())
     dtype = str(trainer.model.dtype).removeprefix("torch.")
+    if getattr(trainer, "engine", None) is not None:
+        trainer.engine.release()
     del trainer, model
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Result(
@@ -422,9 +433,8 @@ def cost_lines(cfg: Any, grpo: Any, results: list[Result], gpus: int, card_bytes
     max_steps = cfg.train.get("max_steps")
     if not max_steps or max_steps < 0:
         return ["", "No cost estimate: the config sets no train.max_steps."]
-    updates = max(
-        1, grpo.steps_per_generation * grpo.num_iterations // grpo.gradient_accumulation_steps
-    )
+    updates = updates_per_generation(grpo)
+    dynamic = cfg.dynamic_sampling.enabled
     lines = [
         "",
         "## What the full run costs",
@@ -441,12 +451,12 @@ def cost_lines(cfg: Any, grpo: Any, results: list[Result], gpus: int, card_bytes
         per_update = r.total / updates
         hours = max_steps * per_update / 3600
         rounds = sum(r.seconds[k] for k in ("prefill", "decode", "logprobs", "batch"))
-        extra = max_steps / updates * rounds / 3600 * gpus
+        extra = f"{max_steps / updates * rounds / 3600 * gpus:.0f}" if dynamic else "-"
         peak = max(r.peaks.values())
         memory = f"{peak / GIB:.1f} of {card_bytes / GIB:.0f} GiB" if card_bytes else "-"
         lines.append(
             f"| {r.label} | {per_update:.2f} | {hours:.1f} | {gpus} x {hours:.1f} | "
-            f"{gpus * hours:.0f} | {extra:.0f} | {memory} |"
+            f"{gpus * hours:.0f} | {extra} | {memory} |"
         )
     return lines
 
@@ -460,14 +470,12 @@ def write_report(args: argparse.Namespace, cfg: Any, results: list[Result], shap
     card_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 0
     commit = git_commit(args.commit, watch=("bench", "mtrl", "pbs"))
     rows = grpo.generation_batch_size
-    updates = max(
-        1, grpo.steps_per_generation * grpo.num_iterations // grpo.gradient_accumulation_steps
-    )
+    updates = updates_per_generation(grpo)
     first = results[0]
     lines = header("GRPO step by phase", card, commit) + [
         f"- config: {args.config or DEFAULT_CONFIG.relative_to(ROOT)} with "
         + " ".join(f"`{o}`" for o in args.applied),
-        f"- model: {shape_name} with random weights, {first.params / 1e6:,.0f}M parameters, "
+        f"- model: {shape_name} with random weights, {first.params:,} parameters, "
         f"{first.dtype}, gradient checkpointing {'on' if grpo.gradient_checkpointing else 'off'}",
         f"- step = one generation batch: a rollout of {rows} completions ({rows // grpo.num_generations} "
         f"prompts x {grpo.num_generations}) of prompts of {args.prompt_len} random tokens, up to "
@@ -568,9 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg, label, shape, args, work)
         results.append(result)
         print(label, {k: round(v, 3) for k, v in result.seconds.items()}, flush=True)
-    text = write_report(args, cfg, results, shape_name)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+        # After every row: a run cut short still leaves the rows it measured.
+        text = write_report(args, cfg, results, shape_name)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
     print(text)
     return 0
 
