@@ -142,6 +142,24 @@ def test_greedy_tokens_equal_with_fused_norms(make, fused_projections, kernel_ca
     assert no_instance_forwards(model)
 
 
+def test_lora_model_decodes_the_same_with_fused_norms(kernel_calls):
+    """A PeftModel with LoRA on attention and MLP projections (unmerged): the fused layers call
+    the adapted projections, the tokens equal the plain decode."""
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])
+    model = peft.get_peft_model(awkward_qwen2(), config).eval()
+    with torch.no_grad():  # nonzero adapters, so that skipping one would change the tokens
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids, mask = prompts(160, seed=2)
+    _, plain = greedy(model, False, ids, mask, 10)
+    engine, fused = greedy(model, True, ids, mask, 10)
+    assert len(engine._norms) == 3 and kernel_calls["silu_mul"] == 3 * 9
+    assert torch.equal(fused.completion_ids, plain.completion_ids)
+
+
 # --------------------------------------------------------------------------- model untouched
 def test_model_forward_unchanged_outside_the_engine():
     """After (and around) an engine call the model's forward is its own: the same logits and
