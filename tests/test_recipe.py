@@ -18,6 +18,7 @@ from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "paper-recipe.md"
+SCALED = ROOT / "experiments" / "paper" / "scaled-down.yaml"  # the recipe on a CPU (below)
 
 
 def recipe_tables() -> dict[str, list[tuple[str, object]]]:
@@ -45,13 +46,13 @@ def recipe_tables() -> dict[str, list[tuple[str, object]]]:
     return tables
 
 
-def printed_config(path: str) -> dict:
-    """What `launch/train.py PATH --print-config` prints, parsed (run in-process)."""
+def printed_config(path: str, *overrides: str) -> dict:
+    """What `launch/train.py PATH [OVERRIDES] --print-config` prints, parsed (run in-process)."""
     import launch.train as train
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
-        train.main([str(ROOT / path), "--print-config"])
+        train.main([str(ROOT / path), *overrides, "--print-config"])
     assert exit_.value.code == 0
     return yaml.safe_load(out.getvalue())
 
@@ -204,7 +205,7 @@ def test_aime_rewards_are_dapos_rule_reward_and_soft_overlong_punishment():
 
 
 @pytest.mark.parametrize(
-    "path", sorted(p.name for p in (ROOT / "experiments/paper").glob("*.yaml"))
+    "path", sorted(p.name for p in (ROOT / "experiments/paper").glob("*.yaml") if p != SCALED)
 )
 def test_paper_configs_validate(path):
     cfg = load_config(ROOT / "experiments/paper" / path)
@@ -300,3 +301,186 @@ def test_reasoning_offsets_draw_knowledge_rows_at_the_knowledge_temperature():
     torch.testing.assert_close(step.logprobs, want)
     freq = torch.bincount(step.tokens, minlength=6).float() / 4000
     assert abs(freq[0].item() - torch.softmax(logits[0] / 0.8, -1)[0].item()) < 0.03
+
+
+# ---------------------------------------------------------------------------- scaled down
+
+# What experiments/paper/scaled-down.yaml may change of aime.yaml (a key, or a section of
+# keys): names, the model, the data, and sizes (batch, lengths, steps, evaluation). Any other
+# key that differs is a feature of the recipe switched off or changed.
+SCALED_MAY_CHANGE = (
+    "name",
+    "description",
+    "model.name",
+    "model.dtype",
+    "data.source",
+    "data.subset",
+    "data.task",
+    "data.task_options",
+    "data.size",
+    "data.seed",
+    "data.few_shot",
+    "reward_options.soft_overlong.buffer",
+    "train.per_device_train_batch_size",
+    "train.gradient_accumulation_steps",
+    "train.generation_batch_size",
+    "train.max_steps",
+    "train.warmup_steps",
+    "train.max_completion_length",
+    "train.dataloader_pin_memory",
+    "eval.every_n_steps",
+    "eval.num_samples",
+    "eval.max_new_tokens",
+    "eval.max_problems",
+    "eval.benchmarks",
+    "tracking.experiment",
+)
+
+
+def flat(node: object, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> leaf value of a printed config (lists and empty mappings are leaves)."""
+    if isinstance(node, dict) and node:
+        out: dict[str, object] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def changed_from_aime(path: str, *overrides: str) -> set[str]:
+    """Keys whose printed value differs between aime.yaml and `path` (+ overrides)."""
+    aime = flat(printed_config("experiments/aime.yaml"))
+    other = flat(printed_config(path, *overrides))
+    absent = object()
+    return {k for k in aime.keys() | other.keys() if aime.get(k, absent) != other.get(k, absent)}
+
+
+def not_a_size(keys: set[str]) -> set[str]:
+    return {k for k in keys if not any(k == a or k.startswith(f"{a}.") for a in SCALED_MAY_CHANGE)}
+
+
+def test_scaled_down_recipe_differs_from_aime_only_in_sizes_model_and_data():
+    changed = changed_from_aime("experiments/paper/scaled-down.yaml")
+    assert not_a_size(changed) == set()
+    assert {"model.name", "data.source", "train.max_steps", "eval.benchmarks"} <= changed
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("dynamic_sampling.enabled=false", "dynamic_sampling.enabled"),
+        ("rewards.soft_overlong=0.0", "rewards.soft_overlong"),
+        ("train.delta=null", "train.delta"),
+        ("train.weight_decay=0.0", "train.weight_decay"),
+        ("train.mask_truncated_completions=true", "train.mask_truncated_completions"),
+        ("sampler.offsets_apply_to=all", "sampler.offsets_apply_to"),
+        ("eval.temperature=1.0", "eval.temperature"),
+    ],
+)
+def test_a_feature_switched_off_in_the_scaled_down_recipe_is_caught(override, key):
+    changed = changed_from_aime("experiments/paper/scaled-down.yaml", override)
+    assert not_a_size(changed) == {key}
+
+
+def test_scaled_down_recipe_keeps_the_shape_of_aime_batches_and_lengths():
+    from mtrl.config import grpo_config
+
+    aime_cfg, small_cfg = load_config(ROOT / "experiments/aime.yaml"), load_config(SCALED)
+    aime, small = grpo_config(aime_cfg), grpo_config(small_cfg)
+    # Micro-steps per generation batch: aime.yaml's on its 8 GPUs, scaled-down.yaml's on one.
+    aime_micro = aime.generation_batch_size // (aime.per_device_train_batch_size * 8)
+    assert small.world_size == 1
+    for micro, args in [(aime_micro, aime), (small.steps_per_generation, small)]:
+        assert micro * args.num_iterations // args.gradient_accumulation_steps == 4  # updates
+        # TRL computes the old log-probs, so updates 2-4 are clipped against the sampler.
+        assert args.gradient_accumulation_steps % (micro * args.num_iterations) != 0
+    # Groups are whole within the generation batch (dynamic sampling replaces groups).
+    assert small.generation_batch_size % small.num_generations == 0
+    # The soft overlong buffer is the same quarter of the completion length.
+    aime_buffer = aime_cfg.reward_options.soft_overlong.buffer / aime.max_completion_length
+    small_buffer = small_cfg.reward_options.soft_overlong.buffer / small.max_completion_length
+    assert small_buffer == aime_buffer == 0.25
+    assert small_cfg.eval.max_new_tokens == small.max_completion_length
+    assert 0 < small.warmup_steps < small.max_steps  # the warm-up, then the constant rate
+    assert small.max_steps % 4 == 0  # whole generation batches
+
+
+@pytest.mark.slow
+def test_scaled_down_recipe_logs_every_feature_to_mlflow(tmp_path, monkeypatch):
+    """Two updates of the scaled-down recipe with the real SmolLM2 into a file MLflow store:
+    each feature's metrics are there, with values that follow from the config."""
+    import mlflow
+
+    from mtrl.run import train
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses file stores else
+    uri = f"file://{tmp_path / 'mlruns'}"
+    cfg = load_config(
+        SCALED,
+        [
+            f"train.output_dir={tmp_path / 'out'}",
+            f"tracking.uri={uri}",
+            # For time (about 40 s on two cores), none a feature: one generation batch of 2
+            # prompts x 8 completions feeds both updates (micro-batches of 4, accumulation 2),
+            # at most 2 rounds of dynamic sampling, evaluation and completion tables off.
+            "train.max_steps=2",
+            "train.generation_batch_size=16",
+            "dynamic_sampling.max_rounds=2",
+            "eval.every_n_steps=0",
+            "tracking.log_completions=false",
+        ],
+    )
+    train(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    (run,) = mlflow.search_runs(experiment_names=["scaled-down"], output_format="list")
+    assert run.info.status == "FINISHED"
+
+    def at(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+    params = run.data.params
+    for key, value in [
+        ("model.name", "smollm2-135m-instruct"),
+        ("dynamic_sampling.enabled", "True"),
+        ("dynamic_sampling.metric", "accuracy"),
+        ("rewards.dapo", "1.0"),
+        ("rewards.soft_overlong", "1.0"),
+        ("train.delta", "10.0"),
+        ("train.lr_scheduler_type", "constant_with_warmup"),
+        ("train.weight_decay", "0.1"),
+        ("train.mask_truncated_completions", "False"),
+        ("sampler.offsets_apply_to", "reasoning"),
+    ]:
+        assert params[key] == value, key
+
+    # One generation (step 1) feeds both updates; each update is logged.
+    assert set(at("dynamic_sampling/rounds")) == {1}
+    for key in ("loss", "grad_norm", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+        assert set(at(key)) == {1, 2}, key
+    assert all(0.0 <= v <= 1.0 for v in at("clip_ratio/region_mean").values())
+    # Warm-up over 4 updates: update k (from 0) at 1e-6 k / 4.
+    assert at("learning_rate") == pytest.approx({1: 0.0, 2: 0.25e-6}, abs=1e-15)
+
+    # Dynamic sampling: the batch's 2 groups are groups with variance or, at the cap, filled.
+    rounds = at("dynamic_sampling/rounds")[1]
+    kept, filled = at("dynamic_sampling/groups_kept")[1], at("dynamic_sampling/groups_filled")[1]
+    assert 1 <= rounds <= 2 and kept + filled == 2
+    dropped = at("dynamic_sampling/groups_dropped")[1]
+    surplus = at("dynamic_sampling/groups_surplus")[1]
+    assert kept + dropped + filled + surplus == 2 * rounds  # every generated group counted once
+    assert at("dynamic_sampling/stopped_at_cap")[1] == float(filled > 0)
+    assert kept >= 1  # SmolLM2 answers these about half the time
+
+    # DAPO's reward is 2 accuracy - 1 on the same completions; it varies within kept groups.
+    dapo, accuracy = at("rewards/dapo/mean")[1], at("rewards/accuracy/mean")[1]
+    assert dapo == pytest.approx(2 * accuracy - 1, abs=1e-6)
+    assert at("rewards/dapo/std")[1] > 0
+    overlong = at("rewards/soft_overlong/mean")[1]
+    assert -1.0 <= overlong <= 0.0 and at("rewards/soft_overlong/std")[1] >= 0.0
+    assert at("reward")[1] == pytest.approx(dapo + overlong, abs=1e-5)  # weights 1, 1 (0, 0)
+
+    # The multi-temperature sampler: each class at its temperature (no offsets in aime.yaml).
+    assert at("sampler/reasoning/temperature_mean")[1] == pytest.approx(1.2, abs=1e-5)
+    assert at("sampler/knowledge/temperature_mean")[1] == pytest.approx(0.8, abs=1e-5)
+    assert 0.0 < at("sampler/reasoning_share")[1] < 1.0
