@@ -1,8 +1,7 @@
 """The learning comparison: one temperature vs multi-temperature vs rollout offsets, by seed.
 
-    python bench/learning.py --call c1 --arms single_t1 multi_p02 --seeds 0 1 2 3 4   # GPU
-    python bench/learning.py --call c2 --arms single_matched multi_p04 --seeds 0 1 2 3 4
-    python bench/learning.py --call c3 --arms offsets --seeds 0 1 2 3 4
+    python bench/learning.py --call c1 --arms single_t1 multi_p02 multi_p04 --parallel 6  # GPU
+    python bench/learning.py --call c2 --arms single_matched offsets --parallel 6
     python bench/learning.py --report --out bench/results/learning.md                 # CPU
 
 Protocol, fixed before any run:
@@ -12,8 +11,10 @@ Protocol, fixed before any run:
   seed 1,000,000 from which `mtrl.eval` drops every question that is in the training pool
   (27 of 600; `eval/<bench>/dropped_overlap` logs it), 4 samples at T = 0.6, top-p 0.95.
 - Shared start: every arm starts from the same weights, the converted base model, and the
-  same prompt, whose user message carries one worked example ending in `\\boxed{}` (the base
-  model boxed 18/24 answers with it, 0/16 without, on a CPU sample). Not a warm-up
+  same prompt, with one worked example ending in `\\boxed{}` as a chat turn before it
+  (`data.few_shot`). The base model on the full held-out set (500 x 4, CPU, 2026-12-05):
+  avg@4 0.149, pass@4 0.230, boxed rate 0.88 (without the example it boxed 0 of 16), so it
+  already answers in the format, with room to move either way. Not a warm-up
   checkpoint: a device machine is handed back 30 s after a call and what travels between
   calls is at most 64 MiB, so a 270 MB checkpoint cannot be "saved once" and shared by
   runs of different calls; re-training it in each call would give each call its own start.
@@ -33,22 +34,16 @@ Protocol, fixed before any run:
   MLflow status, no final evaluation) is listed with its reason and left out; never a 0.
   A later attempt of the same arm and seed replaces an earlier one (both are listed).
 
-Sizes (one H100/H200 per call, calls of at most 10 minutes, ~20 minutes of device time):
-the previous data point ran 9 processes of `arith.yaml` at once on an H200: 64 completions
-x 160 tokens per step, ~45 steps in 7.3 min with three slow (transformers) evaluations of
-400 completions, i.e. ~6-7 s per step per process with 9 sharing the card; a step is bound
-by per-token launch overhead, not by the batch. Here a step is 128 completions (16 prompts
-x 8) of at most 128 tokens, so about the same ~6-7 s: 30 steps ~3.3 min; evaluation at step
-0 and 30 of 500 x 4 = 2,000 completions in batches of 256 (8 decodes of 128 tokens, ~20-30
-s each on the fast engine); model load and graph capture ~1 min. One batch of 8-9 runs: ~5
-min; with ~1.5 min of installing, ~6.5 min a call, and ~1.5 min to start a machine: 3 calls
-x ~8 min = ~24 min at worst, ~20 min if steps run as fast as the fast engine promises. 25
-runs: c1 = single_t1 + multi_p02 (10 runs), c2 = single_matched + multi_p04 (10), c3 =
-offsets (5, plus any retries). Memory: per process ~2.2 GB of fp32 weights, gradients and
-Adam plus activations and caches, <8 GB; 10 processes fit 78 GB. `--deadline` (default
-480 s) stops what is still running so that the call ends in time; those runs count as
-failed. The script prints each run's wall time; if c1's runs took longer than planned,
-keep `--steps` (every run must have the same steps) and split the rest over more calls.
+Sizes (one H100/H200 per call, calls of at most 10 minutes, ~20 minutes of device time),
+from what an H100 measured on 2026-12-04 (commit b91550d, the settings now in learning.yaml:
+fp32, micro-batches of 32, no decode compilation): with 3 runs sharing the card a run took
+2-2.5 min (30 steps at ~1.1 s, two evaluations, model load), and 128-completion micro-batches
+took 14-21 GB per process, so 10 at once ran out of memory; micro-batches of 32 take about a
+quarter of the activations. Plan: `--parallel 6`, 15 runs in the first call (single_t1,
+multi_p02, multi_p04) and 10 in the second (single_matched, which needs the first call's
+multi_p02 runs, and offsets), plus any retries. `--deadline` (default 480 s) stops what is
+still running so that the call ends in time; those runs count as failed and are run again
+in a later call (every run keeps the same `--steps`).
 
 Each call writes `<work>/<call>/`: an MLflow file store (`mlruns`, what mlflow-skinny
 writes), one log per run and `manifest.json` (card, date, commit, command, each run's
@@ -492,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=[])
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--steps", type=int, default=STEPS, help="the same in every run")
-    parser.add_argument("--parallel", type=int, default=10, help="runs at once on the card")
+    parser.add_argument("--parallel", type=int, default=6, help="runs at once on the card")
     parser.add_argument("--deadline", type=float, default=480, help="seconds for the batch")
     parser.add_argument("--matched-temperature", type=float, help=f"T of {MATCHED}")
     parser.add_argument("--commit", help="the commit measured (default: git's HEAD)")

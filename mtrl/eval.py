@@ -368,6 +368,7 @@ def _generate(
             pad_token_id=tokenizer.pad_token_id,
             check_every=int(cfg.rollout.check_every),
             compile_decode=bool(cfg.rollout.compile_decode) and device.type == "cuda",
+            fused_norms=bool(cfg.rollout.fused_norms),
         )
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -726,4 +727,8 @@ class EvalCallback(TrainerCallback):
                 step,
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "_at_" in k),
             )
+        # Trainer.log runs the callbacks' on_log, which clears control.should_log: restore it,
+        # or the step's own training log (loss, grad_norm, learning_rate) is dropped.
+        should_log = trainer.control.should_log
         Trainer.log(trainer, dict(metrics))
+        trainer.control.should_log = should_log

@@ -491,6 +491,7 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             check_every=self.rollout_config.check_every,
             compile_decode=self.rollout_config.compile_decode
             and self.accelerator.device.type == "cuda",
+            fused_norms=self.rollout_config.fused_norms,
         )
 
     def _fast_engine_configured(self) -> bool:

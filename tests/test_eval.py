@@ -188,6 +188,8 @@ def test_eval_callback_logs_through_the_trainer(
     logged = [h for h in trainer.state.log_history if "eval/toy_bench/avg_at_2" in h]
     assert [h["step"] for h in logged] == [0, 2, 3]
     assert any("reward" in h for h in trainer.state.log_history)  # GRPO's own logs intact
+    # ...also at the steps that evaluate: the training log of step 2 and 3 is not dropped
+    assert {2, 3} <= {h["step"] for h in trainer.state.log_history if "loss" in h}
     assert (Path(trainer.args.output_dir) / "eval" / "step_000002.json").is_file()
     client = mlflow.MlflowClient(cfg.tracking.uri)
     history = client.get_metric_history(tracker.run_id, "eval/toy_bench/maj_at_2")
