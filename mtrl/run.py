@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 from omegaconf import OmegaConf
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from mtrl.config import ConfigError, ExperimentConfig, grpo_config
@@ -79,11 +82,32 @@ def build_trainer(cfg: ExperimentConfig, resume: bool = False) -> Any:
     return trainer
 
 
+class CtrlC(TrainerCallback):
+    """A Ctrl-C that cannot be lost. SIGINT raises KeyboardInterrupt as usual and is also
+    remembered: one raised where Python swallows it (inside a `__del__` or a weakref callback,
+    printed as "Exception ignored") is raised again at the end of the step."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.pending = True
+        raise KeyboardInterrupt
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.pending:
+            raise KeyboardInterrupt
+
+
 def train(cfg: ExperimentConfig) -> Any:
     """Train to `train.max_steps`, resuming when asked; returns the trainer."""
     output_dir = grpo_config(cfg).output_dir
     checkpoint = resume_checkpoint(cfg, output_dir)
     trainer = build_trainer(cfg, resume=checkpoint is not None)
+    ctrl_c = CtrlC()
+    trainer.add_callback(ctrl_c)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    previous = signal.signal(signal.SIGINT, ctrl_c.handler) if main_thread else None
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except KeyboardInterrupt:
@@ -101,5 +125,8 @@ def train(cfg: ExperimentConfig) -> Any:
                 callback.training_bar.close()  # its last line before ours, not after
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         raise RunInterrupted(step, last, trainer.args.process_index == 0) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     trainer.save_model(output_dir)
     return trainer

@@ -399,3 +399,16 @@ def test_ctrl_c_ends_the_run_killed_with_one_line(tmp_path):
     run = client.get_run((out / RUN_ID_FILE).read_text())
     assert run.info.status == "KILLED"
     assert step - max(step_counts(client, run.info.run_id, "loss")) in (0, 1)  # logged or not
+
+
+def test_a_swallowed_ctrl_c_stops_the_run_at_the_step_end():
+    from mtrl.run import CtrlC
+
+    ctrl_c = CtrlC()
+    ctrl_c.on_step_end(None, None, None)  # nothing pending: training goes on
+    try:  # where Python swallows it: a __del__ or weakref callback
+        ctrl_c.handler(signal.SIGINT, None)
+    except KeyboardInterrupt:
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        ctrl_c.on_step_end(None, None, None)
