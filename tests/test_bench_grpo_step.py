@@ -1,7 +1,6 @@
 """bench/grpo_step.py on the CPU: a real tiny GRPO step, dense and PBS (Triton's interpreter),
 split by phase into the table; and the phase timer's bookkeeping."""
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -28,15 +28,7 @@ PHASES = [
 @pytest.fixture(scope="module")
 def grpo_step():
     """bench/grpo_step.py as a module (it imports its neighbours report and shapes)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_grpo_step", BENCH / "grpo_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_script(BENCH / "grpo_step.py", "bench_grpo_step", search=BENCH)
 
 
 def test_phases_count_their_own_time(grpo_step):

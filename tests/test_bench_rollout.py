@@ -1,12 +1,11 @@
 """bench/rollout.py on the CPU: the weight+KV read floor against hand arithmetic, and the table
 of a real tiny run (tiny Qwen2 model, the real engine and generate)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from transformers import Qwen2Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,15 +19,7 @@ COLUMNS = (
 @pytest.fixture(scope="module")
 def rollout():
     """bench/rollout.py as a module (it imports its neighbours report and shapes)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_rollout", BENCH / "rollout.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_script(BENCH / "rollout.py", "bench_rollout", search=BENCH)
 
 
 def test_kv_shape_of_configs(rollout):

@@ -2,10 +2,10 @@
 mtrl.tracking's own callback (crash after logging past the checkpoint, resume) in a real
 file-based MLflow store."""
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
+
+from conftest import load_script
 
 from mtrl.config import load_config
 from mtrl.tracking import CONTINUED_IN, RESUMED_FROM, MLflowCallback
@@ -15,11 +15,7 @@ STEPS = 4  # train.max_steps: the final evaluation is due at this step
 
 
 def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "launch" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "launch" / "compare.py", "compare")
 
 
 def log(tracker: MLflowCallback, step: int, reward: float, final: float) -> None:

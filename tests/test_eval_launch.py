@@ -1,10 +1,11 @@
 """launch/eval.py against a tracking server that does not answer: one line, before any loading."""
 
-import importlib.util
 import os
 import socket
 import time
 from pathlib import Path
+
+from conftest import load_script
 
 import mtrl.models
 
@@ -25,9 +26,7 @@ def test_dead_tracking_server_fails_fast_before_evaluating(tmp_path, capsys, mon
     with socket.socket() as sock:  # a port that nothing listens on once closed
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    spec = importlib.util.spec_from_file_location("launch_eval", ROOT / "launch" / "eval.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    launcher = load_script(ROOT / "launch" / "eval.py", "launch_eval")
     argv = [
         str(ROOT / "experiments" / "smoke.yaml"),
         f"tracking.uri=http://127.0.0.1:{port}",

@@ -1,6 +1,5 @@
 """launch/train.py end to end on the tiny model: the closing summary, a quiet CPU start."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def launcher():
-    spec = importlib.util.spec_from_file_location("launch_train", ROOT / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "launch" / "train.py", "launch_train")
 
 
 def test_a_finished_run_ends_with_its_summary(tmp_path, capsys):
