@@ -1,8 +1,6 @@
 """Test settings: two CPU cores, no model hub, kernels through Triton's interpreter on CPU."""
 
-import importlib.util
 import os
-import sys
 
 # Before torch or any hub client is imported by a test module.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -32,22 +30,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(path, name: str, search=None):
-    """A script that is not a package module (bench/*.py, launch/*.py) as a module named `name`;
-    `search`: a folder on sys.path while it imports (for scripts that import their neighbours)."""
-    if search is not None:
-        sys.path.insert(0, str(search))
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        if search is not None:
-            sys.path.remove(str(search))
-    return module
 
 
 SMOKE = os.path.join(ROOT, "experiments", "smoke.yaml")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from script_loader import load_script
 from transformers import Qwen2Config
 
 ROOT = Path(__file__).resolve().parent.parent

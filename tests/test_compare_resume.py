@@ -5,7 +5,7 @@ file-based MLflow store."""
 from pathlib import Path
 from types import SimpleNamespace
 
-from conftest import load_script
+from script_loader import load_script
 
 from mtrl.config import load_config
 from mtrl.tracking import CONTINUED_IN, RESUMED_FROM, MLflowCallback

@@ -5,7 +5,7 @@ import socket
 import time
 from pathlib import Path
 
-from conftest import load_script
+from script_loader import load_script
 
 import mtrl.models
 

@@ -1,0 +1,20 @@
+"""Load scripts that are not package modules (bench/*.py, launch/*.py) in tests."""
+
+import importlib.util
+import sys
+
+
+def load_script(path, name: str, search=None):
+    """A script that is not a package module (bench/*.py, launch/*.py) as a module named `name`;
+    `search`: a folder on sys.path while it imports (for scripts that import their neighbours)."""
+    if search is not None:
+        sys.path.insert(0, str(search))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        if search is not None:
+            sys.path.remove(str(search))
+    return module
