@@ -213,13 +213,16 @@ def run_commands(
     matched_temperature: float | None,
     extra: list[str],
 ) -> dict[str, tuple[str, int, list[str]]]:
-    """name -> (arm, seed, command) of every run of a batch; names are `<arm>-s<seed>`."""
+    """name -> (arm, seed, command) of every run of a batch; names are `<arm>-s<seed>`.
+
+    Seed-major order (every arm of seed 0, then of seed 1, ...): the batch starts runs in this
+    order, so a deadline that cuts it costs whole seeds, the same ones in every arm."""
     commands = {}
-    for arm in arms:
-        overrides = list(ARMS[arm][1])
-        if arm == MATCHED:
-            overrides = ["sampler.mode=single", f"sampler.temperature={matched_temperature}"]
-        for seed in seeds:
+    for seed in seeds:
+        for arm in arms:
+            overrides = list(ARMS[arm][1])
+            if arm == MATCHED:
+                overrides = ["sampler.mode=single", f"sampler.temperature={matched_temperature}"]
             name = f"{arm}-s{seed}"
             commands[name] = (
                 arm,
@@ -285,7 +288,30 @@ def run_batch(args: argparse.Namespace) -> int:
     start = time.time()
     queue = list(commands)
     running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    slowest = 0.0  # seconds of the slowest run that ended so far
+
+    def not_started(names: list[str], failure: str) -> None:
+        for name in names:
+            arm, seed, _ = commands[name]
+            manifest["runs"].append(
+                {
+                    "name": name,
+                    "arm": arm,
+                    "seed": seed,
+                    "seconds": 0.0,
+                    "returncode": None,
+                    "failure": failure,
+                }  # fmt: skip
+            )
+
     while queue or running:
+        # A run that would end after the deadline only slows the runs that share the card
+        # with it, and is killed anyway: once runs have ended, start one only if the slowest
+        # of them would still have fitted.
+        if queue and slowest and time.time() - start + slowest > args.deadline:
+            not_started(queue, f"not started: the slowest run ({slowest:.0f} s) would not end "
+                        f"before the deadline ({args.deadline:.0f} s)")  # fmt: skip
+            queue = []
         while queue and len(running) < args.parallel:
             name = queue.pop(0)
             log = open(folder / f"{name}.log", "w")  # noqa: SIM115 (closed when it ends)
@@ -320,20 +346,10 @@ def run_batch(args: argparse.Namespace) -> int:
             )
             print(f"{name}: {reason or 'finished'} after {seconds / 60:.1f} min", flush=True)
             del running[name]
+            slowest = max(slowest, seconds)
             save()
         if late:
-            for name in queue:
-                arm, seed, _ = commands[name]
-                manifest["runs"].append(
-                    {
-                        "name": name,
-                        "arm": arm,
-                        "seed": seed,
-                        "seconds": 0.0,
-                        "returncode": None,
-                        "failure": "not started before the deadline",
-                    }  # fmt: skip
-                )
+            not_started(queue, "not started before the deadline")
             queue = []
     manifest["minutes"] = round((time.time() - start) / 60, 2)
     save()

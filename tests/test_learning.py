@@ -67,6 +67,10 @@ def test_batch_plan_same_steps_and_seeds_in_every_arm(tmp_path):
         for item in ["train.max_steps=17", "eval.every_n_steps=17", f"train.seed={seed}"]:
             assert item in command
         assert f"tracking.run_name={name}" in command and command[-1] == "rollout.engine=hf"
+    # Seed-major: a deadline that cuts the batch costs the same seeds in every arm.
+    assert [seed for _, seed, _ in commands.values()] == [0] * len(learning.ARMS) + [3] * len(
+        learning.ARMS
+    )
     matched = commands["single_matched-s0"][2]
     assert "sampler.mode=single" in matched and "sampler.temperature=0.873" in matched
     # Every override parses against the schema.
@@ -206,6 +210,26 @@ def test_report_lists_failures_and_gives_paired_intervals(work, tmp_path):
     for name in ["reward", "heldout", "entropy"]:
         assert f"(learning/{name}.png)" in text
         assert (tmp_path / "learning" / f"{name}.png").stat().st_size > 5000
+
+
+def test_batch_starts_no_run_that_the_slowest_ended_run_says_cannot_finish(tmp_path, monkeypatch):
+    """One at a time, 2-second runs, a 3-second deadline: the first ends at about 2 s, so the
+    second (2 + 2 > 3) is never started, and both it and the third are recorded why."""
+    learning = load_learning()
+    sleep = [sys.executable, "-c", "import time; time.sleep(1)"]
+    monkeypatch.setattr(
+        learning,
+        "run_commands",
+        lambda arms, seeds, *_: {f"{a}-s{s}": (a, s, sleep) for s in seeds for a in arms},
+    )
+    args = ["--call", "c1", "--arms", "single_t1", "--seeds", "0", "1", "2", "--parallel", "1"]
+    assert learning.main([*args, "--work", str(tmp_path), "--deadline", "3"]) == 1
+    runs = json.loads((tmp_path / "c1" / "manifest.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["single_t1-s0", "single_t1-s1", "single_t1-s2"]
+    assert runs[0]["failure"] is None and runs[0]["returncode"] == 0
+    for run in runs[1:]:
+        assert run["returncode"] is None
+        assert run["failure"].startswith("not started: the slowest run (2 s) would not end")
 
 
 def test_batches_on_cpu_end_to_end(tmp_path):
