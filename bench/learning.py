@@ -1,8 +1,8 @@
 """The learning comparison: one temperature vs multi-temperature vs rollout offsets, by seed.
 
-    python bench/learning.py --call c1 --arms single_t1 multi_p02 multi_p04 --parallel 6  # GPU
-    python bench/learning.py --call c2 --arms single_matched offsets --parallel 6
-    python bench/learning.py --report --out bench/results/learning.md                 # CPU
+    python bench/learning.py --call c1 --arms single_t1 multi_p02 --parallel 4 --seeds 0 1 2 3
+    python bench/learning.py --call c2 --arms single_matched offsets --parallel 4   # GPU calls
+    python bench/learning.py --report --out bench/results/learning.md             # CPU
 
 Protocol, fixed before any run:
 
@@ -34,16 +34,22 @@ Protocol, fixed before any run:
   MLflow status, no final evaluation) is listed with its reason and left out; never a 0.
   A later attempt of the same arm and seed replaces an earlier one (both are listed).
 
-Sizes (one H100/H200 per call, calls of at most 10 minutes, ~20 minutes of device time),
-from what an H100 measured on 2026-12-04 (commit b91550d, the settings now in learning.yaml:
-fp32, micro-batches of 32, no decode compilation): with 3 runs sharing the card a run took
-2-2.5 min (30 steps at ~1.1 s, two evaluations, model load), and 128-completion micro-batches
-took 14-21 GB per process, so 10 at once ran out of memory; micro-batches of 32 take about a
-quarter of the activations. Plan: `--parallel 6`, 15 runs in the first call (single_t1,
-multi_p02, multi_p04) and 10 in the second (single_matched, which needs the first call's
-multi_p02 runs, and offsets), plus any retries. `--deadline` (default 480 s) stops what is
-still running so that the call ends in time; those runs count as failed and are run again
-in a later call (every run keeps the same `--steps`).
+Sizes (one H100/H200 per call, calls of at most 10 minutes), as an H100 measured them on
+2026-12-05 (commit d77fc7e, the settings in learning.yaml: fp32, micro-batches of 32, no
+decode compilation, evaluation batches of 128): a process peaks at 6.5-16.5 GB, so 8 at once
+(evaluation batches of 256) and 5 at once ran out of the card's 80 GB, and 4 at once peaked at
+65 GB; with 4 sharing the card a run takes 3.1-3.5 min (30 steps, two evaluations of 500 x 4,
+model load). Plan: `--parallel 4`, 8 runs a call; single_matched needs finished multi_p02
+runs in an earlier call of the same machine or `--matched-temperature`. Runs start
+seed-major, so a cut batch loses the same seeds in every arm; once runs have ended, a run is
+started only if the slowest of them would still end before `--deadline` (default 480 s),
+and what is still running then is killed. Runs that did not finish count as failed and are
+run again in a later call (every run keeps the same `--steps`).
+
+The runs behind bench/results/learning.md (stores, manifests, logs; no weights) are in
+bench/results/learning/runs-2026-12-05.tar.xz; to rebuild the report:
+`mkdir -p runs/learning && tar -xJf bench/results/learning/runs-2026-12-05.tar.xz -C
+runs/learning && python bench/learning.py --report --work runs/learning`.
 
 Each call writes `<work>/<call>/`: an MLflow file store (`mlruns`, what mlflow-skinny
 writes), one log per run and `manifest.json` (card, date, commit, command, each run's
@@ -59,6 +65,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -155,14 +162,26 @@ def load_all_runs(work: Path) -> tuple[list[Any], list[dict[str, Any]]]:
     return runs, calls
 
 
-def manifest_failures(runs: list[Any], calls: list[dict[str, Any]]) -> dict[str, str]:
-    """run id -> the failure its call recorded (exit status, deadline), for runs with one."""
+def last_error(log: Path) -> str | None:
+    """The first sentence of the last exception line of a run's log (`torch.OutOfMemoryError:
+    CUDA out of memory`), at most 100 characters; None without a log or one."""
+    if not log.is_file():
+        return None
+    lines = log.read_text(errors="replace").splitlines()[-200:]
+    errors = [x for x in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:?", x)]
+    return errors[-1].split(". ")[0][:100] if errors else None
+
+
+def manifest_failures(runs: list[Any], calls: list[dict[str, Any]], work: Path) -> dict[str, str]:
+    """run id -> the failure its call recorded (exit status, deadline), for runs with one;
+    an exit status comes with the last exception line of the run's log."""
     records = {(m["call"], r["name"]): r for m in calls for r in m["runs"]}
     failures = {}
     for run in runs:
         record = records.get((run.call, run.name))
         if record and record["failure"]:
-            failures[run.run_id] = record["failure"]
+            error = record["returncode"] and last_error(work / run.call / f"{run.name}.log")
+            failures[run.run_id] = record["failure"] + (f": {error}" if error else "")
     return failures
 
 
@@ -185,7 +204,7 @@ def measured_temperature(work: Path) -> tuple[float, list[str]]:
     and their names. Raises SystemExit with one line when there are none."""
     compare = load_compare()
     runs, calls = load_all_runs(work) if work.is_dir() else ([], [])
-    failures = manifest_failures(runs, calls)
+    failures = manifest_failures(runs, calls, work)
     now = int(time.time() * 1000)
     values = {}
     for run in runs:
@@ -361,6 +380,14 @@ def run_batch(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- report
 
 
+def shown_uri(uri: str) -> str:
+    """A file store as a path relative to the working directory (the report is committed)."""
+    if uri.startswith("file:"):
+        path = Path(uri.removeprefix("file://"))
+        return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+    return uri
+
+
 def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> Path:
     """The report `out` (markdown) from every call under `work`; figures in `<out stem>/`."""
     compare = load_compare()
@@ -370,7 +397,7 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     records = {(m["call"], r["name"]): r for m in calls for r in m["runs"]}
     order = {m["call"]: i for i, m in enumerate(calls)}
-    failures = manifest_failures(runs, calls)
+    failures = manifest_failures(runs, calls, work)
     # A later attempt of the same arm and seed replaces an earlier one.
     latest: dict[str, Any] = {}
     for run in sorted(runs, key=lambda r: (order.get(r.call, -1), r.name)):
@@ -385,7 +412,7 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
         kept,
         figures,
         "Comparison",
-        "`, `".join(dict.fromkeys(m["tracking_uri"] for m in calls)),
+        "`, `".join(dict.fromkeys(shown_uri(m["tracking_uri"]) for m in calls)),
         "arm",
         "minmax",
         1,
@@ -397,10 +424,35 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
     body = sub.read_text().split("\n", 1)[1]  # without its title
     body = body.replace("](", f"]({figures.name}/").replace("## ", "### ")
 
-    ok = [r for r in kept if (failures.get(r.run_id) or compare.failure(r, now_ms)) is None]
-    by_arm: dict[str, list[Any]] = {}
-    for run in ok:
-        by_arm.setdefault(compare.group_label(run, "arm"), []).append(run)
+    def counts(run: Any) -> bool:
+        return (failures.get(run.run_id) or compare.failure(run, now_ms)) is None
+
+    def by_arm_of(selected: list[Any]) -> dict[str, list[Any]]:
+        groups: dict[str, list[Any]] = {}
+        for run in selected:
+            groups.setdefault(compare.group_label(run, "arm"), []).append(run)
+        return groups
+
+    def against_baseline(groups: dict[str, list[Any]], key: str) -> list[str]:
+        """The primary verdict of every arm against the baseline, paired by seed."""
+        verdicts = []
+        for arm in ARMS:
+            if arm == BASELINE or arm not in groups:
+                continue
+            diffs = [d for _, d in compare.paired_differences(groups[arm], groups[BASELINE],
+                                                              key)]  # fmt: skip
+            if not diffs:
+                continue
+            stat = compare.paired_bootstrap(diffs)
+            text = compare.verdict(arm, BASELINE, compare.display(key.removeprefix("eval/")),
+                                   stat, len(diffs))  # fmt: skip
+            if len(diffs) < len(SEEDS):
+                text += f" Fewer paired seeds than the planned {len(SEEDS)}."
+            verdicts.append(text)
+        return verdicts
+
+    ok = [r for r in kept if counts(r)]
+    by_arm = by_arm_of(ok)
     eval_keys = compare.heldout_keys(ok)
     primary = next((k for k in eval_keys if "/avg_at_" in k), None)
     conclusion = []
@@ -408,21 +460,38 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
         conclusion.append(f"No conclusion: no finished {BASELINE} run with a held-out evaluation.")
     else:
         metric = compare.display(primary.removeprefix("eval/"))
-        for arm in ARMS:
-            if arm == BASELINE or arm not in by_arm:
-                continue
-            diffs = [d for _, d in compare.paired_differences(by_arm[arm], by_arm[BASELINE],
-                                                              primary)]  # fmt: skip
-            if not diffs:
-                continue
-            stat = compare.paired_bootstrap(diffs)
-            text = compare.verdict(arm, BASELINE, metric, stat, len(diffs))
-            if len(diffs) < len(SEEDS):
-                text += f" Fewer paired seeds than the planned {len(SEEDS)}."
-            conclusion.append(text)
+        conclusion += against_baseline(by_arm, primary)
+        # The rule "the latest attempt counts" is fixed, but a reader may ask whether it
+        # picked results: the same verdicts with the earliest finished attempt instead.
+        earliest: dict[str, Any] = {}
+        for run in sorted(runs, key=lambda r: (order.get(r.call, -1), r.name)):
+            if counts(run):
+                earliest.setdefault(run.name, run)
+        differ = sorted(n for n, r in earliest.items() if latest[n] is not r)
+        if differ:
+            verdicts = against_baseline(by_arm_of(list(earliest.values())), primary)
+            conclusion.append(
+                f"The same with the earliest finished attempt of each run instead of the "
+                f"latest ({len(differ)} differ: {', '.join(differ)}): "
+                + " ".join(verdicts)  # fmt: skip
+            )
+        # Room to learn: each arm's final value against its own step-0 evaluation (the shared
+        # start), paired by run; the baseline first.
+        for arm in sorted(by_arm, key=lambda a: a != BASELINE):
+            gains = [h[-1][1] - h[0][1] for r in by_arm[arm]
+                     if len(h := r.histories.get(primary, [])) > 1 and h[0][0] == 0]  # fmt: skip
+            if gains:
+                stat = compare.paired_bootstrap(gains)
+                conclusion.append(compare.verdict(arm, "the shared start (its step 0)", metric,
+                                                  stat, len(gains)))  # fmt: skip
         absent = [a for a in ARMS if a not in by_arm]
         if absent:
             conclusion.append("No finished runs for: " + ", ".join(absent) + ".")
+    conclusion.append(
+        "Secondary metrics (pass@4, boxed rate, length, entropy) are not corrected for "
+        "comparing several metrics and arms: an interval there that excludes 0 is a lead to "
+        "test, not a finding."
+    )
 
     def dropped() -> str:
         values = sorted(
@@ -449,6 +518,12 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
         return ", ".join(f"{b}: {v:.0f}" for b, v in values) + f" dropped; {kept_n} evaluated"
 
     matched = [m for m in calls if m.get("matched_temperature") is not None]
+    if not matched:  # say what the next call will run it at
+        try:
+            value, names = measured_temperature(work)
+            planned = [f"  - `{MATCHED}` not run yet: T = {value} measured from {names}"]
+        except SystemExit:
+            planned = []
     lines = [
         "# Learning: one temperature vs multi-temperature vs rollout offsets",
         "",
@@ -469,6 +544,7 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
             f"{m['matched_from']}"
             for m in matched
         ],
+        *([] if matched else planned),
         f"- primary: per seed, final held-out avg@4 minus `{BASELINE}`'s of the same seed; mean "
         "with a 95% percentile bootstrap interval over seeds (10,000 resamples, RNG seed 0). "
         "Secondary the same way: pass@4, boxed rate, mean completion tokens, mean token "
@@ -486,11 +562,17 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
             f"| {m['call']} | {m['card']} | {m['started']} | {m['commit']} | {names} | "
             f"{m.get('minutes', '?')} | {', '.join(bad) or '-'} | `{m['command']}` |"
         )
-    lines += ["", f"Report: `python bench/learning.py --report --work {work} --out {out}`"]
+    shown = [shown_uri(p.resolve().as_uri()) for p in (work, out)]
+    lines += ["", f"Report: `python bench/learning.py --report --work {shown[0]} --out {shown[1]}`"]
     if replaced or missing:
         lines += ["", "Attempts not counted:", ""]
-        lines += [f"- {r.name} of {r.call}: replaced by a later attempt" for r in replaced]
-        lines += [f"- {r['name']} of {c}: {r['failure'] or 'no MLflow run'}" for c, r in missing]
+        for r in replaced:
+            outcome = failures.get(r.run_id) or compare.failure(r, now_ms) or "finished"
+            lines.append(f"- {r.name} of {r.call} ({outcome}): replaced by {latest[r.name].call}'s")
+        for c, r in missing:
+            error = r["returncode"] and last_error(work / c / f"{r['name']}.log")
+            lines.append(f"- {r['name']} of {c}: {r['failure'] or 'no MLflow run'}"
+                         + (f": {error}" if error else ""))  # fmt: skip
     lines += ["", "## Results", "", body]
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -503,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=[])
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--steps", type=int, default=STEPS, help="the same in every run")
-    parser.add_argument("--parallel", type=int, default=6, help="runs at once on the card")
+    parser.add_argument("--parallel", type=int, default=4, help="runs at once on the card")
     parser.add_argument("--deadline", type=float, default=480, help="seconds for the batch")
     parser.add_argument("--matched-temperature", type=float, help=f"T of {MATCHED}")
     parser.add_argument("--commit", help="the commit measured (default: git's HEAD)")

@@ -113,12 +113,14 @@ def make_run(client, exp, name, seed, final, temps=None, status="FINISHED", step
 
 BASE = {0: 0.30, 1: 0.20, 2: 0.40}
 MULTI = {0: 0.31, 1: 0.18, 2: 0.43}
+RETRY = 0.36  # multi_p02-s0's second attempt
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """Two calls: c1 ran single_t1 and multi_p02 (multi_p02-s2 exited 1 although MLflow says
-    FINISHED; single_t1-s2 never reached MLflow); c2 retried single_t1-s2."""
+    """Two calls: c1 ran single_t1 and multi_p02 (multi_p02-s2 ran out of memory although
+    MLflow says FINISHED; single_t1-s2 never reached MLflow); c2 retried single_t1-s2 and ran
+    multi_p02-s0 again (RETRY: the later attempt counts)."""
     root = tmp_path_factory.mktemp("work")
     calls = {}
     for call in ("c1", "c2"):
@@ -133,6 +135,11 @@ def work(tmp_path_factory):
         make_run(client, exp, f"multi_p02-s{seed}", seed, MULTI[seed], temps=(1.25, 0.75))
     _, client, exp = calls["c2"]
     make_run(client, exp, "single_t1-s2", 2, BASE[2])
+    make_run(client, exp, "multi_p02-s0", 0, RETRY, temps=(1.25, 0.75))
+    (root / "c1" / "multi_p02-s2.log").write_text(
+        "step 3\nTraceback (most recent call last):\n  ...\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 14.00 MiB.\n"
+    )
     record = {"seconds": 60.0, "returncode": 0, "failure": None}
     runs = {
         "c1": [
@@ -157,7 +164,10 @@ def work(tmp_path_factory):
                 "failure": "exit status 1 (see multi_p02-s2.log)",
             },
         ],  # fmt: skip
-        "c2": [{"name": "single_t1-s2", "arm": "single_t1", "seed": 2, **record}],
+        "c2": [
+            {"name": "single_t1-s2", "arm": "single_t1", "seed": 2, **record},
+            {"name": "multi_p02-s0", "arm": "multi_p02", "seed": 0, **record},
+        ],
     }
     for i, (call, (uri, _, _)) in enumerate(calls.items()):
         manifest = {
@@ -185,23 +195,37 @@ def test_report_lists_failures_and_gives_paired_intervals(work, tmp_path):
     assert learning.main(["--report", "--work", str(work), "--out", str(out)]) == 0
     text = out.read_text()
     compare = learning.load_compare()
-    diffs = [MULTI[s] - BASE[s] for s in (0, 1)]  # seed 2 of multi_p02 failed
+    diffs = [RETRY - BASE[0], MULTI[1] - BASE[1]]  # seed 2 of multi_p02 failed
     mean, low, high = compare.paired_bootstrap(diffs)
+    _, first_low, first_high = compare.paired_bootstrap([MULTI[s] - BASE[s] for s in (0, 1)])
+    gain, gain_low, gain_high = compare.paired_bootstrap([BASE[s] - 0.1 for s in (0, 1, 2)])
     conclusion = text.split("## Conclusion")[1].split("## Protocol")[0]
     assert "multi_p02 vs single_t1 on basic_arithmetic/avg@4: no detectable difference" in (
         conclusion
     )
     assert f"[{100 * low:+.1f}, {100 * high:+.1f}], 2 paired seeds" in conclusion
     assert "Fewer paired seeds than the planned 5" in conclusion
+    earliest = conclusion.split("with the earliest finished attempt")[1].splitlines()[0]
+    assert "(1 differ: multi_p02-s0)" in earliest
+    assert f"[{100 * first_low:+.1f}, {100 * first_high:+.1f}], 2 paired seeds" in earliest
+    assert (
+        "single_t1 scored higher than the shared start (its step 0) on basic_arithmetic/avg@4 "
+        f"({100 * gain:+.1f} points, 95% CI [{100 * gain_low:+.1f}, {100 * gain_high:+.1f}], "
+        "3 paired seeds)"
+    ) in conclusion
+    assert "`single_matched` not run yet: T = 0.85 measured from" in text
     assert "No finished runs for: single_matched, multi_p04, offsets." in conclusion
     paired = text.split("### Paired differences against single_t1")[1]
     row = next(r for r in paired.splitlines() if r.startswith("| multi_p02 |"))
     assert row.split("|")[2].strip() == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n=2)"
     table = next(r for r in text.splitlines() if r.startswith("| multi_p02 | 2 | 1 |"))
-    finals = [MULTI[0], MULTI[1]]
+    finals = [RETRY, MULTI[1]]
     assert f"{statistics.fmean(finals):.3f} ± {statistics.stdev(finals):.3f}" in table
     assert "| single_t1 | 3 | 0 | 0, 1, 2 |" in text  # the retry of c2 completes the baseline
-    assert "exit status 1 (see multi_p02-s2.log)" in text
+    assert (
+        "exit status 1 (see multi_p02-s2.log): torch.OutOfMemoryError: CUDA out of memory |"
+    ) in text
+    assert "multi_p02-s0 of c1 (finished): replaced by c2's" in text
     assert "single_t1-s2 of c1: exit status 1" in text  # the attempt without an MLflow run
     assert (
         "| c1 | NVIDIA H100 80GB HBM3 |" in text and "`python bench/learning.py --call c2`" in text
