@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import importlib.util
 import math
 import os
 import re
@@ -619,9 +620,16 @@ def _pbs_config(section: DictConfig) -> dict[str, Any]:
 
 def _check_tracking_uri(uri: str) -> None:
     """A URI with a scheme MLflow has a tracking store for (a bare word would be a folder)."""
+    from mlflow.store.db.db_types import DATABASE_ENGINES
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
     scheme = urlsplit(uri).scheme
+    if scheme.split("+")[0] in DATABASE_ENGINES and importlib.util.find_spec("sqlalchemy") is None:
+        raise ConfigError(
+            f"tracking.uri: '{uri}' is a database store, which needs the full mlflow package "
+            "(this environment has mlflow-skinny, without SQLAlchemy); install mlflow, or use "
+            "http(s)://host:port, or file:///path/mlruns with MLFLOW_ALLOW_FILE_STORE=true"
+        )
     try:
         supported = scheme and _tracking_store_registry.get_store_builder(uri)
     except Exception:  # MLflow's own "unsupported URI" errors span several lines

@@ -301,3 +301,16 @@ def test_rollout_config_lives_beside_the_engine():
         RolloutConfig(check_every=0).validate()
     with pytest.raises(ValueError, match="^rollout.engine: must be one of auto, fast, hf"):
         RolloutConfig(engine="vllm").validate()
+
+
+def test_database_tracking_uri_without_sqlalchemy_names_mlflow_skinny(monkeypatch):
+    """mlflow-skinny (what a GPU image often has) has no SQLAlchemy: a sqlite URI gets a line
+    that says so and what to use instead, not "is not an MLflow tracking URI"."""
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # import sqlalchemy fails, as there
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE, ["tracking.uri=sqlite:///mlflow.db"])
+    assert str(info.value).startswith(
+        "tracking.uri: 'sqlite:///mlflow.db' is a database store, which needs the full mlflow"
+    )
+    assert "\n" not in str(info.value) and "MLFLOW_ALLOW_FILE_STORE=true" in str(info.value)
+    load_config(SMOKE, ["tracking.uri=http://127.0.0.1:5000"])  # a server needs no SQLAlchemy
