@@ -44,7 +44,8 @@ runs in an earlier call of the same machine or `--matched-temperature`. Runs sta
 seed-major, so a cut batch loses the same seeds in every arm; once runs have ended, a run is
 started only if the slowest of them would still end before `--deadline` (default 480 s),
 and what is still running then is killed. Runs that did not finish count as failed and are
-run again in a later call (every run keeps the same `--steps`).
+run again in a later call (every run keeps the same `--steps`): `--missing` runs only those of
+`--arms` x `--seeds` that no earlier call under `--work` finished.
 
 The runs behind bench/results/learning.md (stores, manifests, logs; no weights) are in
 bench/results/learning/runs-2026-12-05.tar.xz; to rebuild the report:
@@ -199,18 +200,23 @@ def run_temperature(run: Any) -> float | None:
     return statistics.fmean(per_step) if per_step else None
 
 
-def measured_temperature(work: Path) -> tuple[float, list[str]]:
-    """The matched temperature (3 decimals) from the finished calibration runs under `work`,
-    and their names. Raises SystemExit with one line when there are none."""
+def finished_runs(work: Path) -> list[Any]:
+    """Every run under `work` that counts: its call recorded no failure and MLflow shows it
+    finished with its final evaluation (compare.failure)."""
     compare = load_compare()
     runs, calls = load_all_runs(work) if work.is_dir() else ([], [])
     failures = manifest_failures(runs, calls, work)
     now = int(time.time() * 1000)
+    return [r for r in runs if r.run_id not in failures and compare.failure(r, now) is None]
+
+
+def measured_temperature(work: Path) -> tuple[float, list[str]]:
+    """The matched temperature (3 decimals) from the finished calibration runs under `work`,
+    and their names. Raises SystemExit with one line when there are none."""
+    compare = load_compare()
     values = {}
-    for run in runs:
-        arm = compare.group_label(run, "arm")
-        finished = run.run_id not in failures and compare.failure(run, now) is None
-        if arm == CALIBRATION and finished:
+    for run in finished_runs(work):
+        if compare.group_label(run, "arm") == CALIBRATION:
             value = run_temperature(run)
             if value is not None:
                 values[run.name] = value
@@ -278,6 +284,10 @@ def run_batch(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     uri = args.tracking_uri or (folder / "mlruns").as_uri()
     commands = run_commands(args.arms, args.seeds, args.steps, folder, uri, matched, args.overrides)
+    if args.missing:  # a retry: leave out what an earlier call of `work` already finished
+        done = {r.name for r in finished_runs(work)}
+        commands = {name: c for name, c in commands.items() if name not in done}
+        print(f"{args.call}: --missing: {len(done)} runs finished earlier, {len(commands)} to run")
     import mlflow
     import torch
 
@@ -588,6 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=4, help="runs at once on the card")
     parser.add_argument("--deadline", type=float, default=480, help="seconds for the batch")
     parser.add_argument("--matched-temperature", type=float, help=f"T of {MATCHED}")
+    parser.add_argument(
+        "--missing",
+        action="store_true",
+        help="run only the runs of --arms x --seeds without a finished attempt under --work",
+    )
     parser.add_argument("--commit", help="the commit measured (default: git's HEAD)")
     parser.add_argument("--tracking-uri", help="default: a file store in <work>/<call>/mlruns")
     parser.add_argument("--report", action="store_true", help="only write the report")

@@ -3,6 +3,7 @@ report writer on a real MLflow store with a failed run (no GPU)."""
 
 import importlib.util
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -254,6 +255,24 @@ def test_batch_starts_no_run_that_the_slowest_ended_run_says_cannot_finish(tmp_p
     for run in runs[1:]:
         assert run["returncode"] is None
         assert run["failure"].startswith("not started: the slowest run (2 s) would not end")
+
+
+def test_missing_runs_only_what_no_earlier_call_finished(work, tmp_path, monkeypatch):
+    """--missing: of single_t1 and multi_p02 x seeds 0-2, only multi_p02-s2 (it ran out of
+    memory in c1) has no finished attempt, so it is the one run of the retry."""
+    learning = load_learning()
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)  # the fixture's stores stay where its manifests say
+    sleep = [sys.executable, "-c", "pass"]
+    monkeypatch.setattr(
+        learning,
+        "run_commands",
+        lambda arms, seeds, *_: {f"{a}-s{s}": (a, s, sleep) for s in seeds for a in arms},
+    )
+    args = ["--call", "c3", "--arms", "single_t1", "multi_p02", "--seeds", "0", "1", "2"]
+    assert learning.main([*args, "--missing", "--work", str(copy)]) == 0
+    runs = json.loads((copy / "c3" / "manifest.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["multi_p02-s2"]
 
 
 def test_batches_on_cpu_end_to_end(tmp_path):
