@@ -14,7 +14,10 @@
 Every source ends as a folder (or hub id) loaded by the same `from_pretrained` code with
 safetensors only and `trust_remote_code` off unless `model.trust_remote_code` is set.
 Cache folders are written to a temporary folder and renamed into place under a file lock, so
-a crashed or concurrent conversion never leaves a half-written folder behind.
+a crashed or concurrent conversion never leaves a half-written folder behind. They are built
+with ZeRO-3's partitioned construction switched off: under `accelerate launch` with a ZeRO-3
+config, transformers would build each parameter empty on this rank (shape [0]) and
+`save_pretrained` would publish those empty tensors.
 
 LoRA: pass `peft_config(cfg.lora)` to the trainer (`GRPOTrainer(..., peft_config=...)`); that
 is the path TRL 1.16 handles best (ZeRO-3 adapter dtype, reference log-probs from the base
@@ -38,7 +41,8 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -515,7 +519,8 @@ def _materialize(target: Path, build: Callable[[Path], None]) -> Path:
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
-            build(tmp)
+            with _without_zero3_init():
+                build(tmp)
             (tmp / _COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
             if target.exists():  # an incomplete folder from an older layout: move it aside
                 aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -526,6 +531,21 @@ def _materialize(target: Path, build: Callable[[Path], None]) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """transformers' ZeRO-3 switch off for the block, restored after: models built in it hold
+    their full weights on this rank. transformers has `unset_hf_deepspeed_config` but no
+    getter for the object it would need to set back, hence its module's weak reference."""
+    from transformers.integrations import deepspeed
+
+    saved = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _remove_stale(target: Path) -> None:

@@ -333,12 +333,61 @@ def test_fused_norms_key(smoke_config):
         smoke_config("rollout.fused_norms=maybe")
 
 
+# --------------------------------------------------------------------------- bf16: near-ties
+def completion_logits(model, ids, mask, completions):
+    """Teacher-forced logits (B, T, V) in fp32 of the distributions completions (B, T) were
+    drawn from: column j is the model's output at position P + j - 1."""
+    full = torch.cat([ids, completions], 1)
+    attn = torch.cat([mask, torch.ones_like(completions, dtype=mask.dtype)], 1)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding, as the engine counts them
+    with torch.no_grad():
+        logits = model(full, attention_mask=attn, position_ids=positions).logits.float()
+    return logits[:, ids.shape[1] - 1 : -1]
+
+
+def divergences(model, ids, mask, a, b):
+    """Where greedy completions a and b (B, T) first differ in each row: (row, column, gap),
+    gap = |logit of a's token - logit of b's token| there, teacher-forced on a's tokens (up to
+    rounding, the distribution both were drawn from)."""
+    logits = completion_logits(model, ids, mask, a)
+    found = []
+    for row, col in enumerate((a != b).int().argmax(1).tolist()):
+        if a[row, col] != b[row, col]:
+            at = logits[row, col]
+            found.append((row, col, (at[a[row, col]] - at[b[row, col]]).abs().item()))
+    return found
+
+
+def test_divergence_check_reports_a_token_that_is_no_near_tie():
+    """The bf16 check below can fail: a token swapped for the least likely one is reported
+    with its logit gap; identical completions report nothing. In fp32 the teacher-forced
+    logits' argmax is the greedy decode (the columns line up)."""
+    model = awkward_qwen2()
+    ids, mask = prompts(model.config.vocab_size)
+    _, plain = greedy(model, False, ids, mask, 8)
+    a = plain.completion_ids
+    logits = completion_logits(model, ids, mask, a)
+    assert torch.equal(logits.argmax(-1), a)
+    assert divergences(model, ids, mask, a, a.clone()) == []
+    b = a.clone()
+    b[2, 3] = logits[2, 3].argmin()
+    [(row, col, gap)] = divergences(model, ids, mask, a, b)
+    assert (row, col) == (2, 3) and gap > 10 * BF16_NEAR_TIE
+
+
+# bf16 logits of this model differ from its fp32 ones by up to ~1.1 (mean 0.2; logits ~60,
+# median top-1 gap 5, CPU 2026-12-06), and 5% of positions have a top-1 gap under 0.5: two bf16
+# decodes whose norms sum in different orders may flip such a near-tie.
+BF16_NEAR_TIE = 1.0
+
+
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_decode", [False, True])
-def test_cuda_graph_fused_norms_bf16_greedy_equal(compile_decode):
-    """bf16 on a GPU, CUDA graphs (and torch.compile around the fused ops): the same greedy
-    tokens as the plain decode (allowing nothing: the head is sharp, 16 tokens)."""
+def test_cuda_graph_fused_norms_bf16_greedy_equal_up_to_near_ties(compile_decode):
+    """bf16 on a GPU, CUDA graphs (and torch.compile around the fused ops): most rows give the
+    plain decode's greedy tokens, and a row that differs does so first at a near-tie (bf16
+    rounding, not a wrong norm: that moves logits by more than the ties' gaps)."""
     # SmolLM2-135M's widths (head dim 64: the split-KV kernel serves the attention)
     sizes = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9)
     model = awkward_qwen2(**sizes, num_key_value_heads=3).to(device="cuda", dtype=torch.bfloat16)
@@ -347,4 +396,6 @@ def test_cuda_graph_fused_norms_bf16_greedy_equal(compile_decode):
     _, plain = greedy(model, False, ids, mask, 16, compile_decode=compile_decode)
     engine, fused = greedy(model, True, ids, mask, 16, compile_decode=compile_decode)
     assert fused.used_cuda_graph and len(engine._norms) == 3
-    assert torch.equal(fused.completion_ids, plain.completion_ids)
+    found = divergences(model, ids, mask, plain.completion_ids, fused.completion_ids)
+    assert len(found) <= len(ids) // 2, found
+    assert all(gap <= BF16_NEAR_TIE for _, _, gap in found), found

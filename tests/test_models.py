@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -387,6 +388,51 @@ def test_cache_folder_is_published_atomically(tmp_path):
     assert len(builds) == 1
     assert (target / "weights").read_text() == "ok"
     assert not list(tmp_path.glob(".thing.tmp-*"))
+
+
+ZERO3_BUILD = """
+import sys
+from pathlib import Path
+
+import safetensors.torch
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+from mtrl.config import TinyModelConfig
+from mtrl.models import build_tiny
+
+ds = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+assert is_deepspeed_zero3_enabled()
+folder = build_tiny(TinyModelConfig(), Path(sys.argv[1]))
+assert is_deepspeed_zero3_enabled(), "the ZeRO-3 switch was not restored"
+weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
+print(tuple(weights["model.embed_tokens.weight"].shape))
+"""
+
+
+def test_cache_folders_built_under_zero3_hold_the_full_weights(tmp_path, tiny):
+    """Under `accelerate launch` with ZeRO-3, transformers builds models partitioned (each
+    parameter empty on a rank); a cache folder built there must still hold full tensors."""
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rank = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
+    env = {**os.environ, **rank, "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", ZERO3_BUILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    full = tuple(tiny[0].get_input_embeddings().weight.shape)  # built without ZeRO-3
+    assert result.stdout.strip().splitlines()[-1] == str(full)
 
 
 # ---------------------------------------------------------------------------------------------
