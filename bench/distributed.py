@@ -70,6 +70,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.report import git_commit  # noqa: E402
 
 QWEN25_15B = {
     "model.tiny.hidden_size": 1536,
@@ -444,7 +445,8 @@ def main() -> int:
     report = (
         f"""# GRPO on {n} GPUs: DeepSpeed ZeRO-2 / ZeRO-3 against one GPU
 
-Written by `bench/distributed.py` on {time.strftime("%Y-%m-%d %H:%M")}.
+Written by `bench/distributed.py` on {time.strftime("%Y-%m-%d %H:%M")}, commit {git_commit(watch=("bench", "mtrl", "launch"))}:
+`{shlex.join(["python", "bench/distributed.py", *sys.argv[1:]])}`
 Cards: {", ".join(devices)} ({torch.cuda.device_count()} visible); torch {torch.__version__}.
 
 Model: Qwen2.5-1.5B's shape with random weights{" (--quick: small shapes)" if args.quick else ""};
