@@ -33,6 +33,10 @@ Protocol, fixed before any run:
   tokens, mean token entropy of rollouts. A run that did not finish (exit status, deadline,
   MLflow status, no final evaluation) is listed with its reason and left out; never a 0.
   A later attempt of the same arm and seed replaces an earlier one (both are listed).
+- Checks added after the runs (they can only withdraw a claim, never make one): the primary
+  again with Student-t intervals (a percentile bootstrap of 5 seeds is too narrow), with
+  Bonferroni intervals for the several arms against one baseline, and with the earliest
+  attempts; the report's bottom line names an arm as different only if every reading does.
 
 Sizes (one H100/H200 per call, calls of at most 10 minutes), as an H100 measured them on
 2026-12-05 (commit d77fc7e, the settings in learning.yaml: fp32, micro-batches of 32, no
@@ -48,8 +52,8 @@ run again in a later call (every run keeps the same `--steps`): `--missing` runs
 `--arms` x `--seeds` that no earlier call under `--work` finished.
 
 The runs behind bench/results/learning.md (stores, manifests, logs; no weights) are in
-bench/results/learning/runs-2026-12-05.tar.xz; to rebuild the report:
-`mkdir -p runs/learning && tar -xJf bench/results/learning/runs-2026-12-05.tar.xz -C
+bench/results/learning/runs.tar.xz; to rebuild the report:
+`mkdir -p runs/learning && tar -xJf bench/results/learning/runs.tar.xz -C
 runs/learning && python bench/learning.py --report --work runs/learning`.
 
 Each call writes `<work>/<call>/`: an MLflow file store (`mlruns`, what mlflow-skinny
@@ -390,6 +394,60 @@ def run_batch(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- report
 
 
+def bottom_line(readings: dict[str, list[str]], arms: list[str]) -> str:
+    """One sentence over every reading of the primary (each a list of verdicts that start
+    with their arm's name): an arm differs from the baseline only if all readings say so."""
+    found, leads = [], []
+    for arm in arms:
+        verdicts = [v for reading in readings.values() for v in reading if v.startswith(f"{arm} ")]
+        for way in ("higher", "lower"):
+            said = [f"{arm} scored {way} than" in v for v in verdicts]
+            if len(said) == len(readings) and all(said):
+                found.append(f"{arm} scored {way} than {BASELINE}")
+            elif any(said):
+                leads.append(f"{arm} {way}")
+    names = ", ".join(readings)
+    text = (
+        "Bottom line: " + "; ".join(found) + f" under every reading ({names})."
+        if found
+        else f"Bottom line: no arm differs from {BASELINE} under every reading ({names})."
+    )
+    if leads:
+        text += (
+            " Under some readings only: " + ", ".join(leads) + "; a lead to test with more "
+            "seeds, not a finding."
+        )
+    return text
+
+
+def code_changes(calls: list[dict[str, Any]], counted: list[Any]) -> str | None:
+    """When the counted runs come from calls of different commits: which arms ran at which
+    commit, and the files of the trained code (mtrl, experiments, launch) that differ between
+    the commits (git diff --stat), so that a reader sees what the arms did not share."""
+    compare = load_compare()
+    commit_of = {m["call"]: m["commit"] for m in calls}
+    arms: dict[str, set[str]] = {}
+    for run in counted:
+        arms.setdefault(commit_of[run.call], set()).add(compare.group_label(run, "arm"))
+    if len(arms) < 2:
+        return None
+    first, *others = sorted(arms, key=lambda c: min(m["started"] for m in calls
+                                                    if m["commit"] == c))  # fmt: skip
+    text = "Counted runs come from more than one commit: " + "; ".join(
+        f"{c} ({', '.join(sorted(arms[c]))})" for c in [first, *others]
+    )
+    for other in others:
+        diff = subprocess.run(
+            ["git", "diff", "--name-only", first, other, "--", "mtrl", "experiments", "launch"],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        changed = diff.stdout.split() if diff.returncode == 0 else None
+        text += f". {first}..{other} changes in mtrl/, experiments/, launch/: " + (
+            "none" if changed == [] else ", ".join(changed) if changed else "unknown (git)"
+        )
+    return text + "."
+
+
 def shown_uri(uri: str) -> str:
     """A file store as a path relative to the working directory (the report is committed)."""
     if uri.startswith("file:"):
@@ -443,8 +501,11 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
             groups.setdefault(compare.group_label(run, "arm"), []).append(run)
         return groups
 
-    def against_baseline(groups: dict[str, list[Any]], key: str) -> list[str]:
-        """The primary verdict of every arm against the baseline, paired by seed."""
+    def against_baseline(
+        groups: dict[str, list[Any]], key: str, level: float = 0.95, interval: Any = None
+    ) -> list[str]:
+        """The primary verdict of every arm against the baseline, paired by seed, with the
+        protocol's bootstrap interval or `interval` (compare.paired_t_interval)."""
         verdicts = []
         for arm in ARMS:
             if arm == BASELINE or arm not in groups:
@@ -453,9 +514,9 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
                                                               key)]  # fmt: skip
             if not diffs:
                 continue
-            stat = compare.paired_bootstrap(diffs)
+            stat = (interval or compare.paired_bootstrap)(diffs, level=level)
             text = compare.verdict(arm, BASELINE, compare.display(key.removeprefix("eval/")),
-                                   stat, len(diffs))  # fmt: skip
+                                   stat, len(diffs), level)  # fmt: skip
             if len(diffs) < len(SEEDS):
                 text += f" Fewer paired seeds than the planned {len(SEEDS)}."
             verdicts.append(text)
@@ -470,7 +531,26 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
         conclusion.append(f"No conclusion: no finished {BASELINE} run with a held-out evaluation.")
     else:
         metric = compare.display(primary.removeprefix("eval/"))
-        conclusion += against_baseline(by_arm, primary)
+        readings = {"the protocol's bootstrap": against_baseline(by_arm, primary)}
+        conclusion += readings["the protocol's bootstrap"]
+        # Checks a skeptical reader asks for, each a full set of verdicts; the bottom line
+        # claims only what all of them support.
+        if all(len(g) > 1 for g in by_arm.values()):
+            readings["Student-t"] = against_baseline(
+                by_arm, primary, interval=compare.paired_t_interval
+            )
+            conclusion.append(
+                "With Student-t intervals instead of the bootstrap's (a percentile bootstrap "
+                "of a few seeds is too narrow): " + " ".join(readings["Student-t"])
+            )
+        compared = [a for a in ARMS if a != BASELINE and a in by_arm]
+        if len(compared) > 1:  # several arms against one baseline: family-wise 5%
+            level = 1 - 0.05 / len(compared)
+            readings["Bonferroni"] = against_baseline(by_arm, primary, level)
+            conclusion.append(
+                f"Adjusted for the {len(compared)} comparisons with {BASELINE} (Bonferroni, "
+                f"family-wise 5%): " + " ".join(readings["Bonferroni"])
+            )
         # The rule "the latest attempt counts" is fixed, but a reader may ask whether it
         # picked results: the same verdicts with the earliest finished attempt instead.
         earliest: dict[str, Any] = {}
@@ -479,12 +559,15 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
                 earliest.setdefault(run.name, run)
         differ = sorted(n for n, r in earliest.items() if latest[n] is not r)
         if differ:
-            verdicts = against_baseline(by_arm_of(list(earliest.values())), primary)
+            readings["earliest attempts"] = against_baseline(
+                by_arm_of(list(earliest.values())), primary
+            )
             conclusion.append(
                 f"The same with the earliest finished attempt of each run instead of the "
                 f"latest ({len(differ)} differ: {', '.join(differ)}): "
-                + " ".join(verdicts)  # fmt: skip
+                + " ".join(readings["earliest attempts"])
             )
+        conclusion.insert(0, bottom_line(readings, compared))
         # Room to learn: each arm's final value against its own step-0 evaluation (the shared
         # start), paired by run; the baseline first.
         for arm in sorted(by_arm, key=lambda a: a != BASELINE):
@@ -494,6 +577,9 @@ def write_learning_report(work: Path, out: Path, now_ms: int | None = None) -> P
                 stat = compare.paired_bootstrap(gains)
                 conclusion.append(compare.verdict(arm, "the shared start (its step 0)", metric,
                                                   stat, len(gains)))  # fmt: skip
+        commits = code_changes(calls, ok)
+        if commits:
+            conclusion.append(commits)
         absent = [a for a in ARMS if a not in by_arm]
         if absent:
             conclusion.append("No finished runs for: " + ", ".join(absent) + ".")

@@ -279,6 +279,20 @@ def paired_bootstrap(
     return float(values.mean()), float(low), float(high)
 
 
+def paired_t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of paired differences and its Student-t interval, the
+    check on paired_bootstrap for few seeds (a percentile bootstrap of 5 values is too
+    narrow: it treats the sample's spread as known). Needs at least 2 differences."""
+    import numpy as np
+    from scipy import stats  # scipy comes with mlflow
+
+    if len(diffs) < 2:
+        raise ValueError("paired_t_interval: needs at least 2 paired differences")
+    values = np.asarray(diffs, dtype=np.float64)
+    half = stats.t.ppf((1 + level) / 2, len(values) - 1) * stats.sem(values)
+    return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
+
+
 def run_final(run: Run, key: str, window: int = 1) -> float | None:
     """A run's final value of `key`: its last evaluation, or the mean of its last `window`
     logged training steps."""
@@ -310,12 +324,20 @@ def paired_differences(
 
 
 def verdict(
-    label: str, baseline: str, metric: str, diff: tuple[float, float, float], n: int
+    label: str,
+    baseline: str,
+    metric: str,
+    diff: tuple[float, float, float],
+    n: int,
+    level: float = 0.95,
 ) -> str:
-    """One sentence that says no more than the interval: higher, lower or no detectable
-    difference (the interval holds 0); values in percentage points."""
+    """One sentence that says no more than the interval (`level`, as from paired_bootstrap):
+    higher, lower or no detectable difference (the interval holds 0); values in percentage
+    points."""
     mean, low, high = (100 * v for v in diff)
-    interval = f"{mean:+.1f} points, 95% CI [{low:+.1f}, {high:+.1f}], {n} paired seeds"
+    interval = (
+        f"{mean:+.1f} points, {100 * level:.4g}% CI [{low:+.1f}, {high:+.1f}], {n} paired seeds"
+    )
     if n < 2:
         return (
             f"{label} vs {baseline} on {metric}: one paired seed only, no interval ({mean:+.1f})."

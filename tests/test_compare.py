@@ -239,6 +239,23 @@ def test_paired_difference_and_bootstrap_interval(paired_store, tmp_path):
     assert compare.paired_bootstrap([0.1, 0.1, 0.1]) == pytest.approx((0.1, 0.1, 0.1))
     text = compare.verdict("a", "b", "acc", (0.01, -0.02, 0.04), 5)
     assert "no detectable difference" in text and "[-2.0, +4.0]" in text
+    assert "98.75% CI [-2.0, +4.0]" in compare.verdict("a", "b", "acc", (0.01, -0.02, 0.04), 5,
+                                                       1 - 0.05 / 4)  # fmt: skip
+
+
+def test_paired_t_interval_is_the_textbook_one():
+    """diffs 1..5: mean 3, standard error sqrt(2.5 / 5), t(0.975, 4 df) = 2.7764; wider than
+    the percentile bootstrap of the same 5 values."""
+    compare = load_compare()
+    mean, low, high = compare.paired_t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.776445 * (2.5 / 5) ** 0.5
+    assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), abs=1e-5)
+    _, boot_low, boot_high = compare.paired_bootstrap([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert low < boot_low and high > boot_high
+    wider = compare.paired_t_interval([1.0, 2.0, 3.0, 4.0, 5.0], level=0.99)
+    assert wider[1] < low and wider[2] > high
+    with pytest.raises(ValueError, match="at least 2"):
+        compare.paired_t_interval([1.0])
 
 
 def test_dead_tracking_server_fails_fast(tmp_path, capsys):

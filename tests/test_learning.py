@@ -216,6 +216,13 @@ def test_report_lists_failures_and_gives_paired_intervals(work, tmp_path):
     ) in conclusion
     assert "`single_matched` not run yet: T = 0.85 measured from" in text
     assert "No finished runs for: single_matched, multi_p04, offsets." in conclusion
+    _, t_low, t_high = compare.paired_t_interval(diffs)
+    assert "Student-t intervals instead of the bootstrap's" in conclusion
+    assert f"[{100 * t_low:+.1f}, {100 * t_high:+.1f}], 2 paired seeds" in conclusion
+    assert conclusion.split("\n- ")[1].startswith(
+        "Bottom line: no arm differs from single_t1 under every reading (the protocol's "
+        "bootstrap, Student-t, earliest attempts)."
+    )
     paired = text.split("### Paired differences against single_t1")[1]
     row = next(r for r in paired.splitlines() if r.startswith("| multi_p02 |"))
     assert row.split("|")[2].strip() == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n=2)"
@@ -235,6 +242,25 @@ def test_report_lists_failures_and_gives_paired_intervals(work, tmp_path):
     for name in ["reward", "heldout", "entropy"]:
         assert f"(learning/{name}.png)" in text
         assert (tmp_path / "learning" / f"{name}.png").stat().st_size > 5000
+
+
+def test_bottom_line_claims_only_what_every_reading_supports():
+    learning = load_learning()
+    higher = "offsets scored higher than single_t1 on m (+1.4 points, 95% CI [+0.4, +2.4])"
+    none = "offsets vs single_t1 on m: no detectable difference (+1.4 points, 95% CI [-0.3, +3])"
+    lower = "multi_p02 scored lower than single_t1 on m (-2.0 points, 95% CI [-3, -1])"
+    both = {"bootstrap": [higher, lower], "t": [higher, lower]}
+    assert learning.bottom_line(both, ["multi_p02", "offsets"]) == (
+        "Bottom line: multi_p02 scored lower than single_t1; offsets scored higher than "
+        "single_t1 under every reading (bootstrap, t)."
+    )
+    split = {"bootstrap": [higher, lower], "t": [none, lower]}
+    text = learning.bottom_line(split, ["multi_p02", "offsets"])
+    assert text.startswith("Bottom line: multi_p02 scored lower than single_t1 under every")
+    assert text.endswith("Under some readings only: offsets higher; a lead to test with more "
+                         "seeds, not a finding.")  # fmt: skip
+    missing = {"bootstrap": [higher], "t": []}  # an arm without a verdict in one reading
+    assert learning.bottom_line(missing, ["offsets"]).startswith("Bottom line: no arm differs")
 
 
 def test_batch_starts_no_run_that_the_slowest_ended_run_says_cannot_finish(tmp_path, monkeypatch):
