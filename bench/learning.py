@@ -80,6 +80,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.report import git_commit  # noqa: E402
+
 EXPERIMENT_FILE = "experiments/learning.yaml"
 EXPERIMENT = "learning"  # tracking.experiment of that file
 BASELINE = "single_t1"
@@ -127,13 +130,6 @@ def load_compare() -> Any:
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
-
-
-def git_commit() -> str:
-    result = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    )
-    return result.stdout.strip() or "unknown"
 
 
 def manifests(work: Path) -> list[dict[str, Any]]:
@@ -303,7 +299,7 @@ def run_batch(args: argparse.Namespace) -> int:
         "call": args.call,
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "commit": args.commit or git_commit(),
+        "commit": git_commit(args.commit, watch=("bench", "mtrl", "experiments", "launch")),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "tracking_uri": uri,
         "steps": args.steps,
