@@ -419,7 +419,7 @@ def bottom_line(readings: dict[str, list[str]], arms: list[str]) -> str:
 def code_changes(calls: list[dict[str, Any]], counted: list[Any]) -> str | None:
     """When the counted runs come from calls of different commits: which arms ran at which
     commit, and the files of the trained code (mtrl, experiments, launch) that differ between
-    the commits (git diff --stat), so that a reader sees what the arms did not share."""
+    the commits (git diff --name-only), so that a reader sees what the arms did not share."""
     compare = load_compare()
     commit_of = {m["call"]: m["commit"] for m in calls}
     arms: dict[str, set[str]] = {}
