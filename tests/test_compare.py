@@ -4,7 +4,6 @@ leaves failed runs out (and lists them), and compares groups by seed with a boot
 import importlib.util
 import itertools
 import math
-import socket
 import statistics
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from free_port import free_port
 from mlflow.entities import Metric, Param
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,9 +260,7 @@ def test_paired_t_interval_is_the_textbook_one():
 
 def test_dead_tracking_server_fails_fast(tmp_path, capsys):
     compare = load_compare()
-    with socket.socket() as sock:  # a port that nothing listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     started = time.monotonic()
     code = compare.main(
         [

@@ -4,13 +4,13 @@ wheelhouse resolution, and a 2-process (gloo) CPU run of the smoke experiment.""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from free_port import free_port
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,12 +186,6 @@ def test_wheelhouse_dry_run_resolves_for_target_and_honours_skip():
     assert "  torch: skipped" in dropped
     assert "nvidia-" in dropped and "needed only by skipped" in dropped
     assert "deepspeed-0.19.8-py3-none-any.whl (built here" in proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -234,7 +234,7 @@ def test_two_processes_fill_their_batches_in_the_same_rounds(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_distributed import free_port
+    from free_port import free_port
 
     (tmp_path / "worker.py").write_text(WORKER)
     shutil.copy(SMOKE, tmp_path / "smoke.yaml")

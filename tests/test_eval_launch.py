@@ -1,10 +1,10 @@
 """launch/eval.py against a tracking server that does not answer: one line, before any loading."""
 
 import os
-import socket
 import time
 from pathlib import Path
 
+from free_port import free_port
 from script_loader import load_script
 
 import mtrl.models
@@ -23,9 +23,7 @@ def test_dead_tracking_server_fails_fast_before_evaluating(tmp_path, capsys, mon
             monkeypatch.setenv(key, os.environ[key])
         else:
             monkeypatch.delenv(key, raising=False)
-    with socket.socket() as sock:  # a port that nothing listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     launcher = load_script(ROOT / "launch" / "eval.py", "launch_eval")
     argv = [
         str(ROOT / "experiments" / "smoke.yaml"),

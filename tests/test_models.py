@@ -413,14 +413,13 @@ print(tuple(weights["model.embed_tokens.weight"].shape))
 def test_cache_folders_built_under_zero3_hold_the_full_weights(tmp_path, tiny):
     """Under `accelerate launch` with ZeRO-3, transformers builds models partitioned (each
     parameter empty on a rank); a cache folder built there must still hold full tensors."""
-    import socket
     import subprocess
     import sys
 
+    from free_port import free_port
+
     pytest.importorskip("deepspeed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     rank = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
     env = {**os.environ, **rank, "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -10,7 +10,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from free_port import free_port
 from transformers import TrainerCallback, TrainerState
 
 from mtrl.tracking import (
@@ -34,12 +34,6 @@ from mtrl.tracking import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_server(tmp_path, port) -> subprocess.Popen:
