@@ -24,7 +24,9 @@ rewritten after each, so a run cut short keeps what it measured):
   main       the trainer's default engine (compile_decode=True on CUDA: the decode forward and
              the sampler's tensor work through torch.compile inside the captured graph), with
              the multi-temperature sampler (window mode, p = 0.2, window 100000) and with
-             mode=single (one temperature); every case. The two engines are warmed by one call
+             mode=single (one temperature), and the multi-temperature engine with fused norms
+             (fused_norms=True: add+RMSNorm and SiLU-mul kernels while decoding; off by
+             default in the trainer); every case. The engines are warmed by one call
              of the same shape (compile + capture, excluded) and then timed interleaved, the
              median of --reps calls each. Wall time includes prefill. These rows give issue
              21's ratios and the multi- over single-temperature overhead.
@@ -346,6 +348,9 @@ class Bench:
             engines = {
                 multi: self.engine(multi_sampler(), n_new),
                 single: self.engine(single_sampler(), n_new),
+                self.engine_name(", fused norms"): self.engine(
+                    multi_sampler(), n_new, fused_norms=True
+                ),
             }
             first = {k: self.timed_generate(e, ids, mask, n_new) for k, e in engines.items()}
             times = {k: [] for k in engines}
@@ -355,14 +360,13 @@ class Bench:
             ms = {k: statistics.median(v) / n_new * 1e3 for k, v in times.items()}
             for k, e in engines.items():
                 graphs = e._slot is not None and bool(e._slot.graphs)
-                self.row(
-                    k,
-                    batch,
-                    n_new,
-                    ms[k],
+                note = (
                     f"median of {self.args.reps} interleaved; graphs={graphs}; "
-                    f"first call ({'compile + capture' if self.cuda else 'warm-up'}) {first[k]:.1f} s",
+                    f"first call ({'compile + capture' if self.cuda else 'warm-up'}) {first[k]:.1f} s"
                 )
+                if e.fused_norms:
+                    note += f"; {e._norms.summary.removeprefix('rollout engine: ')}"
+                self.row(k, batch, n_new, ms[k], note)
                 e.release()
             self.overhead[(batch, n_new)] = ms[multi] / ms[single] - 1
             del engines

@@ -60,9 +60,14 @@ def test_bench_rows_and_table(rollout, tmp_path):
     assert [(r["method"], r["batch"], r["new"]) for r in bench.rows] == [
         ("engine", 2, 4),
         ("engine, single temperature", 2, 4),
+        ("engine, fused norms", 2, 4),
         ("engine", 3, 8),
         ("engine, single temperature", 3, 8),
+        ("engine, fused norms", 3, 8),
     ]
+    # The fused variant's kernels ran (here through Triton's interpreter), and its row says so.
+    fused = [r for r in bench.rows if r["method"] == "engine, fused norms"]
+    assert all("2 decoder layers decode with fused add+RMSNorm" in r["note"] for r in fused)
     for r in bench.rows:
         positions = sum(8 + t for t in range(r["new"]))  # prompt length 8 with --tiny
         kv_step = 256 * positions * r["batch"] / r["new"]
@@ -77,7 +82,7 @@ def test_bench_rows_and_table(rollout, tmp_path):
     assert COLUMNS in lines
     assert "256 B per position and row" in text
     rows = [line for line in lines if line.startswith("| engine")]
-    assert len(rows) == 4
+    assert len(rows) == 6
     for line, r in zip(rows, bench.rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == COLUMNS.count("|") - 1
