@@ -42,8 +42,9 @@ class RolloutConfig:
     # about 20 s of compilation once per batch size)
     compile_decode: bool = True
     # fast engine: Llama/Qwen2-style decoder layers decode with fused Triton kernels for residual
-    # add + RMSNorm and SiLU-mul (mtrl.rollout.fused_norm); other models are unaffected. Off
-    # until measured on a GPU (with and without compile_decode, whose inductor fusions overlap).
+    # add + RMSNorm and SiLU-mul (mtrl.rollout.fused_norm); other models are unaffected. Off:
+    # with compile_decode (whose inductor fusions overlap) 1.0-1.3% faster on an H100
+    # (bench/results/rollout.md), and bf16 rows may part from the plain decode at near-ties.
     fused_norms: bool = False
     # Correct for the gap between the forward that sampled (cached decoding, other kernels)
     # and the one that trains: weight each token's loss by min(p_train / p_sample, cap).
