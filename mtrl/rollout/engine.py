@@ -40,13 +40,12 @@ Projections: where a layer's q/k/v (and gate/up) weights are adjacent in memory
 one GEMM per group over a view of them (``mtrl.rollout.fused``): at batch 64 the separate small
 GEMMs are latency-bound. Groups are re-detected whenever parameter storage moves.
 
-Fused norms (``fused_norms=True``; off by default: 1.0-1.3% faster on an H100 with
-``compile_decode``, bench/results/rollout.md, and bf16 rows may part from the plain decode at
-near-ties): while the engine
-decodes, Llama/Qwen2-style decoder layers run residual add + RMSNorm and SiLU-mul as single
-Triton kernels (``mtrl.rollout.fused_norm``; instance forwards installed around the decode
-steps and removed after, so prefill and every forward outside the engine run the model's own
-code). Other models keep their plain layers; one log line says which.
+Fused norms (``fused_norms=True``): while the engine decodes, Llama/Qwen2-style decoder layers
+run residual add + RMSNorm and SiLU-mul as single Triton kernels (``mtrl.rollout.fused_norm``;
+instance forwards installed around the decode steps and removed after, so prefill and every
+forward outside the engine run the model's own code). Other models keep their plain layers;
+one log line says which. Off by default: 1.0-1.3% faster on an H100 with ``compile_decode``
+(bench/results/rollout.md), and in bf16 its rows may part from the plain decode at near-ties.
 
 Sampler RNG: the sampler's ``exponential_`` noise uses the default CUDA generator (or the
 sampler's own generator, registered with the graph), which CUDA graphs support through philox
