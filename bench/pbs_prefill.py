@@ -667,10 +667,10 @@ def vt_prompt(tok, tokens: int, seed: int = 0, hops: int = 4) -> TaskPrompt:
         return chat_prompt(tok, question, VT_ANSWER_PREFIX.format(count=hops + 1, value=value))
 
     # the length does not depend on where the statements go: fit the line count first
-    first = [0] * len(chain)
-    empty, hundred = n_tokens(tok, build(0, first)), n_tokens(tok, build(100, first))
+    at_top = [0] * len(chain)
+    empty, hundred = n_tokens(tok, build(0, at_top)), n_tokens(tok, build(100, at_top))
     lines = max(len(chain), int((tokens - empty) * 100 / (hundred - empty)))
-    while lines > len(chain) and n_tokens(tok, build(lines, first)) > tokens:
+    while lines > len(chain) and n_tokens(tok, build(lines, at_top)) > tokens:
         lines -= 1
     text = build(lines, sorted(rng.sample(range(lines), len(chain))))
     enc = tok(text, return_tensors="pt", return_offsets_mapping=True)
