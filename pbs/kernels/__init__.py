@@ -154,9 +154,7 @@ def _tiles_split_blocks(configs, named_args, **kwargs):
 
 
 def _bwd_tuned(kernel, shapes):
-    """``kernel`` autotuned over (BLOCK_M, BLOCK_N, warps, stages) ``shapes``. The candidates
-    surround the tile shapes of Triton's fused-attention tutorial (wide query tiles for dq,
-    wide key tiles for dk/dv); not yet swept on our block lists."""
+    """``kernel`` autotuned over (BLOCK_M, BLOCK_N, warps, stages) ``shapes``."""
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in shapes
@@ -168,19 +166,17 @@ def _bwd_tuned(kernel, shapes):
     )(kernel)
 
 
-# Each list ends with the tiles FlexAttention's backward takes on sm90 for head dim <= 128
-# (torch inductor's default: dq 128 x 64, dk/dv 64 x 128, 8 warps, 3 stages), the kernel our
-# backward is measured against.
+# The fastest tiles of a sweep on an H100 (32 q / 8 KV heads, head dim 128, bf16, ~25% density,
+# 32K and 128K; bench/results/pbs_backward.md), each list best first. dq at 128K: 93 ms for
+# 128 x 64 or 128 x 128 with 8 warps. dk/dv at 128K: 161 ms for 64 queries x 128 keys with 8
+# warps, 170 ms for 128 x 128; 4 warps on 128 keys was 4x slower (the two fp32 accumulators
+# do not fit their registers), so it is not a candidate.
 _attn_bwd_dq_tuned = _bwd_tuned(
-    _attn_bwd_dq,
-    [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3),
-     (128, 64, 8, 3)],
-)  # fmt: skip
+    _attn_bwd_dq, [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)]
+)
 _attn_bwd_dkdv_tuned = _bwd_tuned(
-    _attn_bwd_dkdv,
-    [(32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3),
-     (64, 128, 8, 3)],
-)  # fmt: skip
+    _attn_bwd_dkdv, [(64, 128, 8, 2), (128, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2)]
+)
 
 
 def _autotune(q: torch.Tensor) -> bool:
@@ -341,7 +337,7 @@ def block_sparse_attention_backward(
         _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
             *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm < 128 else 8
         )
-        bm, bn = min(block, 32), min(block, 32 if interpreting() else 128)
+        bm, bn = min(block, 32 if interpreting() else 64), min(block, 32 if interpreting() else 128)
         _attn_bwd_dkdv[(triton.cdiv(N, bn), B * HKV)](
             *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bn < 128 else 8
         )

@@ -13,7 +13,10 @@ probabilities from the forward's log-sum-exp and runs over the same schedule fro
   after each key's original position (token-level mask). Because a permuted row is a key of
   the same segment, (b) covers its own-segment gradient too: the tile then holds the complete
   dk, dv of its keys and stores them at their original positions (perm), so every row of dk
-  and dv is written exactly once, without atomics.
+  and dv is written exactly once, without atomics. It computes the scores transposed (keys as
+  rows), as Triton's fused-attention tutorial does: 1.27x faster at 128K on an H100 than
+  transposing P and dS for the dk, dv products. (Accumulating dq here too, by fp32 atomics,
+  instead of the dq kernel measured 1.17x slower than the two kernels.)
 
 Scores are in log2 units: p = exp2(q.k * qk_scale - lse) with qk_scale = scale * log2(e).
 """
@@ -133,26 +136,28 @@ def _dkdv_step(
 ):  # fmt: skip
     """Fold the BLOCK_M queries from start_m (one query head) into the key tile's dk, dv.
 
-    key_pos: (BLOCK_N,) original positions of the tile's keys; with MASKED a query sees a key
-    only at or after it (own segment). Rows past N load zeros and contribute nothing.
+    Works on transposed scores, keys as rows (P^T = exp2(K Q^T - lse)), so that P^T and dS^T
+    feed the dv and dk products as they come out of the previous product, without a
+    transpose through shared memory. key_pos: (BLOCK_N,) original positions of the tile's
+    keys; with MASKED a query sees a key only at or after it (own segment). Rows past N load
+    zeros and an infinite lse, so their probabilities are exactly 0.
     """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
     row_ok = offs_m < N
-    q = tl.load(q_base + rows * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_base + rows * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+    q_t = tl.load(q_base + offs_m[None, :].to(tl.int64) * sqn + offs_d[:, None],
+                  mask=row_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M)  # fmt: skip
+    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdn + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)  # fmt: skip
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    p = _exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+    p_t = _exp2(tl.dot(k, q_t) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
     if MASKED:
-        p = tl.where((offs_m[:, None] >= key_pos[None, :]) & row_ok[:, None], p, 0.0)
-    else:
-        p = tl.where(row_ok[:, None], p, 0.0)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-    dp = tl.dot(do, tl.trans(v))
-    ds = p * (dp - delta[:, None])
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+        p_t = tl.where(offs_m[None, :] >= key_pos[:, None], p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv)
+    dp_t = tl.dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
     return dk, dv
 
 
