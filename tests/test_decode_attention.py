@@ -118,6 +118,32 @@ def test_fully_masked_row_is_zero(num_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("last", [0, 37, 150, 271])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_last_key_skips_the_keys_after_it(last, num_splits):
+    """Keys after ``last_key`` (the empty end of a bucket) are not read: they hold NaN here,
+    which a read would carry into the output through the q.k product. The result equals the
+    reference over the keys up to it, also when whole splits lie past it."""
+    n = 272
+    q, k, v, mask = make_inputs(3, 2, 6, 64, n, 288, torch.float16, "none", seed=last)
+    mask[:, last + 1 :] = float("-inf")
+    k[:, :, last + 1 :] = float("nan")
+    v[:, :, last + 1 :] = float("nan")
+    last_key = torch.tensor(last, device=DEV)
+    out = decode_attention(q, k, v, mask, None, num_splits, last_key=last_key, block_n=16)
+    assert torch.isfinite(out).all()
+    cut = slice(0, last + 1)
+    check(out, q, k[:, :, cut], v[:, :, cut], mask[:, cut])
+
+
+@needs_triton
+def test_last_key_must_be_one_integer():
+    q, k, v, mask = make_inputs(1, 1, 2, 64, 16, 32, torch.float32, "none")
+    with pytest.raises(ValueError, match="last_key must be a one-element integer tensor"):
+        decode_attention(q, k, v, mask, last_key=torch.tensor([3.0], device=DEV))
+
+
+@needs_triton
 def test_strided_layouts():
     """Cache stored (B, L, KVH, D) and viewed as (B, KVH, L, D); q from a transpose; mask wider
     than n (its first n columns count)."""

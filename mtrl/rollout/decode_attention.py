@@ -1,6 +1,6 @@
 """Split-KV ("flash-decoding") attention for one-token decode steps over a static KV cache.
 
-    out = decode_attention(q, k, v, mask, scale)          # (B, KVH, R, D), q's dtype
+    out = decode_attention(q, k, v, mask, scale, last_key=None)  # (B, KVH, R, D), q's dtype
 
 Shapes (the engine's ``_decode_attention`` layout, grouped-query heads folded into the rows):
   q:    (B, KVH, R, D); R = (query heads / KV heads) * query length, the rows sharing a KV head
@@ -9,6 +9,10 @@ Shapes (the engine's ``_decode_attention`` layout, grouped-query heads folded in
   mask: (B, n) or (B, 1, 1, n) additive float mask, any float dtype, 0 or -inf (a longer last
         dim is fine: its first n columns are used); every row should keep at least one key
   scale: softmax scale applied to q.k (default 1 / sqrt(D))
+  last_key: optional 0-dim integer tensor on q's device, the last key index any row attends
+        to; the keys after it are not read (their mask must be -inf). A decode step's key
+        range is a bucket of the static cache (one graph per bucket), on average half empty:
+        the bound is read on the device, so the captured graph skips the empty part.
 D must be a power of two in 16..256.
 
 Why split: a decode step has B * KVH (batch, KV head) pairs, each with only R query rows, so a
@@ -57,15 +61,17 @@ CPU_SPLITS = 4
 
 @triton.jit
 def _split_kv_partial_kernel(
-    Q, K, V, MASK, O, M, L,
+    Q, K, V, MASK, LAST_KEY, O, M, L,
     sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smn,
     KVH, R, n_keys, chunk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+    HAS_LAST_KEY: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of all R rows of one (batch, KV head) over one chunk of keys.
 
     Grid: (B * KVH, num_splits); split s covers keys [s * chunk, min((s + 1) * chunk, n_keys)),
-    chunk a multiple of BLOCK_N. qk_scale = scale * log2(e).
+    chunk a multiple of BLOCK_N. qk_scale = scale * log2(e). HAS_LAST_KEY: keys after the
+    index stored at LAST_KEY are skipped (a split past it writes an empty partial).
     FINAL (num_splits == 1): O is the (B, KVH, R, D) output, written normalised.
     Otherwise O: (B * KVH, num_splits, R, D) fp32 unnormalised sums of p * v;
     M, L: (B * KVH, num_splits, R) fp32 running max (log2 units) and sum of p.
@@ -93,6 +99,8 @@ def _split_kv_partial_kernel(
     acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, n_keys)
+    if HAS_LAST_KEY:
+        end = tl.minimum(end, tl.load(LAST_KEY).to(tl.int32) + 1)
     for start_n in tl.range(start, end, BLOCK_N):
         cols = start_n + offs_n
         inside = cols < end
@@ -215,6 +223,7 @@ def decode_attention(
     scale: float | None = None,
     num_splits: int | None = None,
     *,
+    last_key: torch.Tensor | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -223,9 +232,17 @@ def decode_attention(
 
     Shapes in the module docstring. num_splits: key chunks per (batch, KV head), default
     ``default_num_splits``; clamped to cdiv(n, block_n). block_n (keys per tile, a power of
-    two >= 16), num_warps and num_stages are the kernels' tuning knobs.
+    two >= 16), num_warps and num_stages are the kernels' tuning knobs. last_key: see the
+    module docstring.
     """
     mask = _check(q, k, v, mask)
+    if last_key is not None and (
+        last_key.numel() != 1 or last_key.is_floating_point() or last_key.device != q.device
+    ):
+        raise ValueError(
+            f"last_key must be a one-element integer tensor on {q.device}, got "
+            f"{tuple(last_key.shape)} {last_key.dtype} on {last_key.device}"
+        )
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     B, KVH, R, D = q.shape
@@ -247,11 +264,11 @@ def decode_attention(
         m = torch.empty(B * KVH, splits, R, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
     _split_kv_partial_kernel[(B * KVH, splits)](
-        q, k, v, mask, o_part, m, l,
+        q, k, v, mask, mask if last_key is None else last_key, o_part, m, l,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask.stride(),
         KVH, R, n, chunk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_R=block_r, BLOCK_N=block_n, FINAL=splits == 1,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_LAST_KEY=last_key is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _split_kv_combine_kernel[(B * KVH, R)](

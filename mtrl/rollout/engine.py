@@ -32,8 +32,9 @@ sliced to the step's bucket of ``kv_bucket`` positions (a separate graph per buc
 steps don't read the whole cache), and the padding + causal mask is one additive
 (B, 1, 1, L) tensor built once per step. On CUDA the attention is our split-KV Triton kernel
 (``mtrl.rollout.decode_attention``): SDPA backends run one program per (row, KV head) over all
-its keys, too few programs to stream K/V at full bandwidth. The prefill keeps the configured
-implementation.
+its keys, too few programs to stream K/V at full bandwidth. Ours also reads the step's cache
+position on the device and skips the keys after it, the empty part of the bucket. The prefill
+keeps the configured implementation.
 
 Projections: where a layer's q/k/v (and gate/up) weights are adjacent in memory
 (``fuse_projections(model)`` makes them so, once; the trainer does it), prefill and decode run
@@ -128,6 +129,7 @@ class _DecodeContext:
         self.kv_len: int = 0
         self.calls: int = 0
         self.split_kv: bool = False  # our Triton split-KV kernel instead of SDPA
+        self.last_key: torch.Tensor | None = None  # 0-dim, the cache position written this step
 
 
 _CTX = _DecodeContext()
@@ -158,7 +160,9 @@ def _decode_attention(
     # Query head g * rep + r uses KV head g (repeat_kv's layout): (B, KVH, rep * q_len, D).
     q = query.reshape(b, kvh, (h // kvh) * q_len, d)
     if _CTX.split_kv and supports_head_dim(d):
-        out = decode_attention(q, key[:, :, :n], value[:, :, :n], mask, scale=scaling)
+        out = decode_attention(
+            q, key[:, :, :n], value[:, :, :n], mask, scale=scaling, last_key=_CTX.last_key
+        )
     else:
         out = F.scaled_dot_product_attention(
             q, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scaling
@@ -480,6 +484,7 @@ class RolloutEngine:
         mask = torch.zeros(allowed.shape, dtype=self._dtype, device=allowed.device)
         _CTX.mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
         _CTX.kv_len = kv_len
+        _CTX.last_key = s.cache_pos  # keys after it are masked for every row: not read
         _CTX.split_kv = self.split_kv_attention and allowed.device.type == "cuda"
         logits = self._forward(
             s.cache,
@@ -576,7 +581,7 @@ class RolloutEngine:
                 finally:
                     self._set_decode_attention(False)
         finally:
-            _CTX.mask = None
+            _CTX.mask, _CTX.last_key = None, None
             self.model.train(was_training)
         self.sampler.check_finite()
         steps = int(s.col)
