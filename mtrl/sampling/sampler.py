@@ -12,6 +12,18 @@ One call takes the raw next-token logits of a decoding step, (batch, vocab), and
 5. draws a token with the exponential race (``argmax(p / E)``, E ~ Exp(1), which is
    exactly a draw from p) and returns its log-prob under that same distribution.
 
+Steps 1 and 4-5 have two implementations, with the same entropies (to fp32 rounding), hence
+the same thresholds, classes and temperatures, and draws from the same distribution:
+- torch ops (eager, or inductor's kernels after ``compile()``), with the noise drawn by
+  ``exponential_`` on the sampler's generator; they make ~8 passes over the (batch, vocab)
+  logits;
+- the fused Triton kernels of ``mtrl.sampling.fused`` (``fused=None``: on CUDA devices when no
+  top-k / top-p is configured; min-p is supported): one pass for the entropies, one for the
+  draw and its log-prob, with the Exp(1) noise made inside the kernel from a seed that
+  ``torch.randint`` draws on the sampler's generator, on the device, at each call. This is a
+  different random stream than ``exponential_``'s: the same law, not the same tokens.
+Steps 2-3 (``_select_temperatures``) are the same torch ops on (batch,) tensors in both.
+
 Window semantics: the window threshold of a step is computed AFTER this step's active
 entropies are added, so the current tokens are classified against the window that holds
 them and the history before them (at the very first step this equals ``batch`` mode).
@@ -23,6 +35,7 @@ call is free of ``.item()`` and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,15 +71,21 @@ class MultiTemperatureSampler:
       only to reasoning rows unless ``offsets_apply_to: all``.
 
     Set ``sampler.step`` to the optimizer step before generating; schedules read it.
+
+    ``fused``: run steps 1 and 5 as the Triton kernels of ``mtrl.sampling.fused`` wherever
+    they apply (no top-k, no top-p). None (default): on CUDA devices; True: also on the CPU
+    when Triton interprets kernels (``TRITON_INTERPRET=1``, the tests); False: never.
     """
 
     def __init__(
         self,
         config: MultiTemperatureConfig | None = None,
         generator: torch.Generator | None = None,
+        fused: bool | None = None,
     ):
         self.config = (config or MultiTemperatureConfig()).validate()
         self.generator = generator
+        self.fused = fused
         self._step = 0
         self._device: torch.device | None = None
         self.window: EntropyWindow | None = None
@@ -182,13 +201,31 @@ class MultiTemperatureSampler:
         For decode loops on CUDA: a call is a few dozen small kernels over (batch, vocab), which
         inductor fuses into a handful; the rollout engine's ``compile_decode`` turns this on.
         The noise stays an eager ``exponential_`` on ``generator``, so the draws come from the
-        same random stream either way.
+        same random stream either way. On the fused path only steps 2-3 are compiled (the
+        Triton kernels run as they are).
         """
         if enabled:
             self._entropy_fn = torch.compile(token_entropy, dynamic=False)
             self._draw_fn = torch.compile(self._draw, dynamic=False)
+            self._select_fn = torch.compile(self._select_temperatures, dynamic=False)
         else:
             self._entropy_fn, self._draw_fn = token_entropy, self._draw
+            self._select_fn = self._select_temperatures
+
+    def uses_fused(self, device: torch.device | str) -> bool:
+        """Whether calls with logits on ``device`` take the fused Triton path."""
+        cfg = self.config
+        if self.fused is False or cfg.top_k > 0 or cfg.top_p < 1.0:
+            return False
+        device = torch.device(device)
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if self.fused is None:
+            return device.type == "cuda"
+        if device.type != "cuda" and not interpreted:
+            raise ValueError(
+                f"sampler: fused=True needs logits on CUDA or TRITON_INTERPRET=1, got {device}"
+            )
+        return True
 
     def __call__(
         self,
@@ -205,13 +242,29 @@ class MultiTemperatureSampler:
             active = active.to(device=logits.device, dtype=torch.bool)
         if temperature_offsets is not None:
             temperature_offsets = temperature_offsets.to(logits.device, torch.float32)
-        entropies = self._entropy_fn(logits)
-        self._check_logits(logits, entropies)
-        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        noise.exponential_(generator=self.generator)
-        tokens, temperatures, is_reasoning, logprobs, threshold = self._draw_fn(
-            logits, entropies, noise, active, temperature_offsets
-        )
+        if self.uses_fused(logits.device):
+            from mtrl.sampling.fused import fused_draw, fused_entropy
+
+            entropies, row_max = fused_entropy(logits, return_max=True)
+            self._check_logits(logits, entropies)
+            temperatures, is_reasoning, threshold = self._select_fn(
+                entropies, active, temperature_offsets
+            )
+            # drawn on the device: a replayed CUDA graph gets a fresh seed each time
+            seed = torch.randint(
+                0, 2**63 - 1, (), dtype=torch.int64, device=logits.device, generator=self.generator
+            )
+            tokens, logprobs = fused_draw(
+                logits, temperatures, seed, min_p=self.config.min_p, row_max=row_max
+            )
+        else:
+            entropies = self._entropy_fn(logits)
+            self._check_logits(logits, entropies)
+            noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+            noise.exponential_(generator=self.generator)
+            tokens, temperatures, is_reasoning, logprobs, threshold = self._draw_fn(
+                logits, entropies, noise, active, temperature_offsets
+            )
         self.last_threshold = threshold
         return SamplerStep(
             tokens=tokens,
@@ -235,18 +288,9 @@ class MultiTemperatureSampler:
         Returns tokens, temperatures, is_reasoning, logprobs (each (batch,)) and the threshold.
         """
         cfg = self.config
-        threshold = self._threshold(entropies, active)
-        is_reasoning = entropies >= threshold
-        if cfg.mode == "multi":
-            temperatures = torch.where(is_reasoning, self._high, self._low)
-        else:
-            temperatures = self._single.expand(logits.shape[0])
-        if temperature_offsets is not None:
-            if cfg.mode == "multi" and cfg.offsets_apply_to == "reasoning":
-                temperature_offsets = temperature_offsets.masked_fill(~is_reasoning, 0.0)
-            temperatures = temperatures + temperature_offsets
-        temperatures = temperatures.clamp(min=cfg.min_temperature)
-
+        temperatures, is_reasoning, threshold = self._select_temperatures(
+            entropies, active, temperature_offsets
+        )
         scaled = logits.float() / temperatures[:, None]
         scaled = truncate(scaled, cfg.top_k, cfg.top_p, cfg.min_p)
         probs = torch.softmax(scaled, dim=-1)
@@ -257,6 +301,27 @@ class MultiTemperatureSampler:
         # p[token] = (p / E)[token] * E[token]; avoids keeping a second (batch, vocab) buffer
         logprobs = torch.log(ratio.gather(1, tokens) * noise.gather(1, tokens)).squeeze(1)
         return tokens.squeeze(1), temperatures, is_reasoning, logprobs, threshold
+
+    def _select_temperatures(
+        self,
+        entropies: torch.Tensor,
+        active: torch.Tensor | None,
+        temperature_offsets: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 2-3: (temperatures, is_reasoning, threshold) from the (batch,) entropies."""
+        cfg = self.config
+        threshold = self._threshold(entropies, active)
+        is_reasoning = entropies >= threshold
+        if cfg.mode == "multi":
+            temperatures = torch.where(is_reasoning, self._high, self._low)
+        else:
+            temperatures = self._single.expand(entropies.shape[0])
+        if temperature_offsets is not None:
+            if cfg.mode == "multi" and cfg.offsets_apply_to == "reasoning":
+                temperature_offsets = temperature_offsets.masked_fill(~is_reasoning, 0.0)
+            temperatures = temperatures + temperature_offsets
+        temperatures = temperatures.clamp(min=cfg.min_temperature)
+        return temperatures, is_reasoning, threshold
 
     def _threshold(self, entropies: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
         mode = self.config.threshold_mode
