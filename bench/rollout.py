@@ -26,7 +26,8 @@ rewritten after each, so a run cut short keeps what it measured):
              the multi-temperature sampler (window mode, p = 0.2, window 100000) and with
              mode=single (one temperature), and the multi-temperature engine with fused norms
              (fused_norms=True: add+RMSNorm and SiLU-mul kernels while decoding; off by
-             default in the trainer); every case. The engines are warmed by one call
+             default in the trainer), and with the sampler's torch path (fused=False; the
+             default on CUDA is its fused Triton kernels, mtrl.sampling.fused); every case. The engines are warmed by one call
              of the same shape (compile + capture, excluded) and then timed interleaved, the
              median of --reps calls each. Wall time includes prefill. These rows give issue
              21's ratios and the multi- over single-temperature overhead.
@@ -215,7 +216,8 @@ def build_model(shape, dtype, device):
     return model.eval()
 
 
-def multi_sampler():
+def multi_sampler(fused: bool | None = None):
+    """The trainer's default sampler; ``fused=False``: its torch path (mtrl.sampling.fused)."""
     return MultiTemperatureSampler(
         MultiTemperatureConfig(
             mode="multi",
@@ -224,7 +226,8 @@ def multi_sampler():
             window_size=100_000,
             high_temperature=1.2,
             low_temperature=0.8,
-        )
+        ),
+        fused=fused,
     )
 
 
@@ -351,6 +354,7 @@ class Bench:
                 self.engine_name(", fused norms"): self.engine(
                     multi_sampler(), n_new, fused_norms=True
                 ),
+                self.engine_name(", torch sampler"): self.engine(multi_sampler(False), n_new),
             }
             first = {k: self.timed_generate(e, ids, mask, n_new) for k, e in engines.items()}
             times = {k: [] for k in engines}
@@ -366,6 +370,8 @@ class Bench:
                 )
                 if e.fused_norms:
                     note += f"; {e._norms.summary.removeprefix('rollout engine: ')}"
+                sampler_path = "fused" if e.sampler.uses_fused(self.device) else "torch"
+                note += f"; sampler: {sampler_path}"
                 self.row(k, batch, n_new, ms[k], note)
                 e.release()
             self.overhead[(batch, n_new)] = ms[multi] / ms[single] - 1

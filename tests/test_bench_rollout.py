@@ -61,13 +61,17 @@ def test_bench_rows_and_table(rollout, tmp_path):
         ("engine", 2, 4),
         ("engine, single temperature", 2, 4),
         ("engine, fused norms", 2, 4),
+        ("engine, torch sampler", 2, 4),
         ("engine", 3, 8),
         ("engine, single temperature", 3, 8),
         ("engine, fused norms", 3, 8),
+        ("engine, torch sampler", 3, 8),
     ]
     # The fused variant's kernels ran (here through Triton's interpreter), and its row says so.
     fused = [r for r in bench.rows if r["method"] == "engine, fused norms"]
     assert all("2 decoder layers decode with fused add+RMSNorm" in r["note"] for r in fused)
+    # On the CPU every sampler takes the torch path (fused kernels are the CUDA default).
+    assert all(r["note"].endswith("sampler: torch") for r in bench.rows)
     for r in bench.rows:
         positions = sum(8 + t for t in range(r["new"]))  # prompt length 8 with --tiny
         kv_step = 256 * positions * r["batch"] / r["new"]
@@ -82,7 +86,7 @@ def test_bench_rows_and_table(rollout, tmp_path):
     assert COLUMNS in lines
     assert "256 B per position and row" in text
     rows = [line for line in lines if line.startswith("| engine")]
-    assert len(rows) == 6
+    assert len(rows) == 8
     for line, r in zip(rows, bench.rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == COLUMNS.count("|") - 1
