@@ -45,7 +45,7 @@ def registered():
 def test_generate_matches_sdpa_at_threshold_one(registered, kind, backend):
     pbs.hf.register(block_size=16, segment_size=32, threshold=1.0, min_seq_len=0, backend=backend)
     model = tiny(kind)
-    ids = torch.randint(1, 128, (2, 50), generator=torch.Generator().manual_seed(1)).to(DEV)
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEV)
     mask = torch.ones_like(ids)
     model.set_attn_implementation("sdpa")
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
@@ -63,7 +63,7 @@ def test_left_padded_batch_matches_per_sequence_logits(registered, threshold):
     pbs.hf.register(block_size=16, segment_size=32, threshold=threshold, min_seq_len=0)
     model = tiny("llama")
     g = torch.Generator().manual_seed(2)
-    lengths = [90, 61, 37]
+    lengths = [77, 45, 21]  # off the block grid; the longest spans three segments
     n = max(lengths)
     ids = torch.zeros(3, n, dtype=torch.long)
     mask = torch.zeros(3, n, dtype=torch.long)
@@ -110,15 +110,16 @@ def test_training_forwards_run_pbs_and_match_no_grad(registered, monkeypatch, ca
     pbs.hf.register(block_size=16, segment_size=32, threshold=0.6, min_seq_len=32)
     model = tiny("llama")
     model.set_attn_implementation("pbs")
-    ids = torch.randint(1, 128, (2, 120), generator=torch.Generator().manual_seed(4)).to(DEV)
-    prompt_len = 100
+    ids = torch.randint(1, 128, (2, 88), generator=torch.Generator().manual_seed(4)).to(DEV)
+    prompt_len = 68  # the completion's query blocks (4, 5) choose among 4 earlier key blocks
     with torch.no_grad():
         rollout = completion_logprobs(model, ids, prompt_len)
     monkeypatch.setitem(pbs.hf.calls, "pbs_grad", 0)  # as in a fresh process
     before = dict(pbs.hf.calls)
     with caplog.at_level("INFO", logger="pbs.hf"):
         train = completion_logprobs(model, ids, prompt_len)
-        completion_logprobs(model, ids, prompt_len)
+        # a second training forward (shorter, still past min_seq_len): not logged again
+        completion_logprobs(model, ids[:, :40], 30)
     assert train.requires_grad
     torch.testing.assert_close(train.detach(), rollout, **TOL)
     assert pbs.hf.calls["pbs_grad"] - before["pbs_grad"] == 2 * 2  # two forwards, two layers
