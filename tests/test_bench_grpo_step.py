@@ -73,12 +73,13 @@ def table_rows(text: str, title: str) -> dict[str, dict[str, str]]:
 
 
 def test_dense_and_pbs_step_by_phase_on_cpu(tmp_path):
-    """The script end to end: a tiny model, 300-token prompts, dense and PBS rows with every
-    phase timed (> 0) and adding up to the step, PBS's density, the header."""
+    """The script end to end: a tiny model, 150-token prompts (two of PBS's 128-token query
+    blocks, off the grid), dense and PBS rows with every phase timed (> 0) and adding up to
+    the step, PBS's density, the header."""
     out = tmp_path / "grpo_step.md"
     command = [
         sys.executable, str(BENCH / "grpo_step.py"),
-        "--tiny", "--prompt-len", "300", "--attn", "both", "--steps", "1", "--warmup", "0",
+        "--tiny", "--prompt-len", "150", "--attn", "both", "--steps", "1", "--warmup", "0",
         "--out", str(out), "--work", str(tmp_path / "work"), "--commit", "abc1234",
         "train.per_device_train_batch_size=2", "train.num_generations=2",
         "train.max_completion_length=3", "pbs.min_seq_len=0",
@@ -89,7 +90,7 @@ def test_dense_and_pbs_step_by_phase_on_cpu(tmp_path):
     text = out.read_text()
     assert "- card: cpu" in text and "- commit: abc1234" in text
     assert "`python " in text and "--attn both" in text
-    assert "prompts of 300 random tokens" in text
+    assert "prompts of 150 random tokens" in text
 
     seconds = table_rows(text, "Seconds per step")
     assert list(seconds) == ["dense", "pbs"]
