@@ -119,11 +119,12 @@ def test_fully_masked_row_is_zero(num_splits):
 
 @needs_triton
 @pytest.mark.parametrize("last", [0, 37, 150, 271])
-@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, 3, 4])
 def test_last_key_skips_the_keys_after_it(last, num_splits):
-    """Keys after ``last_key`` (the empty end of a bucket) are not read: they hold NaN here,
+    """Keys after ``last_key`` (the empty end of the cache) are not read: they hold NaN here,
     which a read would carry into the output through the q.k product. The result equals the
-    reference over the keys up to it, also when whole splits lie past it."""
+    reference over the keys up to it, with the live keys cut unevenly over the splits or
+    fewer live tiles than splits."""
     n = 272
     q, k, v, mask = make_inputs(3, 2, 6, 64, n, 288, torch.float16, "none", seed=last)
     mask[:, last + 1 :] = float("-inf")
@@ -157,6 +158,24 @@ def test_strided_layouts():
     mask[..., n:] = float("-inf")  # beyond n: must be ignored, not read as keys
     out = decode_attention(q, k, v, mask, None, 3, block_n=16)
     check(out, q, k, v, mask)
+
+
+@needs_triton
+def test_operator_registration():
+    """``torch.ops.mtrl.decode_attention``'s schema, fake (meta) implementation and
+    dispatch pass torch.library's checks, and a compiled caller traces it in one graph."""
+    q, k, v, mask = make_inputs(2, 2, 3, 16, 40, 48, torch.float32, "left")
+    last_key = torch.tensor(30, device=DEV)
+    mask[:, 31:] = float("-inf")
+    args = (q, k, v, mask, last_key, None, 2, 16, 4, 1)
+    torch.library.opcheck(torch.ops.mtrl.decode_attention.default, args)
+
+    def attend(q, k, v, mask, last_key):
+        return decode_attention(q, k, v, mask, num_splits=2, block_n=16, last_key=last_key) * 2
+
+    compiled = torch.compile(attend, backend="eager", fullgraph=True)  # a break would raise
+    out = compiled(q, k, v, mask, last_key)
+    check(out / 2, q, k, v, mask)
 
 
 def test_split_plan():
@@ -221,3 +240,24 @@ def test_gpu_cuda_graph_replay():
     torch.cuda.synchronize()
     check(out, q, k, v, mask)
     torch.testing.assert_close(out, decode_attention(q, k, v, mask, None), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_follows_last_key():
+    """One graph captured over the whole cache serves every decode step: the step's last key
+    is read on the device at each replay, and the keys before it are spread over the splits."""
+    q, k, v, mask = make_inputs(8, 2, 6, 128, 1024, 1024, torch.bfloat16, "none", seed=5)
+    full_mask = mask.clone()
+    last_key = torch.tensor(0, device=DEV)
+    decode_attention(q, k, v, mask, None, last_key=last_key)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, mask, None, last_key=last_key)
+    for last in (0, 100, 511, 1023):
+        last_key.fill_(last)
+        mask.copy_(full_mask)
+        mask[:, last + 1 :] = float("-inf")
+        graph.replay()
+        torch.cuda.synchronize()
+        cut = slice(0, last + 1)
+        check(out, q, k[:, :, cut], v[:, :, cut], mask[:, cut])

@@ -2,6 +2,7 @@
 temperature alignment, the sampled distribution per class, fallbacks; CUDA-graph tests on GPU."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -409,6 +410,73 @@ def test_bad_arguments(model):
         eng.generate(torch.ones(3, dtype=torch.long))
 
 
+# --------------------------------------------------------------------------- split-KV kernel
+needs_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="Triton needs a GPU or TRITON_INTERPRET=1",
+)
+
+
+@pytest.fixture(scope="module")
+def model_d16():
+    """Head dim 16: the smallest the split-KV kernel takes."""
+    return tiny_model(hidden_size=64, intermediate_size=128)
+
+
+@needs_triton
+def test_split_kv_kernel_greedy_matches_generate(model_d16):
+    """Decode attention through the Triton kernel (the interpreter here) over the whole
+    cache, skipping the keys after each step's position: the same tokens as generate."""
+    ids, mask = left_padded([9, 5, 2, 7])
+    n = 16
+    eos = pick_eos(hf_greedy(model_d16, ids, mask, n, NO_EOS))
+    ref = hf_greedy(model_d16, ids, mask, n, eos)
+    greedy = sampler(top_k=1, threshold_mode="fixed")
+    eng = RolloutEngine(model_d16, greedy, eos, PAD, n, kv_bucket=32, split_kv_attention=True)
+    out = eng.generate(ids, mask)
+    assert eng._split_kv and eng._bucket(ids.shape[1], 64) == 64  # one key range: the cache
+    assert torch.equal(out.completion_ids, ref)
+
+
+@needs_triton
+def test_compiled_decode_with_split_kv_is_one_graph(model_d16, monkeypatch):
+    """The kernel is an operator torch.compile traces through: no graph break in the decode
+    forward (the reason its elementwise work fuses), and the same tokens as eager SDPA.
+    Dynamo only (backend "eager"): the breaks are its decision, inductor's code is not."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ids, mask = left_padded([9, 5, 2, 7])
+    greedy = dict(top_k=1, threshold_mode="fixed")
+    ref = RolloutEngine(model_d16, sampler(**greedy), NO_EOS, PAD, 12, split_kv_attention=False)
+    eng = RolloutEngine(
+        model_d16,
+        sampler(**greedy),
+        NO_EOS,
+        PAD,
+        12,
+        kv_bucket=32,
+        split_kv_attention=True,
+        compile_decode=True,
+    )
+    out = eng.generate(ids, mask)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+    # The one break left is in the sampler's own compiled function (truncate, kept eager).
+    assert all("truncate" in b for b in breaks), breaks
+    assert torch.equal(out.completion_ids, ref.generate(ids, mask).completion_ids)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs the kernel: nothing to refuse")
+def test_split_kv_kernel_needs_a_device_that_runs_triton(model_d16, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    eng = RolloutEngine(model_d16, sampler(), NO_EOS, PAD, 4, split_kv_attention=True)
+    ids, mask = left_padded([3, 2])
+    with pytest.raises(ValueError, match="split_kv_attention=True needs CUDA or TRITON_INTERPRET"):
+        eng.generate(ids, mask)
+
+
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_cuda_graph_equals_eager_fp32():
@@ -484,6 +552,7 @@ def test_bf16_greedy_graph_matches_generate(monkeypatch):
         model, sampler(top_k=1, threshold_mode="fixed"), eos, PAD, n, use_cuda_graph=False
     ).generate(ids, mask)
     assert calls  # the kernel served the eager steps and the captures
+    assert len(eng._slot.graphs) == 1  # one graph over the whole cache serves every step
     exact = [torch.equal(o.completion_ids, ref) for o in (out, out2, eager)]
     print("bf16 greedy == generate exactly (first call, replayed, eager):", exact)
     for o in (out, out2, eager):

@@ -10,9 +10,9 @@ Shapes (the engine's ``_decode_attention`` layout, grouped-query heads folded in
         dim is fine: its first n columns are used); every row should keep at least one key
   scale: softmax scale applied to q.k (default 1 / sqrt(D))
   last_key: optional 0-dim integer tensor on q's device, the last key index any row attends
-        to; the keys after it are not read (their mask must be -inf). A decode step's key
-        range is a bucket of the static cache (one graph per bucket), on average half empty:
-        the bound is read on the device, so the captured graph skips the empty part.
+        to; the keys after it are not read (their mask must be -inf), and the keys up to it
+        are spread evenly over the splits. The bound is read on the device, so the engine
+        captures one CUDA graph over the whole static cache for every decode step.
 D must be a power of two in 16..256.
 
 Why split: a decode step has B * KVH (batch, KV head) pairs, each with only R query rows, so a
@@ -29,6 +29,9 @@ cut into ``num_splits`` chunks of whole BLOCK_N tiles:
    weight 0 (no NaN).
 With one split the partial kernel normalises and writes the output itself (no scratch, one
 launch).
+
+``torch.compile``: the launch is the custom operator ``torch.ops.mtrl.decode_attention`` (with
+a fake implementation for tracing), so a compiled decode step traces through it in one graph.
 
 Graph capture: the launch logic reads shapes only (no host synchronisation, no ``.item()``);
 the scratch buffers come from ``torch.empty`` (the graph's memory pool when captured). Tiles
@@ -70,8 +73,9 @@ def _split_kv_partial_kernel(
     """Online softmax of all R rows of one (batch, KV head) over one chunk of keys.
 
     Grid: (B * KVH, num_splits); split s covers keys [s * chunk, min((s + 1) * chunk, n_keys)),
-    chunk a multiple of BLOCK_N. qk_scale = scale * log2(e). HAS_LAST_KEY: keys after the
-    index stored at LAST_KEY are skipped (a split past it writes an empty partial).
+    chunk a multiple of BLOCK_N. qk_scale = scale * log2(e). HAS_LAST_KEY: only the keys up to
+    the index stored at LAST_KEY are read, and chunk is recomputed from their count so that
+    they spread evenly over the splits (a split with none writes an empty partial).
     FINAL (num_splits == 1): O is the (B, KVH, R, D) output, written normalised.
     Otherwise O: (B * KVH, num_splits, R, D) fp32 unnormalised sums of p * v;
     M, L: (B * KVH, num_splits, R) fp32 running max (log2 units) and sum of p.
@@ -97,10 +101,14 @@ def _split_kv_partial_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
-    start = split * chunk
-    end = tl.minimum(start + chunk, n_keys)
+    n_live = n_keys
     if HAS_LAST_KEY:
-        end = tl.minimum(end, tl.load(LAST_KEY).to(tl.int32) + 1)
+        # The live keys [0, last] are cut into the launched splits here, on the device: a
+        # graph captured over the whole cache spreads each step's keys over all its splits.
+        n_live = tl.minimum(n_keys, tl.load(LAST_KEY).to(tl.int32) + 1)
+        chunk = tl.cdiv(tl.cdiv(n_live, BLOCK_N), tl.num_programs(1)) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, n_live)
     for start_n in tl.range(start, end, BLOCK_N):
         cols = start_n + offs_n
         inside = cols < end
@@ -233,8 +241,27 @@ def decode_attention(
     Shapes in the module docstring. num_splits: key chunks per (batch, KV head), default
     ``default_num_splits``; clamped to cdiv(n, block_n). block_n (keys per tile, a power of
     two >= 16), num_warps and num_stages are the kernels' tuning knobs. last_key: see the
-    module docstring.
+    module docstring. The work runs in the operator ``torch.ops.mtrl.decode_attention``, so
+    ``torch.compile`` traces a model through this call (no graph break).
     """
+    return _decode_attention_op(
+        q, k, v, mask, last_key, scale, num_splits, block_n, num_warps, num_stages
+    )
+
+
+@torch.library.custom_op("mtrl::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    last_key: torch.Tensor | None,
+    scale: float | None,
+    num_splits: int | None,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
     mask = _check(q, k, v, mask)
     if last_key is not None and (
         last_key.numel() != 1 or last_key.is_floating_point() or last_key.device != q.device
@@ -276,6 +303,12 @@ def decode_attention(
             HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), num_warps=num_warps,
         )  # fmt: skip
     return out
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, mask, last_key, scale, num_splits, block_n, num_warps, num_stages):
+    _check(q, k, v, mask)
+    return q.new_empty(q.shape)
 
 
 def decode_attention_reference(

@@ -19,22 +19,24 @@ How one ``generate`` runs (B rows, left-padded prompts of width P, T = ``max_new
    position kept as device counters), the multi-temperature sampler, and the bookkeeping
    (finished rows emit ``pad_token_id``, their mask is False, outputs are written at a device
    column counter). Everything is on the device, with no host synchronisation. On CUDA the
-   step is captured once per (batch, cache length, key-length bucket) in a
-   ``torch.cuda.CUDAGraph`` (warm-up on a side stream, graphs share one memory pool) and
-   replayed; elsewhere (CPU, or ``use_cuda_graph=False``, or a failed capture) the very same
-   ``_decode_step`` runs eagerly. The host reads ``finished.all()`` only every
-   ``check_every`` steps to stop early.
+   step is captured once per (batch, cache length) in a ``torch.cuda.CUDAGraph`` (and per
+   key-length bucket when decode attention is SDPA; warm-up on a side stream, graphs share
+   one memory pool) and replayed; elsewhere (CPU, or ``use_cuda_graph=False``, or a failed
+   capture) the very same ``_decode_step`` runs eagerly. The host reads ``finished.all()``
+   only every ``check_every`` steps to stop early.
 
 Decode attention: during decode steps the model's attention modules dispatch (through
 transformers' ``AttentionInterface``) to ``_decode_attention``: grouped-query heads are folded
-into the query length, so K/V are read once per KV head (no ``repeat_kv`` copy), keys are
-sliced to the step's bucket of ``kv_bucket`` positions (a separate graph per bucket, so early
-steps don't read the whole cache), and the padding + causal mask is one additive
-(B, 1, 1, L) tensor built once per step. On CUDA the attention is our split-KV Triton kernel
-(``mtrl.rollout.decode_attention``): SDPA backends run one program per (row, KV head) over all
-its keys, too few programs to stream K/V at full bandwidth. Ours also reads the step's cache
-position on the device and skips the keys after it, the empty part of the bucket. The prefill
-keeps the configured implementation.
+into the query length, so K/V are read once per KV head (no ``repeat_kv`` copy), and the
+padding + causal mask is one additive (B, 1, 1, L) tensor built once per step. On CUDA the
+attention is our split-KV Triton kernel (``mtrl.rollout.decode_attention``): SDPA backends run
+one program per (row, KV head) over all its keys, too few programs to stream K/V at full
+bandwidth. Ours reads the step's cache position on the device, skips the keys after it and
+spreads the ones before it over its splits, so one captured graph serves every step (L = the
+whole cache); being an operator, it also lets ``torch.compile`` trace the whole decode forward
+as one graph. Without it (SDPA: other head dims, devices, or ``split_kv_attention=False``) keys
+are sliced to the step's bucket of ``kv_bucket`` positions, a separate graph per bucket, so
+early steps don't read the whole cache. The prefill keeps the configured implementation.
 
 Projections: where a layer's q/k/v (and gate/up) weights are adjacent in memory
 (``fuse_projections(model)`` makes them so, once; the trainer does it), prefill and decode run
@@ -84,7 +86,7 @@ from accelerate.utils import is_peft_model
 from mtrl.rollout.config import RolloutConfig
 from mtrl.rollout.decode_attention import decode_attention, supports_head_dim
 from mtrl.rollout.fused import ProjectionGroups
-from mtrl.rollout.fused_norm import FusedNorms
+from mtrl.rollout.fused_norm import FusedNorms, triton_runs_on
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ class _DecodeContext:
         self.mask: torch.Tensor | None = None  # (B, 1, 1, L) additive, compute dtype
         self.kv_len: int = 0
         self.calls: int = 0
-        self.split_kv: bool = False  # our Triton split-KV kernel instead of SDPA
+        self.split_kv: bool = False  # our Triton split-KV kernel over the whole cache, not SDPA
         self.last_key: torch.Tensor | None = None  # 0-dim, the cache position written this step
 
 
@@ -136,7 +138,6 @@ _CTX = _DecodeContext()
 _REGISTERED = False
 
 
-@torch.compiler.disable
 def _decode_attention(
     module,
     query: torch.Tensor,
@@ -153,21 +154,26 @@ def _decode_attention(
     _CTX.calls += 1
     b, h, q_len, d = query.shape
     kvh = key.shape[1]
-    n = _CTX.kv_len
     mask = _CTX.mask
     if mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     # Query head g * rep + r uses KV head g (repeat_kv's layout): (B, KVH, rep * q_len, D).
     q = query.reshape(b, kvh, (h // kvh) * q_len, d)
-    if _CTX.split_kv and supports_head_dim(d):
-        out = decode_attention(
-            q, key[:, :, :n], value[:, :, :n], mask, scale=scaling, last_key=_CTX.last_key
-        )
+    if _CTX.split_kv:
+        # An operator torch.compile traces through: the compiled step is one graph.
+        out = decode_attention(q, key, value, mask, scale=scaling, last_key=_CTX.last_key)
     else:
-        out = F.scaled_dot_product_attention(
-            q, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scaling
-        )
+        out = _sdpa_over_bucket(q, key, value, mask, _CTX.kv_len, scaling)
     return out.reshape(b, h, q_len, -1).transpose(1, 2), None
+
+
+@torch.compiler.disable
+def _sdpa_over_bucket(q, key, value, mask, n: int, scaling: float | None) -> torch.Tensor:
+    # Kept out of torch.compile (a graph break per layer): the key bucket n differs between
+    # the captured graphs, and one compilation serves them all.
+    return F.scaled_dot_product_attention(
+        q, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scaling
+    )
 
 
 def _register_attention() -> None:
@@ -232,13 +238,16 @@ class RolloutEngine:
     - ``fused_projections``: route q/k/v and gate/up to one GEMM per group where the weights
       are adjacent in memory (see ``mtrl.rollout.fused``; ``fuse_projections(model)`` makes
       them so, once). Groups that aren't adjacent run as before.
-    - ``split_kv_attention``: on CUDA, decode attention through our split-KV Triton kernel
-      (``mtrl.rollout.decode_attention``; head dims that are powers of two in 16..256); False,
-      other head dims or other devices: SDPA.
+    - ``split_kv_attention``: decode attention through our split-KV Triton kernel
+      (``mtrl.rollout.decode_attention``, head dims that are powers of two in 16..256) over
+      the whole cache, one CUDA graph for all steps. None (default): on CUDA; True: also on
+      the CPU when Triton interprets kernels (``TRITON_INTERPRET=1``, the tests); False, or
+      other head dims: SDPA over key buckets, a graph per bucket.
     - ``compile_decode``: run the decode forward and the sampler's tensor work
       (``sampler.compile()``) through ``torch.compile`` (default mode, no inductor CUDA
-      graphs; the decode attention stays eager) inside the captured graph, which fuses the many
-      small elementwise kernels; costs one compilation per batch size.
+      graphs; the split-KV kernel is traced as an operator, SDPA stays eager) inside the
+      captured graph, which fuses the many small elementwise kernels; costs one compilation
+      per batch size.
     - ``fused_norms``: during decode steps, Llama/Qwen2-style decoder layers run residual
       add + RMSNorm and SiLU-mul as fused Triton kernels (``mtrl.rollout.fused_norm``; CUDA,
       or any device under ``TRITON_INTERPRET=1``); other models decode with their own layers.
@@ -259,7 +268,7 @@ class RolloutEngine:
         kv_bucket: int = 256,
         compile_decode: bool = False,
         fused_projections: bool = True,
-        split_kv_attention: bool = True,
+        split_kv_attention: bool | None = None,
         fused_norms: bool = False,
     ):
         if max_new_tokens < 1:
@@ -285,7 +294,8 @@ class RolloutEngine:
         self.kv_bucket = int(kv_bucket)
         self.compile_decode = bool(compile_decode)
         self.fused_projections = bool(fused_projections)
-        self.split_kv_attention = bool(split_kv_attention)
+        self.split_kv_attention = split_kv_attention
+        self._split_kv = False  # decided per device at each generate (_uses_split_kv)
         self._groups = ProjectionGroups()  # found at the first generate
         self._groups_fingerprint: tuple | None = None
         self.fused_norms = bool(fused_norms)
@@ -299,6 +309,10 @@ class RolloutEngine:
         self._graph_failed: str | None = None
         self._base = model.get_base_model() if is_peft_model(model) else model
         self._check_supported()
+        config = self._base.config
+        self._head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
         params = inspect.signature(self._base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
@@ -346,11 +360,12 @@ class RolloutEngine:
         fn = self._base
         if decode and self.compile_decode:
             if self._compiled is None:
-                # The decode attention is excluded from compilation (a graph break per layer),
-                # so the fused code is independent of the key bucket: one compile per batch.
+                # One compile per batch: the split-KV step is one graph over the whole cache;
+                # SDPA over key buckets is kept out of the graph (a break per layer).
                 self._compiled = torch.compile(self._base, dynamic=False)
             fn = self._compiled
-            # Each layer's frame specialises on its cache layer: allow one compile per layer.
+            # With graph breaks each layer's frame specialises on its cache layer: allow one
+            # compile per layer.
             limit = 8 * len(self._configs) + 4 * self._base.config.num_hidden_layers + 64
             patch = {
                 k: limit
@@ -382,8 +397,23 @@ class RolloutEngine:
         self._pool = None
 
     def _bucket(self, cache_pos: int, cache_len: int) -> int:
-        """Key length a step writing cache position ``cache_pos`` attends over."""
+        """Key length a step writing cache position ``cache_pos`` attends over: the whole
+        cache for the split-KV kernel (it skips the keys after the position), else the
+        ``kv_bucket`` multiple that holds the position."""
+        if self._split_kv:
+            return cache_len
         return min(cache_len, (cache_pos // self.kv_bucket + 1) * self.kv_bucket)
+
+    def _uses_split_kv(self, device: torch.device) -> bool:
+        if self.split_kv_attention is False or not supports_head_dim(self._head_dim):
+            return False
+        if self.split_kv_attention is None:
+            return device.type == "cuda"
+        if not triton_runs_on(device):
+            raise ValueError(
+                f"split_kv_attention=True needs CUDA or TRITON_INTERPRET=1, got {device}"
+            )
+        return True
 
     def _graphs_wanted(self, device: torch.device) -> bool:
         if device.type != "cuda":
@@ -485,7 +515,7 @@ class RolloutEngine:
         _CTX.mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
         _CTX.kv_len = kv_len
         _CTX.last_key = s.cache_pos  # keys after it are masked for every row: not read
-        _CTX.split_kv = self.split_kv_attention and allowed.device.type == "cuda"
+        _CTX.split_kv = self._split_kv
         logits = self._forward(
             s.cache,
             decode=True,
@@ -553,6 +583,7 @@ class RolloutEngine:
         device = input_ids.device
         batch, prompt_len = input_ids.shape
         self._dtype = self._base.get_input_embeddings().weight.dtype
+        self._split_kv = self._uses_split_kv(device)
         was_training = self.model.training
         self.model.eval()
         fingerprint = self._fingerprint()
