@@ -151,7 +151,10 @@ def _decode_attention(
     """One-token attention over the static cache; GQA folded into the query length."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise UnsupportedModelError("rollout engine: soft-capped / sink attention is not supported")
-    _CTX.calls += 1
+    if not torch.compiler.is_compiling():
+        # Counted on eager steps only (the first step, which proves the dispatch): a traced
+        # read would guard on the count and recompile the decode forward at every step.
+        _CTX.calls += 1
     b, h, q_len, d = query.shape
     kvh = key.shape[1]
     mask = _CTX.mask
@@ -163,14 +166,15 @@ def _decode_attention(
         # An operator torch.compile traces through: the compiled step is one graph.
         out = decode_attention(q, key, value, mask, scale=scaling, last_key=_CTX.last_key)
     else:
-        out = _sdpa_over_bucket(q, key, value, mask, _CTX.kv_len, scaling)
+        out = _sdpa_over_bucket(q, key, value, mask, scaling)
     return out.reshape(b, h, q_len, -1).transpose(1, 2), None
 
 
 @torch.compiler.disable
-def _sdpa_over_bucket(q, key, value, mask, n: int, scaling: float | None) -> torch.Tensor:
-    # Kept out of torch.compile (a graph break per layer): the key bucket n differs between
-    # the captured graphs, and one compilation serves them all.
+def _sdpa_over_bucket(q, key, value, mask, scaling: float | None) -> torch.Tensor:
+    # Kept out of torch.compile (a graph break per layer): the key bucket differs between the
+    # captured graphs, and one compilation serves them all.
+    n = _CTX.kv_len
     return F.scaled_dot_product_attention(
         q, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scaling
     )
@@ -358,7 +362,8 @@ class RolloutEngine:
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         fn = self._base
-        if decode and self.compile_decode:
+        # The engine's first decode step stays uncompiled: it counts the attention calls.
+        if decode and self.compile_decode and self._check_done:
             if self._compiled is None:
                 # One compile per batch: the split-KV step is one graph over the whole cache;
                 # SDPA over key buckets is kept out of the graph (a break per layer).
@@ -639,11 +644,13 @@ class RolloutEngine:
             buckets.append(last)
         use_graph = self._graphs_wanted(device)
         if not s.graphs or not self._check_done:
-            # First step eagerly: proves the attention goes through the interface.
+            # The first step outside a graph. The engine's very first one runs uncompiled
+            # (see _forward) and proves that the attention goes through the interface.
+            proving = not self._check_done
             _CTX.calls = 0
             self._decode_step(s, first)
             n_layers = len(s.cache.layers)
-            if _CTX.calls != n_layers:
+            if proving and _CTX.calls != n_layers:
                 raise UnsupportedModelError(
                     f"rollout engine: {_CTX.calls} of {n_layers} attention layers dispatched "
                     "through transformers' AttentionInterface during decoding"
