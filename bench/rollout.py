@@ -123,8 +123,9 @@ def step_floor_ms(
     - ``bandwidth``: bytes/s, the device's measured copy bandwidth (read + write counted,
       ``report.copy_bandwidth``).
 
-    The engine's kernels read keys in buckets of 256 positions, so they read somewhat more
-    than this floor counts; the floor is what an ideal step must read.
+    The engine's split-KV kernel reads the keys up to the step's position in whole tiles
+    (SDPA: in buckets of 256 positions), so it reads somewhat more than this floor counts;
+    the floor is what an ideal step must read.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens: must be >= 1, got {new_tokens}")

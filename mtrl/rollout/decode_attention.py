@@ -59,6 +59,10 @@ _LOG2E = tl.constexpr(LOG2E)
 # Default programs per SM for the split heuristic: enough resident programs to keep the
 # memory system busy, few enough that the combine step stays small.
 PROGRAMS_PER_SM = 2  # H100, B=64, KVH=2: 2 splits beat 4 by 5-9% at 256-1024 keys
+# A split should have this many keys: below it the combine launch costs more than the extra
+# parallelism saves (H100, B=64, KVH=2, bench/results/decode_attention.md: at 256 keys one
+# split, with no combine, beats two by 3%; at 1024 two beat three by 4%).
+MIN_KEYS_PER_SPLIT = 512
 CPU_SPLITS = 4
 
 
@@ -178,11 +182,13 @@ def _sm_count(device_index: int) -> int:
 
 
 def default_num_splits(batch_kv_heads: int, n: int, device: torch.device, block_n: int = 64) -> int:
-    """Splits per (batch, KV head) so that about PROGRAMS_PER_SM programs run per SM (CUDA) or
-    CPU_SPLITS (elsewhere), capped at one BLOCK_N tile per split."""
+    """Splits per (batch, KV head) so that about PROGRAMS_PER_SM programs run per SM, with at
+    least MIN_KEYS_PER_SPLIT keys each (CUDA), or CPU_SPLITS (elsewhere, to test the splits);
+    capped at one BLOCK_N tile per split."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         splits = triton.cdiv(PROGRAMS_PER_SM * _sm_count(index), batch_kv_heads)
+        splits = min(splits, triton.cdiv(n, MIN_KEYS_PER_SPLIT))
     else:
         splits = CPU_SPLITS
     return max(1, min(splits, triton.cdiv(n, block_n)))
