@@ -24,10 +24,11 @@ rewritten after each, so a run cut short keeps what it measured):
   main       the trainer's default engine (compile_decode=True on CUDA: the decode forward and
              the sampler's tensor work through torch.compile inside the captured graph), with
              the multi-temperature sampler (window mode, p = 0.2, window 100000) and with
-             mode=single (one temperature), and the multi-temperature engine with fused norms
-             (fused_norms=True: add+RMSNorm and SiLU-mul kernels while decoding; off by
-             default in the trainer), and with the sampler's torch path (fused=False; the
-             default on CUDA is its fused Triton kernels, mtrl.sampling.fused); every case. The engines are warmed by one call
+             mode=single (one temperature), every case; at the first case also the
+             multi-temperature engine with fused norms (fused_norms=True: add+RMSNorm and
+             SiLU-mul kernels while decoding; off by default in the trainer) and with the
+             sampler's torch path (fused=False; the default on CUDA is its fused Triton
+             kernels, mtrl.sampling.fused). The engines are warmed by one call
              of the same shape (compile + capture, excluded) and then timed interleaved, the
              median of --reps calls each. Wall time includes prefill. These rows give issue
              21's ratios and the multi- over single-temperature overhead.
@@ -352,11 +353,14 @@ class Bench:
             engines = {
                 multi: self.engine(multi_sampler(), n_new),
                 single: self.engine(single_sampler(), n_new),
-                self.engine_name(", fused norms"): self.engine(
-                    multi_sampler(), n_new, fused_norms=True
-                ),
-                self.engine_name(", torch sampler"): self.engine(multi_sampler(False), n_new),
             }
+            if (batch, n_new) == self.args.cases[0]:  # comparisons: the first case only
+                engines[self.engine_name(", fused norms")] = self.engine(
+                    multi_sampler(), n_new, fused_norms=True
+                )
+                engines[self.engine_name(", torch sampler")] = self.engine(
+                    multi_sampler(False), n_new
+                )
             first = {k: self.timed_generate(e, ids, mask, n_new) for k, e in engines.items()}
             times = {k: [] for k in engines}
             for _ in range(self.args.reps):
