@@ -4,7 +4,7 @@ against transformers ``generate``, and each against the memory-read floor of a d
     python bench/rollout.py --budget-s 420 --out bench/results/rollout.md   # GPU, 1.5B shape
     python bench/rollout.py --tiny --out /tmp/rollout_tiny.md       # CPU plumbing check, seconds
 
-On an H100 the default cases and rows take about 7 minutes (main about 5, most of it the
+On an H100 the default cases and rows take about 6 minutes (main about 4, most of it the
 256x2048 case); past --budget-s the later groups write "skipped" rows instead of running.
 
 Model: Qwen2.5-1.5B's shape (28 layers, hidden 1536, GQA 12/2 heads, head dim 128, vocab
