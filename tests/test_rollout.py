@@ -2,7 +2,6 @@
 temperature alignment, the sampled distribution per class, fallbacks; CUDA-graph tests on GPU."""
 
 import logging
-import os
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from mtrl.rollout import RolloutEngine, UnsupportedModelError, fuse_projections
 from mtrl.rollout.decode_attention import decode_attention
 from mtrl.rollout.fused import ProjectionGroups
+from mtrl.rollout.fused_norm import triton_runs_on
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler, truncate
 
 VOCAB = 128
@@ -411,8 +411,9 @@ def test_bad_arguments(model):
 
 
 # --------------------------------------------------------------------------- split-KV kernel
+# The engine's own test for where the kernel can run.
 needs_triton = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    not triton_runs_on("cuda" if torch.cuda.is_available() else "cpu"),
     reason="Triton needs a GPU or TRITON_INTERPRET=1",
 )
 
