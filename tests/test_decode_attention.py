@@ -137,6 +137,60 @@ def test_last_key_skips_the_keys_after_it(last, num_splits):
     check(out, q, k[:, :, cut], v[:, :, cut], mask[:, cut])
 
 
+APPEND_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", APPEND_DTYPES)
+@pytest.mark.parametrize("last, num_splits", [(0, 1), (37, 3), (150, 4), (271, 3), (200, 1)])
+def test_append_writes_the_step_key_and_attends_to_it(last, num_splits, dtype):
+    """``new_k``/``new_v`` land at ``last_key`` in the cache and nowhere else, and the output
+    equals the reference over the cache with them written. The stale entry at ``last_key``
+    holds NaN: a split that read it instead of the step's key would carry NaN into the
+    output. The step's key and value come in strided (a transposed (B, 1, KVH, D) tensor)."""
+    b, kvh, d, n = 3, 2, 64, 272
+    q, k, v, mask = make_inputs(b, kvh, 6, d, n, 288, dtype, "left", seed=last)
+    mask[:, last + 1 :] = float("-inf")
+    mask[:, last] = 0.0  # the step's own key is visible to every row
+    k[:, :, last:] = float("nan")
+    v[:, :, last:] = float("nan")
+    g = torch.Generator().manual_seed(last + 1)
+    new_k, new_v = (
+        torch.randn(b, 1, kvh, d, generator=g).to(DEV, dtype).transpose(1, 2) for _ in range(2)
+    )
+    want_k, want_v = k.clone(), v.clone()
+    want_k[:, :, last] = new_k[:, :, 0]
+    want_v[:, :, last] = new_v[:, :, 0]
+    last_key = torch.tensor(last, device=DEV)
+    out = decode_attention(
+        q, k, v, mask, None, num_splits, last_key=last_key, new_k=new_k, new_v=new_v, block_n=16
+    )
+    torch.testing.assert_close(k, want_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v, want_v, rtol=0, atol=0, equal_nan=True)
+    cut = slice(0, last + 1)
+    check(out, q, k[:, :, cut], v[:, :, cut], mask[:, cut])
+
+
+@needs_triton
+def test_append_needs_last_key_and_both_tensors():
+    q, k, v, mask = make_inputs(1, 1, 2, 64, 16, 32, torch.float32, "none")
+    new = torch.zeros(1, 1, 1, 64, device=DEV)
+    with pytest.raises(ValueError, match="need last_key"):
+        decode_attention(q, k, v, mask, new_k=new, new_v=new)
+    with pytest.raises(ValueError, match="go together"):
+        decode_attention(q, k, v, mask, last_key=torch.tensor(3, device=DEV), new_k=new)
+    with pytest.raises(ValueError, match=r"new_v must be \(1, 1, 1, 64\)"):
+        decode_attention(
+            q,
+            k,
+            v,
+            mask,
+            last_key=torch.tensor(3, device=DEV),
+            new_k=new,
+            new_v=torch.zeros(1, 1, 2, 64, device=DEV),
+        )
+
+
 @needs_triton
 def test_last_key_must_be_one_integer():
     q, k, v, mask = make_inputs(1, 1, 2, 64, 16, 32, torch.float32, "none")
@@ -169,13 +223,23 @@ def test_operator_registration():
     mask[:, 31:] = float("-inf")
     args = (q, k, v, mask, last_key, None, 2, 16, 4, 1)
     torch.library.opcheck(torch.ops.mtrl.decode_attention.default, args)
+    new_k, new_v = torch.randn(2, 2, 2, 1, 16, device=DEV)
+    args = (q, k.clone(), v.clone(), mask, last_key, new_k, new_v, None, 2, 16, 4, 1)
+    torch.library.opcheck(torch.ops.mtrl.decode_attention_append.default, args)
 
-    def attend(q, k, v, mask, last_key):
-        return decode_attention(q, k, v, mask, num_splits=2, block_n=16, last_key=last_key) * 2
+    def attend(q, k, v, mask, last_key, new_k, new_v):
+        out = decode_attention(q, k, v, mask, num_splits=2, block_n=16, last_key=last_key)
+        appended = decode_attention(
+            q, k, v, mask, num_splits=2, block_n=16, last_key=last_key, new_k=new_k, new_v=new_v
+        )
+        return out * 2, appended
 
     compiled = torch.compile(attend, backend="eager", fullgraph=True)  # a break would raise
-    out = compiled(q, k, v, mask, last_key)
-    check(out / 2, q, k, v, mask)
+    k_before, v_before = k.clone(), v.clone()
+    out, appended = compiled(q, k, v, mask, last_key, new_k, new_v)
+    check(out / 2, q, k_before, v_before, mask)
+    assert torch.equal(k[:, :, 30], new_k[:, :, 0]) and torch.equal(v[:, :, 30], new_v[:, :, 0])
+    check(appended, q, k, v, mask)
 
 
 def test_split_plan():

@@ -1,6 +1,7 @@
 """Split-KV ("flash-decoding") attention for one-token decode steps over a static KV cache.
 
     out = decode_attention(q, k, v, mask, scale, last_key=None)  # (B, KVH, R, D), q's dtype
+    out = decode_attention(q, k_cache, v_cache, mask, scale, last_key=pos, new_k=k, new_v=v)
 
 Shapes (the engine's ``_decode_attention`` layout, grouped-query heads folded into the rows):
   q:    (B, KVH, R, D); R = (query heads / KV heads) * query length, the rows sharing a KV head
@@ -13,6 +14,9 @@ Shapes (the engine's ``_decode_attention`` layout, grouped-query heads folded in
         to; the keys after it are not read (their mask must be -inf), and the keys up to it
         are spread evenly over the splits. The bound is read on the device, so the engine
         captures one CUDA graph over the whole static cache for every decode step.
+  new_k, new_v: optional (B, KVH, 1, D), the step's key and value (with last_key < n): the
+        launch stores them into k and v at last_key and attends over the cache with them in
+        it, so a decode step writes its cache in the attention kernel, not in two more a layer.
 D must be a power of two in 16..256.
 
 Why split: a decode step has B * KVH (batch, KV head) pairs, each with only R query rows, so a
@@ -30,8 +34,9 @@ cut into ``num_splits`` chunks of whole BLOCK_N tiles:
 With one split the partial kernel normalises and writes the output itself (no scratch, one
 launch).
 
-``torch.compile``: the launch is the custom operator ``torch.ops.mtrl.decode_attention`` (with
-a fake implementation for tracing), so a compiled decode step traces through it in one graph.
+``torch.compile``: the launch is the custom operator ``torch.ops.mtrl.decode_attention``, or
+``decode_attention_append`` (declared to mutate k and v) with new_k/new_v, each with a fake
+implementation for tracing, so a compiled decode step traces through it in one graph.
 
 Graph capture: the launch logic reads shapes only (no host synchronisation, no ``.item()``);
 the scratch buffers come from ``torch.empty`` (the graph's memory pool when captured). Tiles
@@ -68,11 +73,11 @@ CPU_SPLITS = 4
 
 @triton.jit
 def _split_kv_partial_kernel(
-    Q, K, V, MASK, LAST_KEY, O, M, L,
-    sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smn,
+    Q, K, V, MASK, LAST_KEY, K_NEW, V_NEW, O, M, L,
+    sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smn, sknb, sknh, svnb, svnh,
     KVH, R, n_keys, chunk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
-    HAS_LAST_KEY: tl.constexpr,
+    HAS_LAST_KEY: tl.constexpr, APPEND: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of all R rows of one (batch, KV head) over one chunk of keys.
 
@@ -80,6 +85,9 @@ def _split_kv_partial_kernel(
     chunk a multiple of BLOCK_N. qk_scale = scale * log2(e). HAS_LAST_KEY: only the keys up to
     the index stored at LAST_KEY are read, and chunk is recomputed from their count so that
     they spread evenly over the splits (a split with none writes an empty partial).
+    APPEND (with HAS_LAST_KEY): K_NEW, V_NEW (B, KVH, 1, D) are the step's key and value; the
+    first split stores them at index LAST_KEY of K and V, and every split uses them in place of
+    whatever it loads there, so no program depends on another's store.
     FINAL (num_splits == 1): O is the (B, KVH, R, D) output, written normalised.
     Otherwise O: (B * KVH, num_splits, R, D) fp32 unnormalised sums of p * v;
     M, L: (B * KVH, num_splits, R) fp32 running max (log2 units) and sum of p.
@@ -111,6 +119,13 @@ def _split_kv_partial_kernel(
         # graph captured over the whole cache spreads each step's keys over all its splits.
         n_live = tl.minimum(n_keys, tl.load(LAST_KEY).to(tl.int32) + 1)
         chunk = tl.cdiv(tl.cdiv(n_live, BLOCK_N), tl.num_programs(1)) * BLOCK_N
+    if APPEND:
+        last = n_live - 1
+        k_new = tl.load(K_NEW + b * sknb + h * sknh + offs_d)
+        v_new = tl.load(V_NEW + b * svnb + h * svnh + offs_d)
+        if split == 0:
+            tl.store(k_base + last * skn + offs_d, k_new)
+            tl.store(v_base + last * svn + offs_d, v_new)
     start = split * chunk
     end = tl.minimum(start + chunk, n_live)
     for start_n in tl.range(start, end, BLOCK_N):
@@ -118,6 +133,10 @@ def _split_kv_partial_kernel(
         inside = cols < end
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=inside[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=inside[:, None], other=0.0)
+        if APPEND:
+            fresh = (cols == last)[:, None]
+            k = tl.where(fresh, k_new[None, :], k)
+            v = tl.where(fresh, v_new[None, :], v)
         bias = tl.load(mask_base + cols * smn, mask=inside, other=float("-inf")).to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :] * _LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -238,6 +257,8 @@ def decode_attention(
     num_splits: int | None = None,
     *,
     last_key: torch.Tensor | None = None,
+    new_k: torch.Tensor | None = None,
+    new_v: torch.Tensor | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -247,27 +268,27 @@ def decode_attention(
     Shapes in the module docstring. num_splits: key chunks per (batch, KV head), default
     ``default_num_splits``; clamped to cdiv(n, block_n). block_n (keys per tile, a power of
     two >= 16), num_warps and num_stages are the kernels' tuning knobs. last_key: see the
-    module docstring. The work runs in the operator ``torch.ops.mtrl.decode_attention``, so
-    ``torch.compile`` traces a model through this call (no graph break).
+    module docstring. new_k, new_v (B, KVH, 1, D), with last_key: the step's key and value,
+    written into k and v at index last_key (< n) by the same launch and attended to, so a
+    decode step needs no separate cache write. The work runs in the operators
+    ``torch.ops.mtrl.decode_attention`` / ``decode_attention_append`` (the latter mutates k
+    and v), so ``torch.compile`` traces a model through this call (no graph break).
     """
-    return _decode_attention_op(
-        q, k, v, mask, last_key, scale, num_splits, block_n, num_warps, num_stages
+    if new_k is None and new_v is None:
+        return _decode_attention_op(
+            q, k, v, mask, last_key, scale, num_splits, block_n, num_warps, num_stages
+        )
+    if new_k is None or new_v is None or last_key is None:
+        raise ValueError("new_k and new_v go together, and need last_key (where they are written)")
+    return _decode_attention_append_op(
+        q, k, v, mask, last_key, new_k, new_v, scale, num_splits, block_n, num_warps, num_stages
     )
 
 
-@torch.library.custom_op("mtrl::decode_attention", mutates_args=())
-def _decode_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    last_key: torch.Tensor | None,
-    scale: float | None,
-    num_splits: int | None,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
-) -> torch.Tensor:
+def _launch(
+    q, k, v, mask, last_key, new_k, new_v, scale, num_splits, block_n, num_warps, num_stages
+):
+    """Validate, plan the splits and run the kernels (shared by both operators)."""
     mask = _check(q, k, v, mask)
     if last_key is not None and (
         last_key.numel() != 1 or last_key.is_floating_point() or last_key.device != q.device
@@ -280,6 +301,18 @@ def _decode_attention_op(
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     B, KVH, R, D = q.shape
     n = k.shape[2]
+    append = new_k is not None
+    if append:
+        for name, t, cache in (("new_k", new_k, k), ("new_v", new_v, v)):
+            if t.shape != (B, KVH, 1, D) or t.dtype != cache.dtype:
+                raise ValueError(
+                    f"{name} must be {(B, KVH, 1, D)} {cache.dtype}, got {tuple(t.shape)} {t.dtype}"
+                )
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            raise ValueError(
+                "appending needs k and v with a contiguous last dim (written in place)"
+            )
+        new_k, new_v = (t if t.stride(-1) == 1 else t.contiguous() for t in (new_k, new_v))
     # The kernels index the head dim with unit stride; other layouts are copied.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if scale is None:
@@ -296,12 +329,16 @@ def _decode_attention_op(
         o_part = torch.empty(B * KVH, splits, R, D, device=q.device, dtype=torch.float32)
         m = torch.empty(B * KVH, splits, R, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
+    if not append:
+        new_k = new_v = q  # unused pointers and strides
     _split_kv_partial_kernel[(B * KVH, splits)](
-        q, k, v, mask, mask if last_key is None else last_key, o_part, m, l,
+        q, k, v, mask, mask if last_key is None else last_key, new_k, new_v, o_part, m, l,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask.stride(),
+        *new_k.stride()[:2], *new_v.stride()[:2],
         KVH, R, n, chunk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_R=block_r, BLOCK_N=block_n, FINAL=splits == 1,
-        HAS_LAST_KEY=last_key is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_LAST_KEY=last_key is not None, APPEND=append,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _split_kv_combine_kernel[(B * KVH, R)](
@@ -311,8 +348,52 @@ def _decode_attention_op(
     return out
 
 
+@torch.library.custom_op("mtrl::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    last_key: torch.Tensor | None,
+    scale: float | None,
+    num_splits: int | None,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    return _launch(
+        q, k, v, mask, last_key, None, None, scale, num_splits, block_n, num_warps, num_stages
+    )
+
+
 @_decode_attention_op.register_fake
 def _(q, k, v, mask, last_key, scale, num_splits, block_n, num_warps, num_stages):
+    _check(q, k, v, mask)
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("mtrl::decode_attention_append", mutates_args=("k", "v"))
+def _decode_attention_append_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    last_key: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    scale: float | None,
+    num_splits: int | None,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    return _launch(
+        q, k, v, mask, last_key, new_k, new_v, scale, num_splits, block_n, num_warps, num_stages
+    )
+
+
+@_decode_attention_append_op.register_fake
+def _(q, k, v, mask, last_key, new_k, new_v, scale, num_splits, block_n, num_warps, num_stages):
     _check(q, k, v, mask)
     return q.new_empty(q.shape)
 

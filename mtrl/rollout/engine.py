@@ -12,7 +12,8 @@ How one ``generate`` runs (B rows, left-padded prompts of width P, T = ``max_new
    query length == key length (no cached prefix); positions come from the attention mask
    (``cumsum - 1``, as ``generate`` does). Only the last position's logits are computed
    (``logits_to_keep=1``). The keys/values are then copied into a transformers
-   ``StaticCache`` of length ``round_up(P + T - 1, kv_bucket)``.
+   ``StaticCache`` of length ``round_up(P + T - 1, kv_bucket)`` whose layers are written at
+   the engine's device position (``_DecodeLayer``: no per-layer position counter).
 2. **Token 0** is drawn from the prefill logits by the same ``_consume`` function the decode
    step ends with (sampler call + finished-row bookkeeping).
 3. **Decode**: ``_decode_step`` = model forward of one token per row (positions and cache
@@ -33,8 +34,9 @@ attention is our split-KV Triton kernel (``mtrl.rollout.decode_attention``): SDP
 one program per (row, KV head) over all its keys, too few programs to stream K/V at full
 bandwidth. Ours reads the step's cache position on the device, skips the keys after it and
 spreads the ones before it over its splits, so one captured graph serves every step (L = the
-whole cache); being an operator, it also lets ``torch.compile`` trace the whole decode forward
-as one graph. Without it (SDPA: other head dims, devices, or ``split_kv_attention=False``) keys
+whole cache); it also stores the step's key and value into the cache (the cache layers' update
+hands them over instead of writing them); being an operator, it lets ``torch.compile`` trace
+the whole decode forward as one graph. Without it (SDPA: other head dims, devices, or ``split_kv_attention=False``) keys
 are sliced to the step's bucket of ``kv_bucket`` positions, a separate graph per bucket, so
 early steps don't read the whole cache. The prefill keeps the configured implementation.
 
@@ -82,6 +84,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
+from transformers import AttentionInterface, DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 from mtrl.rollout.config import RolloutConfig
 from mtrl.rollout.decode_attention import decode_attention, supports_head_dim
@@ -132,6 +136,7 @@ class _DecodeContext:
         self.calls: int = 0
         self.split_kv: bool = False  # our Triton split-KV kernel over the whole cache, not SDPA
         self.last_key: torch.Tensor | None = None  # 0-dim, the cache position written this step
+        self.layers: list = []  # the static cache's layers, by layer index
 
 
 _CTX = _DecodeContext()
@@ -157,14 +162,29 @@ def _decode_attention(
         _CTX.calls += 1
     b, h, q_len, d = query.shape
     kvh = key.shape[1]
+    layer_idx = getattr(module, "layer_idx", None)
+    if _CTX.split_kv and layer_idx is None:
+        raise UnsupportedModelError("rollout engine: attention modules need a layer_idx")
     mask = _CTX.mask
     if mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     # Query head g * rep + r uses KV head g (repeat_kv's layout): (B, KVH, rep * q_len, D).
     q = query.reshape(b, kvh, (h // kvh) * q_len, d)
     if _CTX.split_kv:
-        # An operator torch.compile traces through: the compiled step is one graph.
-        out = decode_attention(q, key, value, mask, scale=scaling, last_key=_CTX.last_key)
+        # key, value: this step's (B, KVH, 1, D) (see _DecodeLayer.update); the kernel writes
+        # them into the layer's cache and attends over it in one launch. An operator
+        # torch.compile traces through: the compiled step is one graph.
+        layer = _CTX.layers[layer_idx]
+        out = decode_attention(
+            q,
+            layer.keys,
+            layer.values,
+            mask,
+            scale=scaling,
+            last_key=_CTX.last_key,
+            new_k=key,
+            new_v=value,
+        )
     else:
         out = _sdpa_over_bucket(q, key, value, mask, scaling)
     return out.reshape(b, h, q_len, -1).transpose(1, 2), None
@@ -183,10 +203,27 @@ def _sdpa_over_bucket(q, key, value, mask, scaling: float | None) -> torch.Tenso
 def _register_attention() -> None:
     global _REGISTERED
     if not _REGISTERED:
-        from transformers import AttentionInterface
-
         AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
         _REGISTERED = True
+
+
+class _DecodeLayer(StaticLayer):
+    """A static cache layer written at the engine's device position ``_CTX.last_key``.
+
+    StaticLayer.update keeps a position counter of its own and advances it with a kernel per
+    layer and step; the engine already holds the position on the device. With the split-KV
+    kernel the write moves into the attention launch (update hands the step's key and value
+    (B, KVH, 1, D) to ``_decode_attention``, the kernel stores them); with SDPA it is an
+    index_copy_ here. Only decode steps call update: the prefill fills the layers by copy.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if _CTX.split_kv:
+            return key_states, value_states
+        position = _CTX.last_key.view(1)
+        self.keys.index_copy_(2, position, key_states)
+        self.values.index_copy_(2, position, value_states)
+        return self.keys, self.values
 
 
 # ----------------------------------------------------------------------------- state
@@ -330,9 +367,6 @@ class RolloutEngine:
             raise UnsupportedModelError("rollout engine: the model has no transformers config")
         if getattr(config, "is_encoder_decoder", False):
             raise UnsupportedModelError("rollout engine: encoder-decoder models are not supported")
-        from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer
-
         try:
             cache = StaticCache(config=config, max_cache_len=self.kv_bucket)
         except Exception as e:  # noqa: BLE001 - any failure means: not servable
@@ -436,9 +470,9 @@ class RolloutEngine:
             if s.key_valid.device == device:
                 return s
         self._slot = None  # free the old one first
-        from transformers import StaticCache
-
         cache = StaticCache(config=self._base.config, max_cache_len=cache_len)
+        # _check_supported made sure that every layer is a plain StaticLayer.
+        cache.layers = [_DecodeLayer(max_cache_len=cache_len) for _ in cache.layers]
         self._slot = _Slot(
             batch,
             cache_len,
@@ -470,8 +504,6 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ the step
     def _prefill(self, s: _Slot, input_ids, attention_mask) -> torch.Tensor:
-        from transformers import DynamicCache
-
         position_ids = attention_mask.long().cumsum(-1) - 1
         position_ids.masked_fill_(attention_mask == 0, 1)
         dyn = DynamicCache(config=self._base.config)
@@ -489,7 +521,6 @@ class RolloutEngine:
                 dst.lazy_initialization(src.keys, src.values)
             dst.keys[:, :, :p].copy_(src.keys)
             dst.values[:, :, :p].copy_(src.values)
-            dst.cumulative_length.fill_(p)
         return logits
 
     def _consume(self, s: _Slot, logits: torch.Tensor) -> None:
@@ -521,6 +552,7 @@ class RolloutEngine:
         _CTX.kv_len = kv_len
         _CTX.last_key = s.cache_pos  # keys after it are masked for every row: not read
         _CTX.split_kv = self._split_kv
+        _CTX.layers = s.cache.layers
         logits = self._forward(
             s.cache,
             decode=True,
@@ -535,8 +567,6 @@ class RolloutEngine:
     # ------------------------------------------------------------------ graphs
     def _snapshot(self, s: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
         saved = [(t, t.clone()) for t in s.tensors().values()]
-        for layer in s.cache.layers:
-            saved.append((layer.cumulative_length, layer.cumulative_length.clone()))
         for obj in (self.sampler, getattr(self.sampler, "window", None)):
             if obj is not None:
                 saved += [(t, t.clone()) for t in _tensor_attrs(obj).values()]
@@ -617,7 +647,7 @@ class RolloutEngine:
                 finally:
                     self._set_decode_attention(False)
         finally:
-            _CTX.mask, _CTX.last_key = None, None
+            _CTX.mask, _CTX.last_key, _CTX.layers = None, None, []
             self.model.train(was_training)
         self.sampler.check_finite()
         steps = int(s.col)
