@@ -36,9 +36,10 @@ bandwidth. Ours reads the step's cache position on the device, skips the keys af
 spreads the ones before it over its splits, so one captured graph serves every step (L = the
 whole cache); it also stores the step's key and value into the cache (the cache layers' update
 hands them over instead of writing them); being an operator, it lets ``torch.compile`` trace
-the whole decode forward as one graph. Without it (SDPA: other head dims, devices, or ``split_kv_attention=False``) keys
-are sliced to the step's bucket of ``kv_bucket`` positions, a separate graph per bucket, so
-early steps don't read the whole cache. The prefill keeps the configured implementation.
+the whole decode forward as one graph. Without it (SDPA: other head dims, devices, or
+``split_kv_attention=False``) keys are sliced to the step's bucket of ``kv_bucket`` positions,
+a separate graph per bucket, so early steps don't read the whole cache. The prefill keeps the
+configured implementation.
 
 Projections: where a layer's q/k/v (and gate/up) weights are adjacent in memory
 (``fuse_projections(model)`` makes them so, once; the trainer does it), prefill and decode run
