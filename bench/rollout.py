@@ -31,7 +31,9 @@ rewritten after each, so a run cut short keeps what it measured):
              kernels, mtrl.sampling.fused). The engines are warmed by one call
              of the same shape (compile + capture, excluded) and then timed interleaved, the
              median of --reps calls each. Wall time includes prefill. These rows give issue
-             21's ratios and the multi- over single-temperature overhead.
+             21's ratios and the multi- over single-temperature overhead. With --profile
+             (CUDA), the first case's notes add each engine's kernels and kernel time a step
+             from a torch.profiler trace of one more generate.
   plain      the engine without torch.compile (CUDA graphs only), multi-temperature; first case
   eager      the same step function without CUDA graphs; a short run (--hf-tokens new tokens)
              at the first case's batch
@@ -176,6 +178,12 @@ def parse_args(argv=None):
         "--budget-s", type=float, default=1e9, help="skip later sections past this many seconds"
     )
     p.add_argument("--reps", type=int, default=2, help="main: interleaved timed calls each")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="main, first case: kernels and kernel time a step from a torch.profiler trace of "
+        "one more generate per engine (CUDA)",
+    )
     p.add_argument("--commit", default=None, help="git commit to report (default: git HEAD)")
     p.add_argument("--device", default=None, help="default cuda if available else cpu")
     args = p.parse_args(argv)
@@ -337,6 +345,24 @@ class Bench:
         )
         return t
 
+    def kernel_profile(self, eng, ids, mask, n_new) -> str:
+        """Kernels and kernel time a step in a torch.profiler trace of one more ``generate``
+        (prefill included, divided by ``n_new``): a decode step replays a CUDA graph whose time
+        between kernels is launch latency, so fewer kernels is time saved even at equal bytes."""
+        if not self.cuda:
+            return "profile: CUDA only"
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.timed_generate(eng, ids, mask, n_new)
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        us = sum(e.device_time for e in kernels)
+        return (
+            f"profile: {len(kernels) / n_new:.0f} kernels, {us / n_new / 1e3:.3f} ms of kernel "
+            "time a step"
+        )
+
     def free(self):
         if self.cuda:
             torch.cuda.empty_cache()
@@ -367,6 +393,9 @@ class Bench:
                 for k, e in engines.items():
                     times[k].append(self.timed_generate(e, ids, mask, n_new))
             ms = {k: statistics.median(v) / n_new * 1e3 for k, v in times.items()}
+            profiled = {}
+            if self.args.profile and (batch, n_new) == self.args.cases[0]:
+                profiled = {k: self.kernel_profile(e, ids, mask, n_new) for k, e in engines.items()}
             for k, e in engines.items():
                 graphs = e._slot is not None and bool(e._slot.graphs)
                 note = (
@@ -375,6 +404,8 @@ class Bench:
                 )
                 if e.fused_norms:
                     note += f"; {e._norms.summary.removeprefix('rollout engine: ')}"
+                if k in profiled:
+                    note += f"; {profiled[k]}"
                 sampler_path = "fused" if e.sampler.uses_fused(self.device) else "torch"
                 note += f"; sampler: {sampler_path}"
                 self.row(k, batch, n_new, ms[k], note)

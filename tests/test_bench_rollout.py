@@ -1,6 +1,8 @@
 """bench/rollout.py on the CPU: the weight+KV read floor against hand arithmetic, and the table
-of a real tiny run (tiny Qwen2 model, the real engine and generate)."""
+of a real tiny run (tiny Qwen2 model, the real engine and generate); the --profile notes also
+on a GPU (marked)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,27 @@ def test_main_row_selection_and_skipped_generate(rollout, tmp_path):
     assert all("| - | - | - | - | - | - |" in line for line in skipped)
     with pytest.raises(ValueError, match="--rows"):
         rollout.parse_args(["--rows", "main,bogus"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_profile_notes_at_the_first_case(rollout, tmp_path, device):
+    """--profile adds a kernel count and kernel time a step to the first case's main rows
+    (from a trace of one more generate on CUDA; on the CPU the note says it needs CUDA)."""
+    args = rollout.parse_args(
+        ["--tiny", "--device", device, "--cases", "2x4,3x8", "--reps", "1", "--profile"]
+        + ["--out", str(tmp_path / "rollout.md")]
+    )
+    bench = rollout.Bench(args)
+    bench.main_rows()
+    first = [r for r in bench.rows if (r["batch"], r["new"]) == (2, 4)]
+    later = [r for r in bench.rows if (r["batch"], r["new"]) == (3, 8)]
+    assert len(first) == 4 and len(later) == 2
+    assert not any("profile:" in r["note"] for r in later)
+    for r in first:
+        if device == "cpu":
+            assert "profile: CUDA only" in r["note"]
+        else:
+            match = re.search(
+                r"profile: (\d+) kernels, ([\d.]+) ms of kernel time a step", r["note"]
+            )
+            assert match and int(match[1]) > 10 and float(match[2]) > 0, r["note"]
