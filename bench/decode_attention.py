@@ -13,8 +13,11 @@ Variants:
                    backend dispatch)
   sdpa-cudnn       the same, restricted to the cuDNN backend
   sdpa-efficient   the same, restricted to the memory-efficient backend
-  triton           mtrl.rollout.decode_attention with its default split count, then with the
-                   fixed --splits (clamped to one BLOCK_N tile per split; repeats skipped)
+  triton           mtrl.rollout.decode_attention with its default split count and tiles, then
+                   every --splits x --block-n x --num-warps x --num-stages (split counts
+                   clamped to one BLOCK_N tile per split; repeats skipped). With --append it
+                   makes the engine's call: the whole cache of n + 256 positions (mask -inf
+                   after n), last_key = n - 1, and the step's key and value written there
   K+V floor        bytes of K and V read once / measured copy bandwidth (a 1 GiB
                    device-to-device copy, read + write counted)
 
@@ -28,6 +31,7 @@ output is compared with the fp32 reference (max abs error; flagged above 5e-2).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import sys
@@ -60,9 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=6, help="R: query rows per KV head")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--splits", default="1,2,4,8,16", help="fixed split counts for triton")
-    p.add_argument("--block-n", type=int, default=64)
-    p.add_argument("--num-warps", type=int, default=4)
-    p.add_argument("--num-stages", type=int, default=2)
+    p.add_argument("--block-n", default="64", help="keys per tile, comma list")
+    p.add_argument("--num-warps", default="4", help="comma list")
+    p.add_argument("--num-stages", default="2", help="comma list")
+    p.add_argument("--append", action="store_true", help="triton: the engine's call (see above)")
     p.add_argument("--calls", type=int, default=20, help="calls per captured graph")
     p.add_argument("--reps", type=int, default=50, help="graph replays timed (median)")
     p.add_argument("--commit", default=None, help="git commit to report (default: git HEAD)")
@@ -86,8 +91,16 @@ def make_inputs(args, batch, n, copies, seed):
         kvs.append((k, v))
     pads = torch.randint(0, n // 2 + 1, (batch,), generator=g, device="cuda")
     keep = torch.arange(n, device="cuda")[None, :] >= pads[:, None]
-    mask = torch.zeros(batch, n, **opts).masked_fill_(~keep, float("-inf"))[:, None, None, :]
-    return q, kvs, mask
+    keep = torch.cat([keep, keep.new_zeros(batch, 256)], 1)  # the cache after n: masked
+    mask = torch.zeros(batch, n + 256, **opts).masked_fill_(~keep, float("-inf"))
+    return q, kvs, mask[:, None, None, :n]
+
+
+def whole_cache(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The view of all 256 + n positions of the cache whose first n positions t is."""
+    shape = list(t.shape)
+    shape[dim] += 256
+    return t.as_strided(shape, t.stride())
 
 
 def graph_us(fn, q, kvs, mask, scale, calls, reps) -> float:
@@ -118,7 +131,8 @@ def graph_us(fn, q, kvs, mask, scale, calls, reps) -> float:
 
 
 def variants(args, bkv, n):
-    """(method, splits, context factory, fn(q, k, v, mask, scale)) for one shape."""
+    """(method, "splits / BLOCK_N / warps / stages" or "-", context factory,
+    fn(q, k, v, mask, scale)) for one shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa(q, k, v, mask, scale):
@@ -129,21 +143,33 @@ def variants(args, bkv, n):
         ("sdpa-cudnn", "-", lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), sdpa),
         ("sdpa-efficient", "-", lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), sdpa),
     ]
-    tune = dict(block_n=args.block_n, num_warps=args.num_warps, num_stages=args.num_stages)
-    default = default_num_splits(bkv, n, torch.device("cuda"), args.block_n)
+    default = default_num_splits(bkv, n + 256 if args.append else n, torch.device("cuda"))
+    last_key = torch.tensor(n - 1, device="cuda")
     seen = set()
-    for want, label in [(default, "triton (default splits)")] + [
-        (s, "triton") for s in ints(args.splits)
-    ]:
-        splits = split_plan(n, want, args.block_n)[0]
-        if splits in seen:
+    grid = [(default, 64, 4, 2)] + list(
+        itertools.product(
+            ints(args.splits), ints(args.block_n), ints(args.num_warps), ints(args.num_stages)
+        )
+    )
+    for i, (want, block_n, warps, stages) in enumerate(grid):
+        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        key = (split_plan(n, want, block_n)[0], block_n, warps, stages)
+        if key in seen:
             continue
-        seen.add(splits)
+        seen.add(key)
+        label = "triton (default)" if i == 0 else "triton"
 
-        def tri(q, k, v, mask, scale, splits=splits):
-            return decode_attention(q, k, v, mask, scale, splits, **tune)
+        def tri(q, k, v, mask, scale, splits=key[0], tune=tune):
+            if not args.append:
+                return decode_attention(q, k, v, mask, scale, splits, **tune)
+            # The engine passes the whole cache and writes the step's key/value (here the
+            # values already at n - 1: the same result).
+            return decode_attention(
+                q, whole_cache(k, 2), whole_cache(v, 2), whole_cache(mask, 3), scale, splits,
+                last_key=last_key, new_k=k[:, :, n - 1 :], new_v=v[:, :, n - 1 :], **tune,
+            )  # fmt: skip
 
-        out.append((label, splits, nullcontext, tri))
+        out.append((label, " / ".join(map(str, key)), nullcontext, tri))
     return out
 
 
@@ -210,8 +236,13 @@ def write_table(args, rows, bw, l2) -> str:
         f"- shape: KV heads {args.kv_heads}, R {args.rows} query rows per KV head, head dim "
         f"{args.head_dim}, bf16; K/V sliced from a cache of n + 256 positions; additive bf16 "
         "(B, 1, 1, n) mask with random left padding",
-        f"- triton tiles: BLOCK_N {args.block_n}, num_warps {args.num_warps}, num_stages "
-        f"{args.num_stages}",
+        "- triton: "
+        + (
+            "the engine's call (whole cache of n + 256 positions, last_key n - 1, the step's "
+            "key and value written)"
+            if args.append
+            else "K/V slices of n keys, no cache write"
+        ),
         f"- copy bandwidth {bw / 1e12:.2f} TB/s (read + write); L2 {l2 / 2**20:.0f} MiB",
         f"- timing: CUDA graph of {args.calls} calls cycling through K/V caches of >= 4x L2 in "
         f"all, median of {args.reps} replays",
@@ -220,7 +251,7 @@ def write_table(args, rows, bw, l2) -> str:
         "x cuDNN = sdpa-cudnn us / us (above 1: faster than cuDNN). err = max abs error "
         "against the fp32 reference.",
         "",
-        "| method | B | n | splits | us | x floor | TB/s | x cuDNN | err | notes |",
+        "| method | B | n | splits / BLOCK_N / warps / stages | us | x floor | TB/s | x cuDNN | err | notes |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:

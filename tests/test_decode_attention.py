@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 # TRITON_INTERPRET=1 on a machine without CUDA is set by tests/conftest.py, before this import.
 from mtrl.rollout.decode_attention import (
+    _ARRIVALS,
     decode_attention,
     decode_attention_reference,
     default_num_splits,
@@ -254,15 +255,26 @@ def test_split_plan():
 
 
 def test_default_splits_on_an_h100(monkeypatch):
-    """132 SMs, 2 programs per SM, at least 512 keys a split: the engine's cases (batch 64 or
+    """132 SMs, 4 programs per SM, at least 128 keys a split: the engine's cases (batch 64 or
     256 x 2 KV heads; the whole cache of 512 or 2,304 positions)."""
     monkeypatch.setattr("mtrl.rollout.decode_attention._sm_count", lambda index: 132)
     h100 = torch.device("cuda", 0)
-    assert default_num_splits(128, 512, h100) == 1  # one split: no combine launch
-    assert default_num_splits(128, 1024, h100) == 2
-    assert default_num_splits(128, 2304, h100) == 3  # capped by programs per SM
-    assert default_num_splits(512, 2304, h100) == 1
-    assert default_num_splits(4, 300, h100, block_n=16) == 1
+    assert default_num_splits(128, 512, h100) == 4  # capped by keys a split
+    assert default_num_splits(128, 2304, h100) == 5  # capped by programs per SM
+    assert default_num_splits(512, 2304, h100) == 2
+    assert default_num_splits(4, 300, h100, block_n=16) == 3
+
+
+@needs_triton
+def test_split_counters_are_left_zero():
+    """Each split counts itself in and the last to arrive merges and resets the count: after
+    launches with different splits over the same (batch, KV head) pairs the counters are all
+    zero and a repeat gives the same bits."""
+    q, k, v, mask = make_inputs(3, 2, 6, 64, 272, 288, torch.float16, "left", seed=9)
+    outs = [decode_attention(q, k, v, mask, None, s, block_n=16) for s in (3, 5, 3)]
+    assert not _ARRIVALS[q.device].any()
+    assert torch.equal(outs[0], outs[2])
+    check(outs[1], q, k, v, mask)
 
 
 def test_reference_matches_sdpa():
@@ -337,3 +349,17 @@ def test_gpu_cuda_graph_follows_last_key():
         torch.cuda.synchronize()
         cut = slice(0, last + 1)
         check(out, q, k[:, :, cut], v[:, :, cut], mask[:, cut])
+
+
+@pytest.mark.gpu
+def test_gpu_first_call_inside_capture_is_refused():
+    """The split counters are made by a call outside capture (a buffer made inside one would
+    hold garbage until the graph replays): a first multi-split call in a capture says so."""
+    q, k, v, mask = make_inputs(8, 2, 6, 128, 1024, 1024, torch.bfloat16, "none", seed=6)
+    _ARRIVALS.pop(q.device, None)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="make one call before capturing"):
+        with torch.cuda.graph(graph):
+            decode_attention(q, k, v, mask, None, 4)
+    out = decode_attention(q, k, v, mask, None, 4)  # outside capture: fine
+    check(out, q, k, v, mask)

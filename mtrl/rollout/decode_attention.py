@@ -22,24 +22,31 @@ D must be a power of two in 16..256.
 Why split: a decode step has B * KVH (batch, KV head) pairs, each with only R query rows, so a
 kernel with one program per pair (what SDPA backends launch) puts ~128 programs on ~132 SMs,
 each streaming the whole key range: far from the memory-bandwidth floor. Here the key range is
-cut into ``num_splits`` chunks of whole BLOCK_N tiles:
-1. ``_split_kv_partial_kernel``, grid (B * KVH, num_splits): one program folds one key chunk
-   into an online softmax for all R rows of one (batch, KV head); scores are an
+cut into ``num_splits`` chunks of whole BLOCK_N tiles, and ``_split_kv_kernel`` runs one
+program per (batch, KV head, split), grid (B * KVH, num_splits):
+1. a program folds its key chunk into an online softmax for all R rows; scores are an
    (R padded to 16) x BLOCK_N ``tl.dot``; statistics in fp32, log2 units (exp2, the scale
-   times log2(e) folded into one multiply). It writes the unnormalised partial output and the
-   running max and sum per row (fp32 scratch).
-2. ``_split_kv_combine_kernel``, grid (B * KVH, R): merges the splits of one row with the
-   log-sum-exp trick. A split whose keys are all masked has max -inf and sum 0 and gets
-   weight 0 (no NaN).
-With one split the partial kernel normalises and writes the output itself (no scratch, one
-launch).
+   times log2(e) folded into one multiply);
+2. with one split it normalises and writes the output; otherwise it writes its unnormalised
+   partial output and running max and sum per row (fp32 scratch) and counts itself in a
+   per-(batch, KV head) arrival counter; the program that arrives last merges the splits with
+   the log-sum-exp trick (``_merge_splits``; a split whose keys are all masked has max -inf and
+   sum 0 and gets weight 0, no NaN) and sets the counter back to zero.
+So a step is one launch whatever the split count: a separate merge kernel would cost a launch
+per layer, which at short key ranges outweighs what the extra programs gain.
+
+Arrival counters: int32 zeros per device (``_arrival_counters``), allocated at the first call
+outside graph capture and left zero by every launch, so captured graphs need no memset. Launches
+sharing a device run one after another on one stream (as a model's layers do); two launches in
+flight at once on different streams would share counters.
 
 ``torch.compile``: the launch is the custom operator ``torch.ops.mtrl.decode_attention``, or
 ``decode_attention_append`` (declared to mutate k and v) with new_k/new_v, each with a fake
 implementation for tracing, so a compiled decode step traces through it in one graph.
 
 Graph capture: the launch logic reads shapes only (no host synchronisation, no ``.item()``);
-the scratch buffers come from ``torch.empty`` (the graph's memory pool when captured). Tiles
+the scratch buffers come from ``torch.empty`` (the graph's memory pool when captured), the
+arrival counters from the first call before the capture. Tiles
 are fixed launch parameters, not autotuned, so the first call compiles and later calls and
 captures reuse the kernel.
 
@@ -61,19 +68,18 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # Kernels may read only constexpr globals.
 _LOG2E = tl.constexpr(LOG2E)
-# Default programs per SM for the split heuristic: enough resident programs to keep the
-# memory system busy, few enough that the combine step stays small.
-PROGRAMS_PER_SM = 2  # H100, B=64, KVH=2: 2 splits beat 4 by 5-9% at 256-1024 keys
-# A split should have this many keys: below it the combine launch costs more than the extra
-# parallelism saves (H100, B=64, KVH=2, bench/results/decode_attention.md: at 256 keys one
-# split, with no combine, beats two by 3%; at 1024 two beat three by 4%).
-MIN_KEYS_PER_SPLIT = 512
+# Split heuristic (CUDA): about PROGRAMS_PER_SM programs per SM, so that several programs'
+# loads are in flight on each SM, with at least MIN_KEYS_PER_SPLIT keys each. The merge runs in
+# the last program of each (batch, KV head), not in a launch of its own, so extra splits cost
+# only their partial writes.
+PROGRAMS_PER_SM = 4
+MIN_KEYS_PER_SPLIT = 128
 CPU_SPLITS = 4
 
 
 @triton.jit
-def _split_kv_partial_kernel(
-    Q, K, V, MASK, LAST_KEY, K_NEW, V_NEW, O, M, L,
+def _split_kv_kernel(
+    Q, K, V, MASK, LAST_KEY, K_NEW, V_NEW, O, O_PART, M, L, ARRIVED,
     sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smn, sknb, sknh, svnb, svnh,
     KVH, R, n_keys, chunk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
@@ -88,9 +94,11 @@ def _split_kv_partial_kernel(
     APPEND (with HAS_LAST_KEY): K_NEW, V_NEW (B, KVH, 1, D) are the step's key and value; the
     first split stores them at index LAST_KEY of K and V, and every split uses them in place of
     whatever it loads there, so no program depends on another's store.
-    FINAL (num_splits == 1): O is the (B, KVH, R, D) output, written normalised.
-    Otherwise O: (B * KVH, num_splits, R, D) fp32 unnormalised sums of p * v;
-    M, L: (B * KVH, num_splits, R) fp32 running max (log2 units) and sum of p.
+    O: the (B, KVH, R, D) output. FINAL (num_splits == 1): the program writes it normalised.
+    Otherwise every program writes its partial to O_PART (B * KVH, num_splits, R, D) fp32
+    (unnormalised sums of p * v), M and L (B * KVH, num_splits, R) fp32 (running max in log2
+    units, sum of p), then counts itself in ARRIVED[pid_bh] (int32, zero between launches); the
+    last of the splits to arrive merges them all into O and sets the count back to zero.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -149,45 +157,60 @@ def _split_kv_partial_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
-    # The FINAL output (B, KVH, R, D) has the partials' layout with one split.
-    row = (pid_bh * tl.num_programs(1) + split).to(tl.int64) * R + offs_r
-    o_ptrs = O + row[:, None] * HEAD_DIM + offs_d[None, :]
     if FINAL:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        o_row = pid_bh.to(tl.int64) * R + offs_r
+        tl.store(O + o_row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])  # fmt: skip
     else:
-        tl.store(o_ptrs, acc, mask=row_ok[:, None])
-        tl.store(M + row, m_i, mask=row_ok)
-        tl.store(L + row, l_i, mask=row_ok)
+        num_splits = tl.num_programs(1)
+        part = (pid_bh * num_splits + split).to(tl.int64) * R + offs_r
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(M + part, m_i, mask=row_ok)
+        tl.store(L + part, l_i, mask=row_ok)
+        # Every thread's stores happen before the count (the barrier), and the count releases
+        # them to the program that arrives last (acq_rel at GPU scope), which merges.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(ARRIVED + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            tl.atomic_xchg(ARRIVED + pid_bh, 0, sem="relaxed", scope="gpu")  # for the next launch
+            _merge_splits(O, O_PART, M, L, pid_bh, num_splits, R, HEAD_DIM, BLOCK_R)
 
 
 @triton.jit
-def _split_kv_combine_kernel(
-    O_PART, M, L, O, R, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+def _merge_splits(
+    O, O_PART, M, L, pid_bh, num_splits, R,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """Merge the splits of one row: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m).
+    """out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m), for the R rows of one
+    (batch, KV head), folding the splits in one at a time (running max, as the online softmax).
 
-    Grid: (B * KVH, R). O_PART, M, L as written by the partial kernel; O: (B, KVH, R, D).
+    A split whose keys are all masked has max -inf and sum 0 and gets weight 0 (no NaN). The
+    partials were written by other programs: loads go through L2 (".cg"), not this SM's L1.
     """
-    pid_bh = tl.program_id(0)
-    r = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
+    offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
-    valid = offs_s < num_splits
-    row = (pid_bh * num_splits + offs_s).to(tl.int64) * R + r
-    m = tl.load(M + row, mask=valid, other=float("-inf"))
-    l = tl.load(L + row, mask=valid, other=0.0)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every key masked: all weights 0
-    w = tl.exp2(m - m_max)  # an all-masked split: exp2(-inf) = 0
-    acc = tl.load(
-        O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0
-    )
-    out = tl.sum(acc * w[:, None], 0)
-    denom = tl.sum(l * w, 0)
-    out = out / tl.where(denom > 0, denom, 1.0)
-    tl.store(O + (pid_bh * R + r).to(tl.int64) * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
+    row_ok = offs_r < R
+    out = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    denom = tl.zeros([BLOCK_R], tl.float32)
+    m_run = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        part = (pid_bh * num_splits + s).to(tl.int64) * R + offs_r
+        m_s = tl.load(M + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(L + part, mask=row_ok, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m_run, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: weights 0
+        alpha = tl.exp2(m_run - m_use)
+        w = tl.exp2(m_s - m_use)
+        out = out * alpha[:, None] + acc_s * w[:, None]
+        denom = denom * alpha + l_s * w
+        m_run = m_new
+    out = out / tl.where(denom > 0, denom, 1.0)[:, None]
+    o_row = pid_bh.to(tl.int64) * R + offs_r
+    tl.store(O + o_row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])  # fmt: skip
 
 
 def supports_head_dim(head_dim: int) -> bool:
@@ -324,15 +347,17 @@ def _launch(
 
     out = torch.empty(B, KVH, R, D, device=q.device, dtype=q.dtype)
     if splits == 1:
-        o_part, m, l = out, out, out  # M, L unused when FINAL
+        o_part, m, l, arrived = out, out, out, out  # unused when FINAL
     else:
         o_part = torch.empty(B * KVH, splits, R, D, device=q.device, dtype=torch.float32)
         m = torch.empty(B * KVH, splits, R, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
+        arrived = _arrival_counters(q.device, B * KVH)
     if not append:
         new_k = new_v = q  # unused pointers and strides
-    _split_kv_partial_kernel[(B * KVH, splits)](
-        q, k, v, mask, mask if last_key is None else last_key, new_k, new_v, o_part, m, l,
+    _split_kv_kernel[(B * KVH, splits)](
+        q, k, v, mask, mask if last_key is None else last_key, new_k, new_v,
+        out, o_part, m, l, arrived,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask.stride(),
         *new_k.stride()[:2], *new_v.stride()[:2],
         KVH, R, n, chunk, scale * LOG2E,
@@ -340,12 +365,27 @@ def _launch(
         HAS_LAST_KEY=last_key is not None, APPEND=append,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if splits > 1:
-        _split_kv_combine_kernel[(B * KVH, R)](
-            o_part, m, l, out, R, splits,
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), num_warps=num_warps,
-        )  # fmt: skip
     return out
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The device's int32 arrival counters, at least n of them, all zero (see the module
+    docstring). Grown only outside graph capture: a buffer made inside one would be filled only
+    when the graph replays."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"decode_attention: the first call with {n} (batch, KV head) pairs on {device} "
+                "is inside CUDA graph capture; make one call before capturing (it allocates the "
+                "split counters)"
+            )
+        counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = counters
+    return counters
 
 
 @torch.library.custom_op("mtrl::decode_attention", mutates_args=())
