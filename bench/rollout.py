@@ -47,7 +47,9 @@ rewritten after each, so a run cut short keeps what it measured):
   ablations  main's multi-temperature engine with one change each, first case, CUDA only:
              separate projections (fused_projections=False: one GEMM per q/k/v/gate/up
              projection), SDPA decode attention (split_kv_attention=False: cuDNN instead of our
-             split-KV kernel), eager sampler (sampler.compile(False))
+             split-KV kernel), eager sampler (sampler.compile(False)), max-autotune
+             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation); --ablations
+             picks some
 
 Floor: see ``step_floor_ms``. Each row reports it for its own batch, prompt length and the
 number of new tokens it timed: weights only, and weights plus the KV cache that the steps read.
@@ -74,6 +76,7 @@ from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noqa: E402
 
 ROW_GROUPS = ("main", "plain", "eager", "hf", "ablations")
+ABLATIONS = ("separate projections", "SDPA decode attention", "eager sampler", "max-autotune")
 
 
 # ----------------------------------------------------------------------------- the floor
@@ -177,6 +180,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--budget-s", type=float, default=1e9, help="skip later sections past this many seconds"
     )
+    p.add_argument(
+        "--ablations",
+        default=",".join(ABLATIONS),
+        help=f"comma list of the ablation rows to run, from {','.join(ABLATIONS)}",
+    )
     p.add_argument("--reps", type=int, default=2, help="main: interleaved timed calls each")
     p.add_argument(
         "--profile",
@@ -191,6 +199,10 @@ def parse_args(argv=None):
         args.cases or ("4x16,4x32,8x32" if args.tiny else "64x256,64x2048,256x2048")
     )
     args.rows = parse_rows(args.rows)
+    args.ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
+    unknown = sorted(set(args.ablations) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"--ablations: unknown {unknown}, choose from {','.join(ABLATIONS)}")
     args.prompt_len = args.prompt_len or (8 if args.tiny else 128)
     args.hf_tokens = args.hf_tokens or (8 if args.tiny else 64)
     args.hf_max_new = args.hf_max_new or (16 if args.tiny else 256)
@@ -492,8 +504,11 @@ class Bench:
             ("separate projections", True, {"fused_projections": False}),
             ("SDPA decode attention", True, {"split_kv_attention": False}),
             ("eager sampler", False, {}),
+            ("max-autotune", True, {"max_autotune": True}),
         )
         for label, fused_sampler, options in variants:
+            if label not in self.args.ablations:
+                continue
             name = f"engine+compile, {label}"
             if not self.cuda:
                 self.unmeasured(name, batch, n_new, "skipped: needs CUDA (torch.compile + graphs)")

@@ -290,6 +290,9 @@ class RolloutEngine:
       graphs; the split-KV kernel is traced as an operator, SDPA stays eager) inside the
       captured graph, which fuses the many small elementwise kernels; costs one compilation
       per batch size.
+    - ``max_autotune``: with ``compile_decode``, inductor benchmarks Triton GEMM tiles against
+      cuBLAS for every projection shape of the decode step and keeps the faster (its
+      ``max_autotune`` option, no inductor CUDA graphs); minutes more compilation per batch.
     - ``fused_norms``: during decode steps, Llama/Qwen2-style decoder layers run residual
       add + RMSNorm and SiLU-mul as fused Triton kernels (``mtrl.rollout.fused_norm``; CUDA,
       or any device under ``TRITON_INTERPRET=1``); other models decode with their own layers.
@@ -312,6 +315,7 @@ class RolloutEngine:
         fused_projections: bool = True,
         split_kv_attention: bool | None = None,
         fused_norms: bool = False,
+        max_autotune: bool = False,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
@@ -341,6 +345,7 @@ class RolloutEngine:
         self._groups = ProjectionGroups()  # found at the first generate
         self._groups_fingerprint: tuple | None = None
         self.fused_norms = bool(fused_norms)
+        self.max_autotune = bool(max_autotune)
         self._norms = FusedNorms()  # planned at the first generate (the device matters)
         self._norms_fingerprint: tuple | None = None
         if self.compile_decode:
@@ -405,9 +410,8 @@ class RolloutEngine:
                 # combo_kernels: independent small kernels (a layer's q and k rope, ...) launch
                 # as one; 379 -> 351 kernels a step and -3% time at batch 64 on an H200
                 # (bench/results/rollout.md), where a step is bound by launches, not bytes.
-                self._compiled = torch.compile(
-                    self._base, dynamic=False, options={"combo_kernels": True}
-                )
+                options = {"combo_kernels": True, "max_autotune": self.max_autotune}
+                self._compiled = torch.compile(self._base, dynamic=False, options=options)
             fn = self._compiled
             # With graph breaks each layer's frame specialises on its cache layer: allow one
             # compile per layer.
