@@ -48,8 +48,8 @@ rewritten after each, so a run cut short keeps what it measured):
              separate projections (fused_projections=False: one GEMM per q/k/v/gate/up
              projection), SDPA decode attention (split_kv_attention=False: cuDNN instead of our
              split-KV kernel), eager sampler (sampler.compile(False)), max-autotune
-             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation); --ablations
-             picks some
+             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), compiled
+             prefill (compile_prefill=True); --ablations picks some
 
 Floor: see ``step_floor_ms``. Each row reports it for its own batch, prompt length and the
 number of new tokens it timed: weights only, and weights plus the KV cache that the steps read.
@@ -76,7 +76,13 @@ from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noqa: E402
 
 ROW_GROUPS = ("main", "plain", "eager", "hf", "ablations")
-ABLATIONS = ("separate projections", "SDPA decode attention", "eager sampler", "max-autotune")
+ABLATIONS = (
+    "separate projections",
+    "SDPA decode attention",
+    "eager sampler",
+    "max-autotune",
+    "compiled prefill",
+)
 
 
 # ----------------------------------------------------------------------------- the floor
@@ -505,6 +511,7 @@ class Bench:
             ("SDPA decode attention", True, {"split_kv_attention": False}),
             ("eager sampler", False, {}),
             ("max-autotune", True, {"max_autotune": True}),
+            ("compiled prefill", True, {"compile_prefill": True}),
         )
         for label, fused_sampler, options in variants:
             if label not in self.args.ablations:

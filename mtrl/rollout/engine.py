@@ -293,6 +293,9 @@ class RolloutEngine:
     - ``max_autotune``: with ``compile_decode``, inductor benchmarks Triton GEMM tiles against
       cuBLAS for every projection shape of the decode step and keeps the faster (its
       ``max_autotune`` option, no inductor CUDA graphs); minutes more compilation per batch.
+    - ``compile_prefill``: run the prefill forward through ``torch.compile`` too, with dynamic
+      shapes (one compilation for every batch size and prompt length), which fuses its eager
+      norm, rope and activation kernels; about as long to compile as the decode step.
     - ``fused_norms``: during decode steps, Llama/Qwen2-style decoder layers run residual
       add + RMSNorm and SiLU-mul as fused Triton kernels (``mtrl.rollout.fused_norm``; CUDA,
       or any device under ``TRITON_INTERPRET=1``); other models decode with their own layers.
@@ -316,6 +319,7 @@ class RolloutEngine:
         split_kv_attention: bool | None = None,
         fused_norms: bool = False,
         max_autotune: bool = False,
+        compile_prefill: bool = False,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
@@ -346,6 +350,8 @@ class RolloutEngine:
         self._groups_fingerprint: tuple | None = None
         self.fused_norms = bool(fused_norms)
         self.max_autotune = bool(max_autotune)
+        self.compile_prefill = bool(compile_prefill)
+        self._compiled_prefill = None
         self._norms = FusedNorms()  # planned at the first generate (the device matters)
         self._norms_fingerprint: tuple | None = None
         if self.compile_decode:
@@ -423,6 +429,12 @@ class RolloutEngine:
             }
             with torch._dynamo.config.patch(**patch):
                 return fn(**kwargs).logits[:, -1]
+        if not decode and self.compile_prefill:
+            if self._compiled_prefill is None:
+                self._compiled_prefill = torch.compile(
+                    self._base, dynamic=True, options={"combo_kernels": True}
+                )
+            fn = self._compiled_prefill
         out = fn(**kwargs)
         return out.logits[:, -1]
 
