@@ -263,6 +263,36 @@ def _tensor_attrs(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vars(obj).items() if isinstance(v, torch.Tensor)}
 
 
+def _step_mask(key_valid, arange, cache_pos, kv_len: int, dtype) -> torch.Tensor:
+    """(B, 1, 1, kv_len) additive mask of a decode step: 0 where the key is a real token at or
+    before ``cache_pos`` (0-dim), else -inf."""
+    allowed = key_valid[:, :kv_len] & (arange[:kv_len] <= cache_pos)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+
+
+def _record_step(s: _Slot, tokens, temperatures, entropies, logprobs, is_reasoning) -> None:
+    """Write one sampled token per row (each (B,)) and what the sampler did at column ``s.col``;
+    finished rows get ``pad`` and neutral values, and a drawn EOS finishes its row."""
+    active = ~s.finished
+    tok = torch.where(active, tokens, s.pad)
+    col = s.col.view(1)
+    s.out_tokens.index_copy_(1, col, tok[:, None])
+    s.out_mask.index_copy_(1, col, active[:, None])
+    # Under autocast the sampler's per-token values may come in the logits' dtype (bf16): the
+    # record keeps its own (float32).
+    for out, value, idle in (
+        (s.out_temperatures, temperatures, 1.0),
+        (s.out_entropies, entropies, 0.0),
+        (s.out_logprobs, logprobs, 0.0),
+    ):
+        out.index_copy_(1, col, torch.where(active, value.to(out.dtype), idle)[:, None])
+    s.out_is_reasoning.index_copy_(1, col, (active & is_reasoning)[:, None])
+    s.finished |= (tok[:, None] == s.eos[None, :]).any(1)
+    s.cur.copy_(tok)
+    s.col.add_(1)
+
+
 # ----------------------------------------------------------------------------- engine
 class RolloutEngine:
     """Batched generation for the policy in place: static KV cache + CUDA-graph decode step.
@@ -354,8 +384,13 @@ class RolloutEngine:
         self._compiled_prefill = None
         self._norms = FusedNorms()  # planned at the first generate (the device matters)
         self._norms_fingerprint: tuple | None = None
+        # The step's mask and the bookkeeping after each draw are a dozen small kernels eagerly,
+        # a few compiled.
+        self._record, self._step_mask = _record_step, _step_mask
         if self.compile_decode:
             sampler.compile()
+            self._record = torch.compile(_record_step, dynamic=False)
+            self._step_mask = torch.compile(_step_mask, dynamic=False)
         self._compiled = None
         self._slot: _Slot | None = None
         self._pool = None
@@ -547,30 +582,13 @@ class RolloutEngine:
 
     def _consume(self, s: _Slot, logits: torch.Tensor) -> None:
         """Sample one token per row and record it at column ``s.col`` (no host sync)."""
-        active = ~s.finished
-        step = self.sampler(logits, active=active, temperature_offsets=s.offsets)
-        tok = torch.where(active, step.tokens, s.pad)
-        col = s.col.view(1)
-        s.out_tokens.index_copy_(1, col, tok[:, None])
-        s.out_mask.index_copy_(1, col, active[:, None])
-        # Under autocast the sampler's per-token values may come in the logits' dtype (bf16):
-        # the record keeps its own (float32).
-        for out, value, idle in (
-            (s.out_temperatures, step.temperatures, 1.0),
-            (s.out_entropies, step.entropies, 0.0),
-            (s.out_logprobs, step.logprobs, 0.0),
-        ):
-            out.index_copy_(1, col, torch.where(active, value.to(out.dtype), idle)[:, None])
-        s.out_is_reasoning.index_copy_(1, col, (active & step.is_reasoning)[:, None])
-        s.finished |= (tok[:, None] == s.eos[None, :]).any(1)
-        s.cur.copy_(tok)
-        s.col.add_(1)
+        step = self.sampler(logits, active=~s.finished, temperature_offsets=s.offsets)
+        self._record(s, step.tokens, step.temperatures, step.entropies, step.logprobs,
+                     step.is_reasoning)  # fmt: skip
 
     def _decode_step(self, s: _Slot, kv_len: int) -> None:
         """Forward of the last token per row + sampling + bookkeeping, all on the device."""
-        allowed = s.key_valid[:, :kv_len] & (s.arange[:kv_len] <= s.cache_pos)
-        mask = torch.zeros(allowed.shape, dtype=self._dtype, device=allowed.device)
-        _CTX.mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+        _CTX.mask = self._step_mask(s.key_valid, s.arange, s.cache_pos, kv_len, self._dtype)
         _CTX.kv_len = kv_len
         _CTX.last_key = s.cache_pos  # keys after it are masked for every row: not read
         _CTX.split_kv = self._split_kv
