@@ -46,9 +46,8 @@ implementation for tracing, so a compiled decode step traces through it in one g
 
 Graph capture: the launch logic reads shapes only (no host synchronisation, no ``.item()``);
 the scratch buffers come from ``torch.empty`` (the graph's memory pool when captured), the
-arrival counters from the first call before the capture. Tiles
-are fixed launch parameters, not autotuned, so the first call compiles and later calls and
-captures reuse the kernel.
+arrival counters from the first call before the capture. Tiles are fixed launch parameters,
+not autotuned, so the first call compiles and later calls and captures reuse the kernel.
 
 Numerics: softmax statistics and the accumulator are fp32; P is rounded to K/V's dtype before
 the P @ V product (as in FlashAttention). On a GPU fp32 inputs go through TF32 ``tl.dot``.
