@@ -46,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import copy_bandwidth, git_commit, header  # noqa: E402  (bench/ is the script folder)
 
 from mtrl.rollout.decode_attention import (  # noqa: E402
+    BLOCK_N,
+    NUM_STAGES,
+    NUM_WARPS,
     decode_attention,
     decode_attention_reference,
     default_num_splits,
@@ -146,7 +149,7 @@ def variants(args, bkv, n):
     default = default_num_splits(bkv, n + 256 if args.append else n, torch.device("cuda"))
     last_key = torch.tensor(n - 1, device="cuda")
     seen = set()
-    grid = [(default, 64, 4, 2)] + list(
+    grid = [(default, BLOCK_N, NUM_WARPS, NUM_STAGES)] + list(
         itertools.product(
             ints(args.splits), ints(args.block_n), ints(args.num_warps), ints(args.num_stages)
         )

@@ -255,14 +255,15 @@ def test_split_plan():
 
 
 def test_default_splits_on_an_h100(monkeypatch):
-    """132 SMs, 4 programs per SM, at least 128 keys a split: the engine's cases (batch 64 or
+    """132 SMs, 2 programs per SM, at least 512 keys a split: the engine's cases (batch 64 or
     256 x 2 KV heads; the whole cache of 512 or 2,304 positions)."""
     monkeypatch.setattr("mtrl.rollout.decode_attention._sm_count", lambda index: 132)
     h100 = torch.device("cuda", 0)
-    assert default_num_splits(128, 512, h100) == 4  # capped by keys a split
-    assert default_num_splits(128, 2304, h100) == 5  # capped by programs per SM
-    assert default_num_splits(512, 2304, h100) == 2
-    assert default_num_splits(4, 300, h100, block_n=16) == 3
+    assert default_num_splits(128, 512, h100) == 1
+    assert default_num_splits(128, 1024, h100) == 2
+    assert default_num_splits(128, 2304, h100) == 3  # capped by programs per SM
+    assert default_num_splits(512, 2304, h100) == 1
+    assert default_num_splits(4, 300, h100, block_n=16) == 1
 
 
 @needs_triton

@@ -67,12 +67,19 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # Kernels may read only constexpr globals.
 _LOG2E = tl.constexpr(LOG2E)
-# Split heuristic (CUDA): about PROGRAMS_PER_SM programs per SM, so that several programs'
-# loads are in flight on each SM, with at least MIN_KEYS_PER_SPLIT keys each. The merge runs in
-# the last program of each (batch, KV head), not in a launch of its own, so extra splits cost
-# only their partial writes.
-PROGRAMS_PER_SM = 4
-MIN_KEYS_PER_SPLIT = 128
+# Split heuristic (CUDA): about PROGRAMS_PER_SM programs per SM, with at least
+# MIN_KEYS_PER_SPLIT keys each. More splits put more loads in flight, but each split pays its
+# own prologue and partial write, and at short key ranges that loses (H100, B=64, KVH=2, the
+# engine's call, bench/results/decode_attention.md: 256 live keys of a 512-position cache, one
+# split 12.3 us, two 14.0, four 15.8; 2,048 live keys, two splits 53.6 us, four 59.0, one 57.9).
+PROGRAMS_PER_SM = 2
+MIN_KEYS_PER_SPLIT = 512
+# Tiles: BLOCK_N keys a step; three stages keep two tiles' loads in flight while one is
+# multiplied (same runs: one split 12.3 vs 14.2 us with two stages at 256 keys, 57.9 vs 76.8 at
+# 2,048).
+BLOCK_N = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
 CPU_SPLITS = 4
 
 
@@ -222,7 +229,9 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(batch_kv_heads: int, n: int, device: torch.device, block_n: int = 64) -> int:
+def default_num_splits(
+    batch_kv_heads: int, n: int, device: torch.device, block_n: int = BLOCK_N
+) -> int:
     """Splits per (batch, KV head) so that about PROGRAMS_PER_SM programs run per SM, with at
     least MIN_KEYS_PER_SPLIT keys each (CUDA), or CPU_SPLITS (elsewhere, to test the splits);
     capped at one BLOCK_N tile per split."""
@@ -281,9 +290,9 @@ def decode_attention(
     last_key: torch.Tensor | None = None,
     new_k: torch.Tensor | None = None,
     new_v: torch.Tensor | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for every row of q; (B, KVH, R, D) in q's dtype.
 
