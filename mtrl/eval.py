@@ -369,6 +369,8 @@ def _generate(
             check_every=int(cfg.rollout.check_every),
             compile_decode=bool(cfg.rollout.compile_decode) and device.type == "cuda",
             fused_norms=bool(cfg.rollout.fused_norms),
+            max_autotune=bool(cfg.rollout.max_autotune),
+            compile_prefill=bool(cfg.rollout.compile_prefill) and device.type == "cuda",
         )
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

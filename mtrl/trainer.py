@@ -492,6 +492,9 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             compile_decode=self.rollout_config.compile_decode
             and self.accelerator.device.type == "cuda",
             fused_norms=self.rollout_config.fused_norms,
+            max_autotune=self.rollout_config.max_autotune,
+            compile_prefill=self.rollout_config.compile_prefill
+            and self.accelerator.device.type == "cuda",
         )
 
     def _fast_engine_configured(self) -> bool:

@@ -173,6 +173,8 @@ BAD = [
     ),
     ([], "rollout.engine=fats", "rollout.engine: must be one of auto, fast, hf; got 'fats'"),
     ([], "rollout.check_every=0", "rollout.check_every: must be >= 1"),
+    ([], "rollout.compile_prefill=maybe", "rollout.compile_prefill: Value 'maybe' is not a valid"),
+    ([], "rollout.max_autotune=maybe", "rollout.max_autotune: Value 'maybe' is not a valid bool"),
     ([], "rollout.enigne=hf", "rollout.enigne: unknown key (did you mean 'engine'?)"),
     ([], "sampler.window_size=1000000000000", "sampler.window_size: must be in [1, 100000000]"),
     ([], "sampler.high_temperature=inf", "sampler.high_temperature: must be a finite number"),

@@ -235,6 +235,20 @@ def test_auto_engine_uses_generate_under_zero3(make_trainer, monkeypatch):
     assert trainer._rollout_engine(trainer.model) is not None  # CUDA without ZeRO-3: fast
 
 
+def test_rollout_compile_keys_reach_the_engine(make_trainer, monkeypatch):
+    """rollout.max_autotune and rollout.compile_prefill (CUDA only) are the engine's options."""
+    from accelerate import Accelerator
+
+    trainer = make_trainer(
+        "rollout.engine=fast", "rollout.max_autotune=true", "rollout.compile_prefill=true"
+    )
+    engine = trainer._rollout_engine(trainer.model)
+    assert engine.max_autotune and not engine.compile_prefill  # CPU: no compiled prefill
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("cuda")))
+    engine = trainer._rollout_engine(trainer.model)
+    assert engine.max_autotune and engine.compile_prefill and engine.compile_decode
+
+
 def test_scorer_timeouts_reach_the_trainer_metrics(make_trainer):
     """A completion whose sandboxed scorer times out is counted in `rewards/<name>/timeouts`."""
     from omegaconf import OmegaConf

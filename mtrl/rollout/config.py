@@ -46,6 +46,12 @@ class RolloutConfig:
     # with compile_decode (whose inductor fusions overlap) 1.0-1.3% faster on an H100
     # (bench/results/rollout.md), and bf16 rows may part from the plain decode at near-ties.
     fused_norms: bool = False
+    # fast engine, with compile_decode: inductor benchmarks Triton GEMM tiles against cuBLAS for
+    # every projection of the decode step (minutes more compilation once per batch size).
+    max_autotune: bool = False
+    # fast engine, CUDA: the prefill forward through torch.compile with dynamic shapes (one
+    # compilation for every batch and prompt width; fuses its norm, rope and activation kernels).
+    compile_prefill: bool = False
     # Correct for the gap between the forward that sampled (cached decoding, other kernels)
     # and the one that trains: weight each token's loss by min(p_train / p_sample, cap).
     importance_sampling: bool = True
@@ -66,7 +72,7 @@ class RolloutConfig:
                 f"{prefix}.zero3_weights: generate contradicts {prefix}.engine=fast (under "
                 "ZeRO-3 the engine runs on the weight copy); use auto or copy, or engine=hf"
             )
-        for key in ("compile_decode", "fused_norms"):
+        for key in ("compile_decode", "fused_norms", "max_autotune", "compile_prefill"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(
                     f"{prefix}.{key}: must be true or false, got {getattr(self, key)!r}"
