@@ -301,6 +301,8 @@ def test_rollout_config_lives_beside_the_engine():
     assert RolloutConfig().validate() == RolloutConfig()
     with pytest.raises(ValueError, match=r"^rollout.check_every: must be >= 1, got 0$"):
         RolloutConfig(check_every=0).validate()
+    with pytest.raises(ValueError, match=r"^rollout.max_autotune: .* needs rollout.compile_decode"):
+        RolloutConfig(max_autotune=True, compile_decode=False).validate()
     with pytest.raises(ValueError, match="^rollout.engine: must be one of auto, fast, hf"):
         RolloutConfig(engine="vllm").validate()
 

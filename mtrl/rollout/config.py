@@ -77,6 +77,11 @@ class RolloutConfig:
                 raise ValueError(
                     f"{prefix}.{key}: must be true or false, got {getattr(self, key)!r}"
                 )
+        if self.max_autotune and not self.compile_decode:
+            raise ValueError(
+                f"{prefix}.max_autotune: tunes the compiled decode step, so it needs "
+                f"{prefix}.compile_decode=true, got compile_decode=false"
+            )
         if not self.check_every >= 1:
             raise ValueError(f"{prefix}.check_every: must be >= 1, got {self.check_every!r}")
         # A cap below 1 would shrink even on-policy tokens (ratio 1); NaN would reach the loss.
