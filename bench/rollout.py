@@ -76,13 +76,14 @@ from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noqa: E402
 
 ROW_GROUPS = ("main", "plain", "eager", "hf", "ablations")
-ABLATIONS = (
-    "separate projections",
-    "SDPA decode attention",
-    "eager sampler",
-    "max-autotune",
-    "compiled prefill",
-)
+# ablation row label -> (compiled sampler, engine options): main's engine with one change
+ABLATIONS = {
+    "separate projections": (True, {"fused_projections": False}),
+    "SDPA decode attention": (True, {"split_kv_attention": False}),
+    "eager sampler": (False, {}),
+    "max-autotune": (True, {"max_autotune": True}),
+    "compiled prefill": (True, {"compile_prefill": True}),
+}
 
 
 # ----------------------------------------------------------------------------- the floor
@@ -506,14 +507,7 @@ class Bench:
 
     def ablation_rows(self):
         batch, n_new = self.args.cases[0]
-        variants = (
-            ("separate projections", True, {"fused_projections": False}),
-            ("SDPA decode attention", True, {"split_kv_attention": False}),
-            ("eager sampler", False, {}),
-            ("max-autotune", True, {"max_autotune": True}),
-            ("compiled prefill", True, {"compile_prefill": True}),
-        )
-        for label, fused_sampler, options in variants:
+        for label, (fused_sampler, options) in ABLATIONS.items():
             if label not in self.args.ablations:
                 continue
             name = f"engine+compile, {label}"
