@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 # TRITON_INTERPRET=1 on a machine without CUDA is set by tests/conftest.py, before this import.
+from mtrl.arrivals import _COUNTERS
 from mtrl.rollout.decode_attention import (
-    _ARRIVALS,
     decode_attention,
     decode_attention_reference,
     default_num_splits,
@@ -273,7 +273,7 @@ def test_split_counters_are_left_zero():
     zero and a repeat gives the same bits."""
     q, k, v, mask = make_inputs(3, 2, 6, 64, 272, 288, torch.float16, "left", seed=9)
     outs = [decode_attention(q, k, v, mask, None, s, block_n=16) for s in (3, 5, 3)]
-    assert not _ARRIVALS[q.device].any()
+    assert not _COUNTERS[q.device].any()
     assert torch.equal(outs[0], outs[2])
     check(outs[1], q, k, v, mask)
 
@@ -357,9 +357,9 @@ def test_gpu_first_call_inside_capture_is_refused():
     """The split counters are made by a call outside capture (a buffer made inside one would
     hold garbage until the graph replays): a first multi-split call in a capture says so."""
     q, k, v, mask = make_inputs(8, 2, 6, 128, 1024, 1024, torch.bfloat16, "none", seed=6)
-    _ARRIVALS.pop(q.device, None)
+    _COUNTERS.pop(q.device, None)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="make one call before capturing"):
+    with pytest.raises(RuntimeError, match="make one call of this size before capturing"):
         with torch.cuda.graph(graph):
             decode_attention(q, k, v, mask, None, 4)
     out = decode_attention(q, k, v, mask, None, 4)  # outside capture: fine

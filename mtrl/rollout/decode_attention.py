@@ -35,10 +35,7 @@ program per (batch, KV head, split), grid (B * KVH, num_splits):
 So a step is one launch whatever the split count: a separate merge kernel would cost a launch
 per layer, which at short key ranges outweighs what the extra programs gain.
 
-Arrival counters: int32 zeros per device (``_arrival_counters``), allocated at the first call
-outside graph capture and left zero by every launch, so captured graphs need no memset. Launches
-sharing a device run one after another on one stream (as a model's layers do); two launches in
-flight at once on different streams would share counters.
+Arrival counters: ``mtrl.arrivals`` (one per (batch, KV head), zero between launches).
 
 ``torch.compile``: the launch is the custom operator ``torch.ops.mtrl.decode_attention``, or
 ``decode_attention_append`` (declared to mutate k and v) with new_k/new_v, each with a fake
@@ -63,6 +60,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from mtrl.arrivals import arrival_counters
 
 LOG2E = 1.4426950408889634
 # Kernels may read only constexpr globals.
@@ -360,7 +359,7 @@ def _launch(
         o_part = torch.empty(B * KVH, splits, R, D, device=q.device, dtype=torch.float32)
         m = torch.empty(B * KVH, splits, R, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
-        arrived = _arrival_counters(q.device, B * KVH)
+        arrived = arrival_counters(q.device, B * KVH, "decode_attention")
     if not append:
         new_k = new_v = q  # unused pointers and strides
     _split_kv_kernel[(B * KVH, splits)](
@@ -374,26 +373,6 @@ def _launch(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
-
-
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """The device's int32 arrival counters, at least n of them, all zero (see the module
-    docstring). Grown only outside graph capture: a buffer made inside one would be filled only
-    when the graph replays."""
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"decode_attention: the first call with {n} (batch, KV head) pairs on {device} "
-                "is inside CUDA graph capture; make one call before capturing (it allocates the "
-                "split counters)"
-            )
-        counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _ARRIVALS[device] = counters
-    return counters
 
 
 @torch.library.custom_op("mtrl::decode_attention", mutates_args=())

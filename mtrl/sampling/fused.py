@@ -11,15 +11,17 @@ more, in their own dtype, with the Exp(1) noise made in registers.
 
 Both kernels split the vocabulary into chunks of ``CHUNK`` columns, one program per (row,
 chunk), so that a decode batch of 64 rows still fills the GPU (a vocabulary below ``TILE``
-columns gets several rows per program instead); each program writes a few per-chunk partials
-and a tiny second kernel combines each row's:
+columns gets several rows per program instead); each program writes a few per-chunk partials,
+and the last chunk of a row to finish merges the row's (an arrival counter, ``mtrl.arrivals``),
+so each pass is one launch:
 
 - entropy: per chunk the max ``m``, ``s = sum exp(x - m)`` and ``t = sum exp(x - m) (x - m)``;
   combined, ``H = log S - T / S``. ``-inf`` logits contribute 0; a row with NaN, ``+inf`` or no
   finite logit gets a NaN entropy, as ``token_entropy`` does (the sampler's NaN check reads it).
-- draw: the exponential race ``argmax_i p_i / E_i = argmax_i (x_i / T - log E_i)``, E_i ~ Exp(1),
-  which is exactly a draw from ``softmax(x / T)``; per chunk the best (score, column) and the
-  online logsumexp partials of ``x / T``, so the log-prob of the token,
+- draw: the exponential race ``argmax_i p_i / E_i``, E_i ~ Exp(1), which is exactly a draw
+  from ``p = softmax(x / T)``; per chunk the max ``m`` of ``x / T``, the ``exp(x / T - m)``
+  that its logsumexp sums anyway divided by E, the best (``m + log`` of that ratio, column),
+  so the log-prob of the token,
   ``x_tok / T - logsumexp(x / T)``, comes out of the same pass. With ``min_p``, tokens with
   ``x / T < max(x) / T + log(min_p)`` are dropped first (the sampler's ``truncate``; the row max
   comes from the entropy pass). Masked (``-inf``) logits never win.
@@ -35,11 +37,11 @@ series for u < 1/16 so that small E, the ones that decide a race, keep 2^-32 res
 a different random stream than ``torch.Tensor.exponential_``; the draws follow the same law.
 
 Cost, measured on an H100 at batch 64 x vocab 151936 inside the rollout engine's CUDA graph
-(bench/results/rollout.md): entropy 11.9 us, draw 43.4 us plus 11.7 us for its combine, about
-0.07 ms a decode step against about 0.25 ms for inductor's kernels of the torch path. The draw
-is bound by arithmetic (a quarter of a 10-round Philox call, two logs and one exp per column),
-not by its one read of the logits (about 6.5 us): fewer Philox rounds (``tl.randint4x``'s
-``n_rounds``) would be the first knob.
+(bench/results/rollout.md), before the merges moved into the passes and the race lost a log:
+entropy 11.9 us, draw 43.4 us plus 11.7 us for its combine kernel, about 0.07 ms a decode step
+against about 0.25 ms for inductor's kernels of the torch path. The draw is bound by
+arithmetic (a quarter of a 10-round Philox call, a log, an exp and a division per column, two
+logs then), not by its one read of the logits (about 6.5 us).
 
 ``noise=`` (a (batch, vocab) fp32 tensor of Exp(1) values) replaces the in-kernel noise; the
 tests use it to compare with ``draw_reference`` token for token.
@@ -55,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mtrl.arrivals import arrival_counters
 from mtrl.sampling.entropy import token_entropy
 
 CHUNK = 4096  # vocabulary columns per program: 38 chunks x 64 rows at Qwen's 151936
@@ -69,12 +72,6 @@ def _plan(batch: int, vocab: int, chunk: int | None) -> tuple[int, int, int]:
     block = max(16, min(chunk, triton.next_power_of_2(vocab)))
     rows = max(1, min(TILE // block, triton.next_power_of_2(batch)))
     return block, triton.cdiv(vocab, block), rows
-
-
-def _combine_rows(batch: int, n_chunks: int) -> tuple[int, int]:
-    """(rows per program, chunk block) of a combine kernel."""
-    block_c = triton.next_power_of_2(n_chunks)
-    return max(1, min(triton.next_power_of_2(batch), TILE // block_c)), block_c
 
 
 def _num_warps(elements: int) -> int:
@@ -92,9 +89,12 @@ def _rows(logits: torch.Tensor, name: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- entropy
 @triton.jit
 def _entropy_chunk_kernel(
-    X, M, S, T, sx, B, V, n_chunks, ROWS: tl.constexpr, CHUNK: tl.constexpr
+    X, M, S, T, H, MAX, ARRIVED, sx, B, V, n_chunks,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """ROWS rows x one chunk: m = max x, s = sum exp(x - m), t = sum exp(x - m) (x - m)."""
+    """ROWS rows x one chunk: m = max x, s = sum exp(x - m), t = sum exp(x - m) (x - m).
+
+    The last chunk of the rows to arrive (ARRIVED, one count per program row) merges them."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < B
     rows = rows.to(tl.int64)
@@ -111,22 +111,31 @@ def _entropy_chunk_kernel(
     tl.store(M + out, m, mask=ok)
     tl.store(S + out, tl.sum(e, 1), mask=ok)
     tl.store(T + out, tl.sum(tl.where(masked, 0.0, e * d), 1), mask=ok)
+    if _last_to_arrive(ARRIVED + tl.program_id(0), n_chunks):
+        _entropy_merge(M, S, T, H, MAX, rows, ok, n_chunks, BLOCK_C)
 
 
 @triton.jit
-def _entropy_combine_kernel(
-    M, S, T, H, MAX, B, n_chunks, ROWS: tl.constexpr, BLOCK_C: tl.constexpr
-):  # fmt: skip
-    """ROWS rows: H = log S - T / S over the chunks' partials, rescaled to the row max."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    ok = rows < B
-    rows = rows.to(tl.int64)
+def _last_to_arrive(counter, n_chunks):
+    """Count this program in (after every thread's stores: the barrier; released to the last
+    one by acq_rel at GPU scope); the last of the n_chunks sets the count back to zero."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_chunks - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
+    return last
+
+
+@triton.jit
+def _entropy_merge(M, S, T, H, MAX, rows, ok, n_chunks, BLOCK_C: tl.constexpr):
+    """H = log S - T / S over the chunks' partials, rescaled to the row max. The partials were
+    written by other programs: loads go through L2 (".cg"), not this SM's L1."""
     c = tl.arange(0, BLOCK_C)
     at = rows[:, None] * n_chunks + c[None, :]
     valid = ok[:, None] & (c < n_chunks)[None, :]
-    m = tl.load(M + at, mask=valid, other=float("-inf"))
-    s = tl.load(S + at, mask=valid, other=0.0)
-    t = tl.load(T + at, mask=valid, other=0.0)
+    m = tl.load(M + at, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    s = tl.load(S + at, mask=valid, other=0.0, cache_modifier=".cg")
+    t = tl.load(T + at, mask=valid, other=0.0, cache_modifier=".cg")
     mx = tl.max(m, 1)
     empty = m == float("-inf")  # chunks with no finite logit add nothing
     shift = tl.where(empty, 0.0, m - mx[:, None])
@@ -156,14 +165,13 @@ def fused_entropy(
     row_max = torch.empty(batch, dtype=torch.float32, device=x.device)
     if batch == 0:
         return (entropy, row_max) if return_max else entropy
-    _entropy_chunk_kernel[(triton.cdiv(batch, rows), n_chunks)](
-        x, m, s, t, x.stride(0), batch, vocab, n_chunks,
-        ROWS=rows, CHUNK=block, num_warps=_num_warps(rows * block),
+    grid = (triton.cdiv(batch, rows), n_chunks)
+    _entropy_chunk_kernel[grid](
+        x, m, s, t, entropy, row_max, arrival_counters(x.device, grid[0], "fused_entropy"),
+        x.stride(0), batch, vocab, n_chunks,
+        ROWS=rows, CHUNK=block, BLOCK_C=triton.next_power_of_2(n_chunks),
+        num_warps=_num_warps(rows * block),
     )  # fmt: skip
-    c_rows, block_c = _combine_rows(batch, n_chunks)
-    _entropy_combine_kernel[(triton.cdiv(batch, c_rows),)](
-        m, s, t, entropy, row_max, batch, n_chunks, ROWS=c_rows, BLOCK_C=block_c
-    )
     return (entropy, row_max) if return_max else entropy
 
 
@@ -188,7 +196,7 @@ def _race_tile(
     X, NOISE, rows, ok, sx, V, cols, bits, temp, cutoff,
     HAS_NOISE: tl.constexpr, HAS_MIN_P: tl.constexpr,
 ):  # fmt: skip
-    """Tempered logits t = x / T (min-p dropped to -inf) and race scores t - log E of a tile."""
+    """Tempered logits t = x / T (min-p dropped to -inf) and the Exp(1) noise E of a tile."""
     valid = ok & (cols < V)
     x = tl.load(X + rows * sx + cols, mask=valid, other=float("-inf")).to(tl.float32)
     t = x / temp
@@ -198,7 +206,13 @@ def _race_tile(
         e = tl.load(NOISE + rows * V + cols, mask=valid, other=1.0)
     else:
         e = _exponential(bits)
-    return t, t - tl.log(e)
+    return t, e
+
+
+@triton.jit
+def _unnormalised(t, m):
+    """exp(t - m), 0 where t = -inf (also when the whole chunk is and m = -inf)."""
+    return tl.where(t == float("-inf"), 0.0, tl.exp(t - m))
 
 
 @triton.jit
@@ -209,11 +223,13 @@ def _pick(best, best_col, score, cols):
 
 @triton.jit
 def _draw_chunk_kernel(
-    X, TEMP, SEED, NOISE, ROW_MAX, BEST, BEST_COL, M, S,
+    X, TEMP, SEED, NOISE, ROW_MAX, BEST, BEST_COL, M, S, TOKENS, LOGPROBS, ARRIVED,
     sx, st, B, V, n_chunks, log_min_p,
-    ROWS: tl.constexpr, CHUNK: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, HAS_NOISE: tl.constexpr,
+    HAS_MIN_P: tl.constexpr,
 ):  # fmt: skip
-    """ROWS rows x one chunk: the race's best (score, column), m = max t, s = sum exp(t - m)."""
+    """ROWS rows x one chunk: m = max t, p = exp(t - m), s = sum p, and the race's best
+    (m + log(p / E), column); the last chunk of the rows to arrive merges them."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < B
     rows = rows.to(tl.int64)
@@ -231,56 +247,58 @@ def _draw_chunk_kernel(
     else:
         # four blocks of random bits per Philox call, one per quarter of the chunk
         b0, b1, b2, b3 = tl.randint4x(tl.load(SEED), (r * n_chunks + chunk) * Q + j)
-    t0, s0 = _race_tile(X, NOISE, r, r_ok, sx, V, base, b0, temp, cutoff, HAS_NOISE, HAS_MIN_P)
-    t1, s1 = _race_tile(X, NOISE, r, r_ok, sx, V, base + Q, b1, temp, cutoff, HAS_NOISE, HAS_MIN_P)
-    t2, s2 = _race_tile(
+    t0, e0 = _race_tile(X, NOISE, r, r_ok, sx, V, base, b0, temp, cutoff, HAS_NOISE, HAS_MIN_P)
+    t1, e1 = _race_tile(X, NOISE, r, r_ok, sx, V, base + Q, b1, temp, cutoff, HAS_NOISE, HAS_MIN_P)
+    t2, e2 = _race_tile(
         X, NOISE, r, r_ok, sx, V, base + 2 * Q, b2, temp, cutoff, HAS_NOISE, HAS_MIN_P
     )
-    t3, s3 = _race_tile(
+    t3, e3 = _race_tile(
         X, NOISE, r, r_ok, sx, V, base + 3 * Q, b3, temp, cutoff, HAS_NOISE, HAS_MIN_P
     )
-
-    best, col = _pick(s0, base, s1, base + Q)
-    best, col = _pick(best, col, s2, base + 2 * Q)
-    best, col = _pick(best, col, s3, base + 3 * Q)
-    score, i = tl.max(best, 1, return_indices=True)
-    out = rows * n_chunks + chunk
-    tl.store(BEST + out, score, mask=ok)
-    tl.store(BEST_COL + out, tl.sum(tl.where(j == i[:, None], col, 0), 1), mask=ok)
-
     m = tl.maximum(
         tl.maximum(tl.max(t0, 1), tl.max(t1, 1)), tl.maximum(tl.max(t2, 1), tl.max(t3, 1))
     )
+    p0 = _unnormalised(t0, m[:, None])
+    p1 = _unnormalised(t1, m[:, None])
+    p2 = _unnormalised(t2, m[:, None])
+    p3 = _unnormalised(t3, m[:, None])
+    # The race argmax p / E shares the exp of the logsumexp: one log a column (E's) instead of
+    # scores t - log E. A column with p = 0 under the chunk max cannot win: the largest ratio
+    # of two E is about 1e11 (E in [2.3e-10, 22]), far inside fp32's exp range.
+    best, col = _pick(tl.fdiv(p0, e0), base, tl.fdiv(p1, e1), base + Q)
+    best, col = _pick(best, col, tl.fdiv(p2, e2), base + 2 * Q)
+    best, col = _pick(best, col, tl.fdiv(p3, e3), base + 3 * Q)
+    ratio, i = tl.max(best, 1, return_indices=True)
+    out = rows * n_chunks + chunk
+    tl.store(BEST + out, m + tl.log(ratio), mask=ok)  # comparable across the row's chunks
+    tl.store(BEST_COL + out, tl.sum(tl.where(j == i[:, None], col, 0), 1), mask=ok)
     tl.store(M + out, m, mask=ok)
-    m = m[:, None]
-    # exp(t - m) with masked entries 0 (also when the whole chunk is masked and m = -inf)
-    e = tl.where(t0 == float("-inf"), 0.0, tl.exp(t0 - m))
-    e += tl.where(t1 == float("-inf"), 0.0, tl.exp(t1 - m))
-    e += tl.where(t2 == float("-inf"), 0.0, tl.exp(t2 - m))
-    e += tl.where(t3 == float("-inf"), 0.0, tl.exp(t3 - m))
-    tl.store(S + out, tl.sum(e, 1), mask=ok)
+    tl.store(S + out, tl.sum(p0 + p1 + p2 + p3, 1), mask=ok)
+    if _last_to_arrive(ARRIVED + tl.program_id(0), n_chunks):
+        _draw_merge(
+            X, TEMP, BEST, BEST_COL, M, S, TOKENS, LOGPROBS, rows, ok, sx, st, V, n_chunks,
+            BLOCK_C,
+        )  # fmt: skip
 
 
 @triton.jit
-def _draw_combine_kernel(
-    X, TEMP, BEST, BEST_COL, M, S, TOKENS, LOGPROBS, sx, st, B, V, n_chunks,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+def _draw_merge(
+    X, TEMP, BEST, BEST_COL, M, S, TOKENS, LOGPROBS, rows, ok, sx, st, V, n_chunks,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """ROWS rows: the winning chunk's column, and log p = x_tok / T - logsumexp(x / T)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    ok = rows < B
-    rows = rows.to(tl.int64)
+    """The winning chunk's column, and log p = x_tok / T - logsumexp(x / T); partials
+    through L2 (".cg"), as in ``_entropy_merge``."""
     c = tl.arange(0, BLOCK_C)[None, :]
     at = rows[:, None] * n_chunks + c
     valid = ok[:, None] & (c < n_chunks)
-    best = tl.load(BEST + at, mask=valid, other=float("-inf"))
-    cols = tl.load(BEST_COL + at, mask=valid, other=0)
+    best = tl.load(BEST + at, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    cols = tl.load(BEST_COL + at, mask=valid, other=0, cache_modifier=".cg")
     _, i = tl.max(best, 1, return_indices=True)
     tok = tl.sum(tl.where(c == i[:, None], cols, 0), 1)
     # in range even for rows of NaN (flagged by the entropy check): no gather downstream faults
     tok = tl.minimum(tl.maximum(tok, 0), V - 1)
-    m = tl.load(M + at, mask=valid, other=float("-inf"))
-    s = tl.load(S + at, mask=valid, other=0.0)
+    m = tl.load(M + at, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    s = tl.load(S + at, mask=valid, other=0.0, cache_modifier=".cg")
     mx = tl.max(m, 1)
     s_row = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx[:, None])), 1)
     temp = tl.load(TEMP + rows * st, mask=ok, other=1.0)
@@ -339,19 +357,15 @@ def fused_draw(
     if batch == 0:
         return tokens, logprobs
     unused = logprobs  # stands in for the pointers a constexpr flag leaves unread
-    _draw_chunk_kernel[(triton.cdiv(batch, rows), n_chunks)](
+    grid = (triton.cdiv(batch, rows), n_chunks)
+    _draw_chunk_kernel[grid](
         x, temps, tokens if has_noise else seed, noise if has_noise else unused,
-        row_max if has_min_p else unused, best, best_col, m, s,
+        row_max if has_min_p else unused, best, best_col, m, s, tokens, logprobs,
+        arrival_counters(x.device, grid[0], "fused_draw"),
         x.stride(0), temps.stride(0), batch, vocab, n_chunks,
         math.log(min_p) if has_min_p else 0.0,
-        ROWS=rows, CHUNK=block, HAS_NOISE=has_noise, HAS_MIN_P=has_min_p,
-        num_warps=_num_warps(rows * block),
-    )  # fmt: skip
-    c_rows, block_c = _combine_rows(batch, n_chunks)
-    _draw_combine_kernel[(triton.cdiv(batch, c_rows),)](
-        x, temps, best, best_col, m, s, tokens, logprobs,
-        x.stride(0), temps.stride(0), batch, vocab, n_chunks,
-        ROWS=c_rows, BLOCK_C=block_c,
+        ROWS=rows, CHUNK=block, BLOCK_C=triton.next_power_of_2(n_chunks), HAS_NOISE=has_noise,
+        HAS_MIN_P=has_min_p, num_warps=_num_warps(rows * block),
     )  # fmt: skip
     return tokens, logprobs
 
