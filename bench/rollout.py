@@ -33,7 +33,8 @@ rewritten after each, so a run cut short keeps what it measured):
              median of --reps calls each. Wall time includes prefill. These rows give issue
              21's ratios and the multi- over single-temperature overhead. With --profile
              (CUDA), the first case's notes add each engine's kernels and kernel time a step
-             from a torch.profiler trace of one more generate.
+             from a torch.profiler trace of one more generate; --kernels FILE also writes
+             the first engine's kernels by name and time a step.
   plain      the engine without torch.compile (CUDA graphs only), multi-temperature; first case
   eager      the same step function without CUDA graphs; a short run (--hf-tokens new tokens)
              at the first case's batch
@@ -77,6 +78,7 @@ from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noq
 
 ROW_GROUPS = ("main", "plain", "eager", "hf", "ablations")
 # ablation row label -> (compiled sampler, engine options): main's engine with one change
+WATCH = ("mtrl", "bench/rollout.py")  # what a dirty tree is checked for in the reported commit
 ABLATIONS = {
     "separate projections": (True, {"fused_projections": False}),
     "SDPA decode attention": (True, {"split_kv_attention": False}),
@@ -199,6 +201,12 @@ def parse_args(argv=None):
         help="main, first case: kernels and kernel time a step from a torch.profiler trace of "
         "one more generate per engine (CUDA)",
     )
+    p.add_argument(
+        "--kernels",
+        default=None,
+        help="with --profile (CUDA): write the first profiled engine's kernels by time a step "
+        "to this markdown file",
+    )
     p.add_argument("--commit", default=None, help="git commit to report (default: git HEAD)")
     p.add_argument("--device", default=None, help="default cuda if available else cpu")
     args = p.parse_args(argv)
@@ -277,6 +285,7 @@ class Bench:
 
     def __init__(self, args):
         self.args = args
+        self.kernel_table_written = False
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
         self.shape = TINY if args.tiny else QWEN25_15B
@@ -377,10 +386,34 @@ class Bench:
             self.timed_generate(eng, ids, mask, n_new)
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         us = sum(e.device_time for e in kernels)
+        if self.args.kernels and not self.kernel_table_written:
+            self.write_kernel_table(kernels, n_new)
         return (
             f"profile: {len(kernels) / n_new:.0f} kernels, {us / n_new / 1e3:.3f} ms of kernel "
             "time a step"
         )
+
+    def write_kernel_table(self, kernels, n_new: int) -> None:
+        """--kernels: the first profiled engine's kernels by name, time a step (prefill
+        included, divided by ``n_new``), most expensive first."""
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            by_name.setdefault(e.name, []).append(e.device_time)
+        total = sum(map(sum, by_name.values()))
+        lines = [
+            f"Kernels of one generate, batch x new = {self.args.cases[0]}, per decode step "
+            f"({self.card()}, commit {git_commit(self.args.commit, WATCH)})",
+            "",
+            "| us/step | share | calls/step | kernel |",
+            "| ---: | ---: | ---: | --- |",
+        ]
+        for name, ts in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            lines.append(
+                f"| {sum(ts) / n_new:.2f} | {sum(ts) / total:.1%} | {len(ts) / n_new:.2f} "
+                f"| `{name[:120]}` |"
+            )
+        Path(self.args.kernels).write_text("\n".join(lines) + "\n")
+        self.kernel_table_written = True
 
     def free(self):
         if self.cuda:
@@ -533,16 +566,18 @@ class Bench:
             self.free()
 
     # -------------------------------------------------------------- table
+    def card(self) -> str:
+        if self.cuda:
+            return torch.cuda.get_device_name(self.device)
+        cpu = platform.processor() or platform.machine()
+        return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
     def write_table(self):
         import transformers
 
         args = self.args
-        commit = git_commit(args.commit, watch=("mtrl", "bench/rollout.py"))
-        card = (
-            torch.cuda.get_device_name(self.device)
-            if self.cuda
-            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        )
+        commit = git_commit(args.commit, WATCH)
+        card = self.card()
         overhead = (
             "; ".join(f"{b}x{n}: {v * 100:+.1f}%" for (b, n), v in self.overhead.items())
             or "not measured"

@@ -129,9 +129,10 @@ def test_main_row_selection_and_skipped_generate(rollout, tmp_path):
 def test_profile_notes_at_the_first_case(rollout, tmp_path, device):
     """--profile adds a kernel count and kernel time a step to the first case's main rows
     (from a trace of one more generate on CUDA; on the CPU the note says it needs CUDA)."""
+    kernels = tmp_path / "kernels.md"
     args = rollout.parse_args(
         ["--tiny", "--device", device, "--cases", "2x4,3x8", "--reps", "1", "--profile"]
-        + ["--out", str(tmp_path / "rollout.md")]
+        + ["--out", str(tmp_path / "rollout.md"), "--kernels", str(kernels)]
     )
     bench = rollout.Bench(args)
     bench.main_rows()
@@ -147,3 +148,26 @@ def test_profile_notes_at_the_first_case(rollout, tmp_path, device):
                 r"profile: (\d+) kernels, ([\d.]+) ms of kernel time a step", r["note"]
             )
             assert match and int(match[1]) > 10 and float(match[2]) > 0, r["note"]
+    if device == "cpu":
+        assert not kernels.exists()
+    else:  # the first engine's kernels: their calls a step add up to its note's count
+        calls = [float(line.split("|")[3]) for line in kernels.read_text().splitlines()[4:]]
+        count = re.search(r"profile: (\d+) kernels", first[0]["note"])[1]
+        assert abs(sum(calls) - int(count)) <= 1
+
+
+def test_kernel_table(rollout, tmp_path):
+    """Kernels grouped by name, per decode step, most time first."""
+    from types import SimpleNamespace as K
+
+    args = rollout.parse_args(["--tiny", "--cases", "2x4", "--kernels", str(tmp_path / "k.md")])
+    bench = rollout.Bench(args)
+    events = [K(name="gemm", device_time=30.0), K(name="norm", device_time=5.0)] * 4
+    events += [K(name="attn", device_time=20.0)] * 4
+    bench.write_kernel_table(events, n_new=4)
+    rows = [line.split("|")[1:5] for line in (tmp_path / "k.md").read_text().splitlines()[4:]]
+    assert [[c.strip() for c in r] for r in rows] == [
+        ["30.00", "54.5%", "1.00", "`gemm`"],
+        ["20.00", "36.4%", "1.00", "`attn`"],
+        ["5.00", "9.1%", "1.00", "`norm`"],
+    ]
