@@ -89,8 +89,8 @@ def _rows(logits: torch.Tensor, name: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- entropy
 @triton.jit
 def _entropy_chunk_kernel(
-    X, M, S, T, H, MAX, ARRIVED, sx, B, V, n_chunks,
-    ROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    X, M, S, T, H, MAX, INVALID, ARRIVED, sx, B, V, n_chunks,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, HAS_INVALID: tl.constexpr,
 ):  # fmt: skip
     """ROWS rows x one chunk: m = max x, s = sum exp(x - m), t = sum exp(x - m) (x - m).
 
@@ -112,7 +112,7 @@ def _entropy_chunk_kernel(
     tl.store(S + out, tl.sum(e, 1), mask=ok)
     tl.store(T + out, tl.sum(tl.where(masked, 0.0, e * d), 1), mask=ok)
     if _last_to_arrive(ARRIVED + tl.program_id(0), n_chunks):
-        _entropy_merge(M, S, T, H, MAX, rows, ok, n_chunks, BLOCK_C)
+        _entropy_merge(M, S, T, H, MAX, INVALID, rows, ok, n_chunks, BLOCK_C, HAS_INVALID)
 
 
 @triton.jit
@@ -127,9 +127,12 @@ def _last_to_arrive(counter, n_chunks):
 
 
 @triton.jit
-def _entropy_merge(M, S, T, H, MAX, rows, ok, n_chunks, BLOCK_C: tl.constexpr):
-    """H = log S - T / S over the chunks' partials, rescaled to the row max. The partials were
-    written by other programs: loads go through L2 (".cg"), not this SM's L1."""
+def _entropy_merge(
+    M, S, T, H, MAX, INVALID, rows, ok, n_chunks, BLOCK_C: tl.constexpr, HAS_INVALID: tl.constexpr
+):  # fmt: skip
+    """H = log S - T / S over the chunks' partials, rescaled to the row max; HAS_INVALID: set
+    the flag INVALID when an H is not finite. The partials were written by other programs:
+    loads go through L2 (".cg"), not this SM's L1."""
     c = tl.arange(0, BLOCK_C)
     at = rows[:, None] * n_chunks + c[None, :]
     valid = ok[:, None] & (c < n_chunks)[None, :]
@@ -143,22 +146,37 @@ def _entropy_merge(M, S, T, H, MAX, rows, ok, n_chunks, BLOCK_C: tl.constexpr):
     s_row = tl.sum(w * s, 1)
     t_row = tl.sum(w * (t + shift * s), 1)
     # no finite logit: s_row = 0 -> log 0 - 0 / 0 = NaN; NaN or +inf propagate through s, t
-    tl.store(H + rows, tl.log(s_row) - t_row / s_row, mask=ok)
+    h = tl.log(s_row) - t_row / s_row
+    tl.store(H + rows, h, mask=ok)
     tl.store(MAX + rows, mx, mask=ok)
+    if HAS_INVALID:  # NaN fails the comparison
+        tl.store(INVALID + 0 * rows, 1, mask=ok & ~(tl.abs(h) < float("inf")))
 
 
 def fused_entropy(
-    logits: torch.Tensor, *, return_max: bool = False, chunk: int | None = None
+    logits: torch.Tensor,
+    *,
+    return_max: bool = False,
+    invalid: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Entropy in nats of ``softmax(logits.float())`` per row, (batch,) fp32.
 
     Same values as ``token_entropy`` (to fp32 rounding): ``-inf`` logits contribute 0, rows with
     NaN, ``+inf`` or no finite logit give NaN. ``return_max=True`` also returns each row's max
-    logit in fp32 (what ``fused_draw``'s min-p needs). ``chunk``: columns per program (a power
-    of two; tests use small ones).
+    logit in fp32 (what ``fused_draw``'s min-p needs). ``invalid``: a one-element bool tensor
+    on the logits' device, set to True (never back to False) when a row's entropy is not
+    finite: the sampler's deferred NaN check, without kernels of its own. ``chunk``: columns
+    per program (a power of two; tests use small ones).
     """
     x = _rows(logits, "fused_entropy")
     batch, vocab = x.shape
+    if invalid is not None and (
+        invalid.numel() != 1 or invalid.dtype != torch.bool or invalid.device != x.device
+    ):
+        raise ValueError(
+            "fused_entropy: invalid must be a one-element bool tensor on the logits' device"
+        )
     block, n_chunks, rows = _plan(batch, vocab, chunk)
     m, s, t = torch.empty((3, batch, n_chunks), dtype=torch.float32, device=x.device)
     entropy = torch.empty(batch, dtype=torch.float32, device=x.device)
@@ -167,10 +185,10 @@ def fused_entropy(
         return (entropy, row_max) if return_max else entropy
     grid = (triton.cdiv(batch, rows), n_chunks)
     _entropy_chunk_kernel[grid](
-        x, m, s, t, entropy, row_max, arrival_counters(x.device, grid[0], "fused_entropy"),
-        x.stride(0), batch, vocab, n_chunks,
+        x, m, s, t, entropy, row_max, entropy if invalid is None else invalid,
+        arrival_counters(x.device, grid[0], "fused_entropy"), x.stride(0), batch, vocab, n_chunks,
         ROWS=rows, CHUNK=block, BLOCK_C=triton.next_power_of_2(n_chunks),
-        num_warps=_num_warps(rows * block),
+        HAS_INVALID=invalid is not None, num_warps=_num_warps(rows * block),
     )  # fmt: skip
     return (entropy, row_max) if return_max else entropy
 

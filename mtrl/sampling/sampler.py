@@ -167,15 +167,23 @@ class MultiTemperatureSampler:
         return out.to(self._device) if self._device is not None else out
 
     # ----------------------------------------------------------------- validity
-    def _check_logits(self, x: torch.Tensor, entropies: torch.Tensor) -> None:
+    def _check_mode(self, device: torch.device) -> str:
+        """The NaN check for logits on ``device``: off, eager (raise now, a host sync) or
+        deferred (a device flag that ``check_finite`` reads)."""
         mode = self.config.nan_check
+        if mode == "off":
+            return "off"
+        eager = mode == "eager" or (mode == "auto" and device.type == "cpu")
+        return "eager" if eager and not _capturing(device) else "deferred"
+
+    def _check_logits(self, x: torch.Tensor, entropies: torch.Tensor) -> None:
+        mode = self._check_mode(x.device)
         if mode == "off":
             return
         # The T = 1 softmax turns NaN, +inf and rows with no finite logit into a NaN
         # entropy, so checking the (batch,) entropies costs no extra pass over the vocab.
         bad = ~torch.isfinite(entropies)
-        eager = mode == "eager" or (mode == "auto" and x.device.type == "cpu")
-        if eager and not _capturing(x.device):
+        if mode == "eager":
             if bool(bad.any()):
                 raise ValueError(_invalid_message(x, bad))
         else:
@@ -245,8 +253,13 @@ class MultiTemperatureSampler:
         if self.uses_fused(logits.device):
             from mtrl.sampling.fused import fused_draw, fused_entropy
 
-            entropies, row_max = fused_entropy(logits, return_max=True)
-            self._check_logits(logits, entropies)
+            # A deferred check is a flag the entropy kernel sets: no kernels of its own.
+            deferred = self._check_mode(logits.device) == "deferred"
+            entropies, row_max = fused_entropy(
+                logits, return_max=True, invalid=self._invalid if deferred else None
+            )
+            if not deferred:
+                self._check_logits(logits, entropies)
             temperatures, is_reasoning, threshold = self._select_fn(
                 entropies, active, temperature_offsets
             )

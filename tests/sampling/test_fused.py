@@ -80,6 +80,14 @@ def test_entropy_of_invalid_rows_is_not_finite():
         entropy = fused_entropy(x, chunk=chunk)
         assert torch.equal(torch.isfinite(entropy), torch.isfinite(token_entropy(x)))
         assert torch.isfinite(entropy).tolist() == [False, False, False, True]
+    # the deferred check's flag: set by an invalid row, left alone by finite ones
+    flag = torch.zeros((), dtype=torch.bool, device=DEV)
+    fused_entropy(x[3:], invalid=flag, chunk=64)
+    assert not bool(flag)
+    fused_entropy(x, invalid=flag, chunk=64)
+    assert bool(flag)
+    fused_entropy(x[3:], invalid=flag)
+    assert bool(flag)  # never set back
     # a strided view (a step's last-position logits) reads the same as its copy
     wide = torch.randn(3, 2, 300, device=DEV)
     torch.testing.assert_close(fused_entropy(wide[:, -1]), token_entropy(wide[:, -1]))
@@ -230,6 +238,13 @@ def test_sampler_fused_path_checks_logits():
     logits[2, 5] = float("nan")
     with pytest.raises(ValueError, match=r"invalid logits \(NaN\) in rows \[2\]"):
         sampler(logits.to(DEV))
+    # deferred (the CUDA default): the entropy kernel sets the flag that check_finite reads
+    deferred = MultiTemperatureSampler(MultiTemperatureConfig(nan_check="deferred"), fused=True)
+    deferred(torch.randn(3, 40, device=DEV))
+    deferred.check_finite()
+    deferred(logits.to(DEV))
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        deferred.check_finite()
 
 
 # ----------------------------------------------------------------------------- GPU
