@@ -20,7 +20,7 @@ Cases (``--cases``, BATCHxNEW): default 64x256, 64x2048 and 256x2048, the shapes
 states its targets for. The first case is where the cheaper comparisons run.
 
 Row groups (``--rows``, comma list, default all; they run in this order and the table is
-rewritten after each, so a run cut short keeps what it measured):
+rewritten after each, and after each case of main, so a run cut short keeps what it measured):
   main       the trainer's default engine (compile_decode=True on CUDA: the decode forward and
              the sampler's tensor work through torch.compile inside the captured graph), with
              the multi-temperature sampler (window mode, p = 0.2, window 100000) and with
@@ -465,6 +465,7 @@ class Bench:
             self.overhead[(batch, n_new)] = ms[multi] / ms[single] - 1
             del engines
             self.free()
+            self.write_table()  # a run cut short keeps the cases it finished
 
     def plain_rows(self):
         batch, n_new = self.args.cases[0]
