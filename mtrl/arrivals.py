@@ -15,6 +15,8 @@ counters.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -36,3 +38,16 @@ def arrival_counters(device: torch.device, n: int, user: str) -> torch.Tensor:
         counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _COUNTERS[device] = counters
     return counters
+
+
+@triton.jit
+def last_to_arrive(counter, arrivals):
+    """Count this program in at ``counter``; True in the last of ``arrivals`` programs, which
+    also sets the count back to zero. Every thread's stores before the call happen before the
+    count (the barrier), and the count releases them to the last program (acq_rel at GPU
+    scope); that one should read them through L2 (``cache_modifier=".cg"``), not its L1."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
+    return last

@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtrl.arrivals import arrival_counters
+from mtrl.arrivals import arrival_counters, last_to_arrive
 
 LOG2E = 1.4426950408889634
 # Kernels may read only constexpr globals.
@@ -173,12 +173,7 @@ def _split_kv_kernel(
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
         tl.store(M + part, m_i, mask=row_ok)
         tl.store(L + part, l_i, mask=row_ok)
-        # Every thread's stores happen before the count (the barrier), and the count releases
-        # them to the program that arrives last (acq_rel at GPU scope), which merges.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(ARRIVED + pid_bh, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            tl.atomic_xchg(ARRIVED + pid_bh, 0, sem="relaxed", scope="gpu")  # for the next launch
+        if last_to_arrive(ARRIVED + pid_bh, num_splits):
             _merge_splits(O, O_PART, M, L, pid_bh, num_splits, R, HEAD_DIM, BLOCK_R)
 
 

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtrl.arrivals import arrival_counters
+from mtrl.arrivals import arrival_counters, last_to_arrive
 from mtrl.sampling.entropy import token_entropy
 
 CHUNK = 4096  # vocabulary columns per program: 38 chunks x 64 rows at Qwen's 151936
@@ -111,19 +111,8 @@ def _entropy_chunk_kernel(
     tl.store(M + out, m, mask=ok)
     tl.store(S + out, tl.sum(e, 1), mask=ok)
     tl.store(T + out, tl.sum(tl.where(masked, 0.0, e * d), 1), mask=ok)
-    if _last_to_arrive(ARRIVED + tl.program_id(0), n_chunks):
+    if last_to_arrive(ARRIVED + tl.program_id(0), n_chunks):
         _entropy_merge(M, S, T, H, MAX, INVALID, rows, ok, n_chunks, BLOCK_C, HAS_INVALID)
-
-
-@triton.jit
-def _last_to_arrive(counter, n_chunks):
-    """Count this program in (after every thread's stores: the barrier; released to the last
-    one by acq_rel at GPU scope); the last of the n_chunks sets the count back to zero."""
-    tl.debug_barrier()
-    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_chunks - 1
-    if last:
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
-    return last
 
 
 @triton.jit
@@ -292,7 +281,7 @@ def _draw_chunk_kernel(
     tl.store(BEST_COL + out, tl.sum(tl.where(j == i[:, None], col, 0), 1), mask=ok)
     tl.store(M + out, m, mask=ok)
     tl.store(S + out, tl.sum(p0 + p1 + p2 + p3, 1), mask=ok)
-    if _last_to_arrive(ARRIVED + tl.program_id(0), n_chunks):
+    if last_to_arrive(ARRIVED + tl.program_id(0), n_chunks):
         _draw_merge(
             X, TEMP, BEST, BEST_COL, M, S, TOKENS, LOGPROBS, rows, ok, sx, st, V, n_chunks,
             BLOCK_C,
