@@ -50,8 +50,7 @@ rewritten after each, and after each case of main, so a run cut short keeps what
              projection), SDPA decode attention (split_kv_attention=False: cuDNN instead of our
              split-KV kernel), eager sampler (sampler.compile(False)), max-autotune
              (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), compiled
-             prefill (compile_prefill=True), PDL (pdl=True: programmatic dependent launch of
-             inductor's kernels); --ablations picks some
+             prefill (compile_prefill=True); --ablations picks some
 
 Floor: see ``step_floor_ms``. Each row reports it for its own batch, prompt length and the
 number of new tokens it timed: weights only, and weights plus the KV cache that the steps read.
@@ -86,7 +85,6 @@ ABLATIONS = {
     "eager sampler": (False, {}),
     "max-autotune": (True, {"max_autotune": True}),
     "compiled prefill": (True, {"compile_prefill": True}),
-    "PDL": (True, {"pdl": True}),
 }
 
 

@@ -323,11 +323,6 @@ class RolloutEngine:
     - ``max_autotune``: with ``compile_decode``, inductor benchmarks Triton GEMM tiles against
       cuBLAS for every projection shape of the decode step and keeps the faster (its
       ``max_autotune`` option, no inductor CUDA graphs); minutes more compilation per batch.
-    - ``pdl``: with ``compile_decode``, inductor's Triton kernels of the decode step use
-      programmatic dependent launch (its ``triton.enable_pdl``; Hopper and later, ignored
-      before): each kernel may launch while its predecessor finishes and waits on the device
-      before it reads what that one wrote, which hides part of the launch gap between the
-      step's ~300 kernels.
     - ``compile_prefill``: run the prefill forward through ``torch.compile`` too, with dynamic
       shapes (one compilation for every batch size and prompt length), which fuses its eager
       norm, rope and activation kernels; about as long to compile as the decode step.
@@ -355,7 +350,6 @@ class RolloutEngine:
         fused_norms: bool = False,
         max_autotune: bool = False,
         compile_prefill: bool = False,
-        pdl: bool = False,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
@@ -386,7 +380,6 @@ class RolloutEngine:
         self._groups_fingerprint: tuple | None = None
         self.fused_norms = bool(fused_norms)
         self.max_autotune = bool(max_autotune)
-        self.pdl = bool(pdl)
         self.compile_prefill = bool(compile_prefill)
         self._compiled_prefill = None
         self._norms = FusedNorms()  # planned at the first generate (the device matters)
@@ -458,11 +451,7 @@ class RolloutEngine:
                 # combo_kernels: independent small kernels (a layer's q and k rope, ...) launch
                 # as one; 379 -> 351 kernels a step and -3% time at batch 64 on an H200
                 # (bench/results/rollout.md), where a step is bound by launches, not bytes.
-                options = {
-                    "combo_kernels": True,
-                    "max_autotune": self.max_autotune,
-                    "triton.enable_pdl": self.pdl,
-                }
+                options = {"combo_kernels": True, "max_autotune": self.max_autotune}
                 self._compiled = torch.compile(self._base, dynamic=False, options=options)
             fn = self._compiled
             # With graph breaks each layer's frame specialises on its cache layer: allow one
