@@ -37,11 +37,11 @@ series for u < 1/16 so that small E, the ones that decide a race, keep 2^-32 res
 a different random stream than ``torch.Tensor.exponential_``; the draws follow the same law.
 
 Cost, measured on an H100 at batch 64 x vocab 151936 inside the rollout engine's CUDA graph
-(bench/results/rollout.md), before the merges moved into the passes and the race lost a log:
-entropy 11.9 us, draw 43.4 us plus 11.7 us for its combine kernel, about 0.07 ms a decode step
-against about 0.25 ms for inductor's kernels of the torch path. The draw is bound by
-arithmetic (a quarter of a 10-round Philox call, a log, an exp and a division per column, two
-logs then), not by its one read of the logits (about 6.5 us).
+(bench/results/rollout_kernels.md): entropy 14.5 us, draw 41.1 us, one launch each (before the
+merges moved into the passes, the draw took 43.4 us plus 11.7 us for a combine kernel), against
+about 0.25 ms a step for inductor's kernels of the torch path. The draw is bound by arithmetic
+(a quarter of a 10-round Philox call, a log, an exp and a division per column), not by its one
+read of the logits (about 6.5 us).
 
 ``noise=`` (a (batch, vocab) fp32 tensor of Exp(1) values) replaces the in-kernel noise; the
 tests use it to compare with ``draw_reference`` token for token.
