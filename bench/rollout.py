@@ -77,8 +77,8 @@ from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noqa: E402
 
 ROW_GROUPS = ("main", "plain", "eager", "hf", "ablations")
-# ablation row label -> (compiled sampler, engine options): main's engine with one change
 WATCH = ("mtrl", "bench/rollout.py")  # what a dirty tree is checked for in the reported commit
+# ablation row label -> (compiled sampler, engine options): main's engine with one change
 ABLATIONS = {
     "separate projections": (True, {"fused_projections": False}),
     "SDPA decode attention": (True, {"split_kv_attention": False}),

@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from mtrl.arrivals import _COUNTERS
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler, token_entropy
 from mtrl.sampling.fused import draw_reference, fused_draw, fused_entropy
 from mtrl.sampling.sampler import truncate
@@ -91,6 +92,22 @@ def test_entropy_of_invalid_rows_is_not_finite():
     # a strided view (a step's last-position logits) reads the same as its copy
     wide = torch.randn(3, 2, 300, device=DEV)
     torch.testing.assert_close(fused_entropy(wide[:, -1]), token_entropy(wide[:, -1]))
+
+
+def test_merge_counters_are_left_zero():
+    """Each pass's chunks count themselves in and the last one merges and resets the count:
+    after passes with different chunk counts the counters are all zero and a repeat gives the
+    same bits."""
+    x = _logits(5, 300, torch.float32)
+    temps = torch.full((5,), 0.7, device=DEV)
+    noise = torch.empty(5, 300, device=DEV).exponential_()
+    runs = [
+        (fused_entropy(x, chunk=c), *fused_draw(x, temps, None, noise, chunk=c))
+        for c in (64, 16, 64)
+    ]
+    assert not _COUNTERS[x.device].any()
+    for a, b in zip(runs[0], runs[2], strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("min_p", [0.0, 0.05])
