@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from mtrl.config import ExperimentConfig
@@ -366,11 +367,7 @@ def _generate(
             max_new_tokens=max_new_tokens,
             eos_token_ids=eos,
             pad_token_id=tokenizer.pad_token_id,
-            check_every=int(cfg.rollout.check_every),
-            compile_decode=bool(cfg.rollout.compile_decode) and device.type == "cuda",
-            fused_norms=bool(cfg.rollout.fused_norms),
-            max_autotune=bool(cfg.rollout.max_autotune),
-            compile_prefill=bool(cfg.rollout.compile_prefill) and device.type == "cuda",
+            **OmegaConf.to_object(cfg.rollout).engine_options(device),
         )
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -488,13 +488,7 @@ class MultiTempGRPOTrainer(GRPOTrainer):
             max_new_tokens=self.max_completion_length,
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self._tokenizer.pad_token_id,
-            check_every=self.rollout_config.check_every,
-            compile_decode=self.rollout_config.compile_decode
-            and self.accelerator.device.type == "cuda",
-            fused_norms=self.rollout_config.fused_norms,
-            max_autotune=self.rollout_config.max_autotune,
-            compile_prefill=self.rollout_config.compile_prefill
-            and self.accelerator.device.type == "cuda",
+            **self.rollout_config.engine_options(self.accelerator.device),
         )
 
     def _fast_engine_configured(self) -> bool:

@@ -307,6 +307,27 @@ def test_rollout_config_lives_beside_the_engine():
         RolloutConfig(engine="vllm").validate()
 
 
+def test_rollout_engine_options_compile_only_on_cuda():
+    """The trainer and the evaluator build their engine from the same options: the section's,
+    with the compiled decode and prefill only for a policy on CUDA."""
+    import torch
+
+    from mtrl.rollout import RolloutConfig
+
+    cfg = RolloutConfig(check_every=8, compile_decode=True, compile_prefill=True, max_autotune=True)
+    want = dict(check_every=8, fused_norms=False, max_autotune=True)
+    assert cfg.engine_options(torch.device("cuda", 0)) == {
+        **want,
+        "compile_decode": True,
+        "compile_prefill": True,
+    }
+    assert cfg.engine_options(torch.device("cpu")) == {
+        **want,
+        "compile_decode": False,
+        "compile_prefill": False,
+    }
+
+
 def test_database_tracking_uri_without_sqlalchemy_names_mlflow_skinny(monkeypatch):
     """mlflow-skinny (what a GPU image often has) has no SQLAlchemy: a sqlite URI gets a line
     that says so and what to use instead, not "is not an MLflow tracking URI"."""

@@ -10,6 +10,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EngineChoice(enum.StrEnum):
@@ -91,3 +95,15 @@ class RolloutConfig:
                 f"{prefix}.importance_sampling_cap: must be a finite number >= 1, got {cap!r}"
             )
         return self
+
+    def engine_options(self, device: torch.device) -> dict:
+        """The fast engine's keyword arguments from this section (trainer and evaluator alike)
+        for a policy on ``device``: the compiled paths only on CUDA."""
+        cuda = device.type == "cuda"
+        return dict(
+            check_every=self.check_every,
+            compile_decode=self.compile_decode and cuda,
+            fused_norms=self.fused_norms,
+            max_autotune=self.max_autotune,
+            compile_prefill=self.compile_prefill and cuda,
+        )
