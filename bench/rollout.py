@@ -21,8 +21,9 @@ states its targets for. The first case is where the cheaper comparisons run.
 
 Row groups (``--rows``, comma list, default all; they run in this order and the table is
 rewritten after each, and after each case of main, so a run cut short keeps what it measured):
-  main       the trainer's default engine (compile_decode=True on CUDA: the decode forward and
-             the sampler's tensor work through torch.compile inside the captured graph), with
+  main       the trainer's default engine (on CUDA compile_decode=True: the decode forward and
+             the sampler's tensor work through torch.compile inside the captured graph, and
+             compile_prefill=True: the prefill forward compiled with dynamic shapes), with
              the multi-temperature sampler (window mode, p = 0.2, window 100000) and with
              mode=single (one temperature), every case; at the first case also the
              multi-temperature engine with fused norms (fused_norms=True: add+RMSNorm and
@@ -49,8 +50,8 @@ rewritten after each, and after each case of main, so a run cut short keeps what
              separate projections (fused_projections=False: one GEMM per q/k/v/gate/up
              projection), SDPA decode attention (split_kv_attention=False: cuDNN instead of our
              split-KV kernel), eager sampler (sampler.compile(False)), max-autotune
-             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), compiled
-             prefill (compile_prefill=True); --ablations picks some
+             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), eager
+             prefill (compile_prefill=False); --ablations picks some
 
 Floor: see ``step_floor_ms``. Each row reports it for its own batch, prompt length and the
 number of new tokens it timed: weights only, and weights plus the KV cache that the steps read.
@@ -73,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import copy_bandwidth, git_commit, header  # noqa: E402  (bench/ is the script folder)
 from shapes import QWEN25_15B, TINY  # noqa: E402  (bench/ is the script folder)
 
-from mtrl.rollout import RolloutEngine, fuse_projections  # noqa: E402
+from mtrl.rollout import RolloutConfig, RolloutEngine, fuse_projections  # noqa: E402
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler  # noqa: E402
 
 ROW_GROUPS = ("main", "plain", "eager", "hf", "ablations")
@@ -84,7 +85,7 @@ ABLATIONS = {
     "SDPA decode attention": (True, {"split_kv_attention": False}),
     "eager sampler": (False, {}),
     "max-autotune": (True, {"max_autotune": True}),
-    "compiled prefill": (True, {"compile_prefill": True}),
+    "eager prefill": (True, {"compile_prefill": False}),
 }
 
 
@@ -349,12 +350,11 @@ class Bench:
     def inputs(self, batch):
         return prompts(batch, self.args.prompt_len, self.vocab, self.device, self.no_eos)
 
-    def engine(self, sampler, n_new, compile_decode=None, **options):
-        """A RolloutEngine of the trainer's kind (compiled decode on CUDA unless told)."""
-        compile_decode = self.cuda if compile_decode is None else compile_decode
-        return RolloutEngine(
-            self.model, sampler, None, 0, n_new, compile_decode=compile_decode, **options
-        )
+    def engine(self, sampler, n_new, **options):
+        """A RolloutEngine with the trainer's default options (the rollout section's defaults on
+        this device), ``options`` changed."""
+        options = {**RolloutConfig().engine_options(self.device), **options}
+        return RolloutEngine(self.model, sampler, None, 0, n_new, **options)
 
     def engine_name(self, suffix=""):
         return ("engine+compile" if self.cuda else "engine") + suffix
@@ -470,7 +470,7 @@ class Bench:
     def plain_rows(self):
         batch, n_new = self.args.cases[0]
         ids, mask = self.inputs(batch)
-        eng = self.engine(multi_sampler(), n_new, compile_decode=False)
+        eng = self.engine(multi_sampler(), n_new, compile_decode=False, compile_prefill=False)
         first = self.timed_generate(eng, ids, mask, n_new)
         t = self.timed_generate(eng, ids, mask, n_new)
         note = f"no torch.compile; graphs={eng._slot is not None and bool(eng._slot.graphs)}; first call (capture) {first:.1f} s"
@@ -482,7 +482,9 @@ class Bench:
         batch, n_new = self.args.cases[0]
         n = min(self.args.hf_tokens, n_new)
         ids, mask = self.inputs(batch)
-        eng = self.engine(multi_sampler(), n, compile_decode=False, use_cuda_graph=False)
+        eng = self.engine(
+            multi_sampler(), n, compile_decode=False, compile_prefill=False, use_cuda_graph=False
+        )
         eng.generate(ids, mask)
         t = self.timed_generate(eng, ids, mask, n)
         self.row("engine-eager", batch, n, t / n * 1e3, "no CUDA graph, no torch.compile")

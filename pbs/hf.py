@@ -57,6 +57,8 @@ def get_config() -> PBSConfig:
     return _config
 
 
+# Out of torch.compile: whether a mask is needed at all is read from the mask's values.
+@torch.compiler.disable
 def pbs_mask(
     batch_size: int,
     q_length: int,
@@ -120,6 +122,10 @@ def _contiguous_spans(mask2d: torch.Tensor) -> list[tuple[int, int]] | None:
     return spans if bool((inside == valid).all()) else None
 
 
+# Kept out of torch.compile, like pbs_mask (a compiled prefill runs them between its graphs):
+# the path taken depends on the mask's contents, and the call counters are Python state that a
+# traced call would turn into guards, recompiling on every forward.
+@torch.compiler.disable
 def pbs_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

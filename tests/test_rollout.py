@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import pbs.hf as pbs_hf
 from mtrl.rollout import RolloutEngine, UnsupportedModelError, fuse_projections
 from mtrl.rollout.decode_attention import decode_attention
 from mtrl.rollout.fused import ProjectionGroups
@@ -854,6 +855,28 @@ def test_compiled_prefill_matches_eager_fp32():
         got = eng.generate(ids, mask)
         assert torch.equal(got.completion_ids, want.completion_ids)
     assert eng._compiled_prefill is not None
+
+
+@pytest.mark.gpu
+def test_compiled_prefill_runs_pbs_attention_eagerly():
+    """A PBS-Attn policy with the compiled prefill: every layer's prefill attention still goes
+    through PBS (called eagerly, between compiled pieces) at two widths, and the greedy tokens
+    equal the eager prefill's."""
+    pbs_hf.register(block_size=16, segment_size=32, threshold=0.6, min_seq_len=0)
+    try:
+        model = tiny_model(device="cuda", hidden_size=64, attn_implementation="pbs")
+        greedy = dict(top_k=1, threshold_mode="fixed")
+        eager = RolloutEngine(model, sampler(**greedy), NO_EOS, PAD, 6)
+        eng = RolloutEngine(model, sampler(**greedy), NO_EOS, PAD, 6, compile_prefill=True)
+        for lengths in ([70, 45, 21], [90, 33]):  # off the block grid, left-padded
+            ids, mask = left_padded(lengths, device="cuda")
+            want = eager.generate(ids, mask).completion_ids
+            before = pbs_hf.calls["pbs"]
+            got = eng.generate(ids, mask).completion_ids
+            assert pbs_hf.calls["pbs"] - before == model.config.num_hidden_layers
+            assert torch.equal(got, want)
+    finally:
+        pbs_hf.register()
 
 
 @pytest.mark.gpu
