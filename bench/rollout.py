@@ -25,8 +25,8 @@ rewritten after each, and after each case of main, so a run cut short keeps what
              the sampler's tensor work through torch.compile inside the captured graph, and
              compile_prefill=True: the prefill forward compiled with dynamic shapes), with
              the multi-temperature sampler (window mode, p = 0.2, window 100000) and with
-             mode=single (one temperature), every case; at the first case also the
-             multi-temperature engine with fused norms (fused_norms=True: add+RMSNorm and
+             mode=single (one temperature), every case; at the first case also (unless
+             --no-comparisons) the multi-temperature engine with fused norms (fused_norms=True: add+RMSNorm and
              SiLU-mul kernels while decoding; off by default in the trainer) and with the
              sampler's torch path (fused=False; the default on CUDA is its fused Triton
              kernels, mtrl.sampling.fused). The engines are warmed by one call
@@ -196,6 +196,12 @@ def parse_args(argv=None):
         help=f"comma list of the ablation rows to run, from {','.join(ABLATIONS)}",
     )
     p.add_argument("--reps", type=int, default=2, help="main: interleaved timed calls each")
+    p.add_argument(
+        "--comparisons",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="main, first case: also the fused-norms and torch-sampler engines",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -432,7 +438,7 @@ class Bench:
                 multi: self.engine(multi_sampler(), n_new),
                 single: self.engine(single_sampler(), n_new),
             }
-            if (batch, n_new) == self.args.cases[0]:  # comparisons: the first case only
+            if self.args.comparisons and (batch, n_new) == self.args.cases[0]:
                 engines[self.engine_name(", fused norms")] = self.engine(
                     multi_sampler(), n_new, fused_norms=True
                 )

@@ -123,6 +123,14 @@ def test_main_row_selection_and_skipped_generate(rollout, tmp_path):
     assert all("| - | - | - | - | - | - |" in line for line in skipped)
     with pytest.raises(ValueError, match="--rows"):
         rollout.parse_args(["--rows", "main,bogus"])
+    # --no-comparisons: main's first case without the fused-norms and torch-sampler engines
+    args = rollout.parse_args(
+        ["--tiny", "--device", "cpu", "--cases", "2x4", "--reps", "1", "--no-comparisons"]
+        + ["--out", str(tmp_path / "main.md")]
+    )
+    bench = rollout.Bench(args)
+    bench.main_rows()
+    assert [r["method"] for r in bench.rows] == ["engine", "engine, single temperature"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
