@@ -21,17 +21,16 @@ states its targets for. The first case is where the cheaper comparisons run.
 
 Row groups (``--rows``, comma list, default all; they run in this order and the table is
 rewritten after each, and after each case of main, so a run cut short keeps what it measured):
-  main       the trainer's default engine (on CUDA compile_decode=True: the decode forward and
-             the sampler's tensor work through torch.compile inside the captured graph, and
-             compile_prefill=True: the prefill forward compiled with dynamic shapes), with
+  main       the trainer's default engine (compile_decode=True on CUDA: the decode forward and
+             the sampler's tensor work through torch.compile inside the captured graph), with
              the multi-temperature sampler (window mode, p = 0.2, window 100000) and with
              mode=single (one temperature), every case; at the first case also (unless
-             --no-comparisons) the multi-temperature engine with fused norms (fused_norms=True: add+RMSNorm and
-             SiLU-mul kernels while decoding; off by default in the trainer) and with the
-             sampler's torch path (fused=False; the default on CUDA is its fused Triton
-             kernels, mtrl.sampling.fused). The engines are warmed by one call
-             of the same shape (compile + capture, excluded) and then timed interleaved, the
-             median of --reps calls each. Wall time includes prefill. These rows give issue
+             --no-comparisons) the multi-temperature engine with fused norms
+             (fused_norms=True: add+RMSNorm and SiLU-mul kernels while decoding; off by
+             default in the trainer) and with the sampler's torch path (fused=False; the
+             default on CUDA is its fused Triton kernels, mtrl.sampling.fused). The engines
+             are warmed by one call of the same shape (compile + capture, excluded) and then
+             timed interleaved, the median of --reps calls each. Wall time includes prefill. These rows give issue
              21's ratios and the multi- over single-temperature overhead. With --profile
              (CUDA), the first case's notes add each engine's kernels and kernel time a step
              from a torch.profiler trace of one more generate; --kernels FILE also writes
@@ -50,8 +49,8 @@ rewritten after each, and after each case of main, so a run cut short keeps what
              separate projections (fused_projections=False: one GEMM per q/k/v/gate/up
              projection), SDPA decode attention (split_kv_attention=False: cuDNN instead of our
              split-KV kernel), eager sampler (sampler.compile(False)), max-autotune
-             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), eager
-             prefill (compile_prefill=False); --ablations picks some
+             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), compiled
+             prefill (compile_prefill=True); --ablations picks some
 
 Floor: see ``step_floor_ms``. Each row reports it for its own batch, prompt length and the
 number of new tokens it timed: weights only, and weights plus the KV cache that the steps read.
@@ -85,7 +84,7 @@ ABLATIONS = {
     "SDPA decode attention": (True, {"split_kv_attention": False}),
     "eager sampler": (False, {}),
     "max-autotune": (True, {"max_autotune": True}),
-    "eager prefill": (True, {"compile_prefill": False}),
+    "compiled prefill": (True, {"compile_prefill": True}),
 }
 
 

@@ -840,6 +840,21 @@ def test_weight_mirror_runs_its_own_forward_not_a_wrapper_of_the_live_one():
         )
 
 
+def test_compiled_engine_compiles_past_the_default_recompile_limit():
+    """The engine raises dynamo's recompile limit for its calls: with the process's limit at
+    2 (as if other engines over the same model had used it up), a compiled engine still
+    compiles its step at a third batch size; at the limit its sampler and bookkeeping would
+    run uncompiled for good (here dynamo raises instead)."""
+    model = tiny_model(num_hidden_layers=1)
+    eng = RolloutEngine(
+        model, sampler(top_k=1, threshold_mode="fixed"), NO_EOS, PAD, 2, compile_decode=True
+    )
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for batch in (1, 2, 3):
+            ids, mask = left_padded([5] * batch)
+            assert eng.generate(ids, mask).completion_ids.shape == (batch, 2)
+
+
 @pytest.mark.gpu
 def test_compiled_prefill_matches_eager_fp32():
     """The prefill through torch.compile with dynamic shapes: greedy tokens equal the eager

@@ -55,8 +55,9 @@ class RolloutConfig:
     max_autotune: bool = False
     # fast engine, CUDA: the prefill forward through torch.compile with dynamic shapes (one
     # compilation for every batch and prompt width; fuses its norm, rope and activation kernels,
-    # which run eagerly as about 125 us a decode step at batch 64 and 256 new tokens on an H100).
-    compile_prefill: bool = True
+    # about 125 us a decode step eagerly at batch 64 and 256 new tokens on an H100). Off until
+    # timed: bench/results/rollout.md.
+    compile_prefill: bool = False
     # Correct for the gap between the forward that sampled (cached decoding, other kernels)
     # and the one that trains: weight each token's loss by min(p_train / p_sample, cap).
     importance_sampling: bool = True

@@ -454,16 +454,6 @@ class RolloutEngine:
                 options = {"combo_kernels": True, "max_autotune": self.max_autotune}
                 self._compiled = torch.compile(self._base, dynamic=False, options=options)
             fn = self._compiled
-            # With graph breaks each layer's frame specialises on its cache layer: allow one
-            # compile per layer.
-            limit = 8 * len(self._configs) + 4 * self._base.config.num_hidden_layers + 64
-            patch = {
-                k: limit
-                for k in ("recompile_limit", "cache_size_limit")
-                if hasattr(torch._dynamo.config, k)
-            }
-            with torch._dynamo.config.patch(**patch):
-                return fn(**kwargs).logits[:, -1]
         if not decode and self.compile_prefill:
             if self._compiled_prefill is None:
                 self._compiled_prefill = torch.compile(
@@ -472,6 +462,15 @@ class RolloutEngine:
             fn = self._compiled_prefill
         out = fn(**kwargs)
         return out.logits[:, -1]
+
+    def _recompile_limit(self):
+        """torch._dynamo's recompile limit raised for this call. Each compiled function of the
+        engine (decode forward, sampler, bookkeeping, prefill) keeps an entry per batch size
+        and cache length, shared with every other engine over the same model in the process,
+        and with graph breaks one per layer; at dynamo's default of 8 entries a function runs
+        uncompiled from then on, so a ninth batch size would decode eagerly."""
+        limit = 8 * len(self._configs) + 4 * self._base.config.num_hidden_layers + 64
+        return torch._dynamo.config.patch(recompile_limit=limit)
 
     def _set_decode_attention(self, on: bool) -> None:
         if on:
@@ -677,7 +676,7 @@ class RolloutEngine:
         try:
             s = self._get_slot(batch, prompt_len, device)
             self._reset(s, attention_mask, temperature_offsets, prompt_len)
-            with self._groups:
+            with self._groups, self._recompile_limit():
                 logits = self._prefill(s, input_ids, attention_mask)
                 self._consume(s, logits)
                 self._set_decode_attention(True)
