@@ -470,7 +470,10 @@ class RolloutEngine:
         and with graph breaks one per layer; at dynamo's default of 8 entries a function runs
         uncompiled from then on, so a ninth batch size would decode eagerly."""
         limit = 8 * len(self._configs) + 4 * self._base.config.num_hidden_layers + 64
-        return torch._dynamo.config.patch(recompile_limit=limit)
+        names = ("recompile_limit", "cache_size_limit")  # the older torch's name too
+        return torch._dynamo.config.patch(
+            **{k: limit for k in names if hasattr(torch._dynamo.config, k)}
+        )
 
     def _set_decode_attention(self, on: bool) -> None:
         if on:
