@@ -7,6 +7,8 @@ Tracking never stops training. Every MLflow call, opening the run included, goes
 ordered queue: a call that fails (a server down at the start or mid-run) stays queued with all
 calls after it, and the queue is retried at every logging step and at the end. A server that
 comes up late thus gets the run, its params, config.yaml and every metric, in order, once.
+A Ctrl-C that lands during those calls is held until they are done, so the run still ends
+KILLED.
 
 Resuming (`train.resume`): output_dir records the run id and its store (RUN_ID_FILE,
 RUN_URI_FILE), and the resumed training goes on in that run when it holds nothing logged after
@@ -25,8 +27,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -195,6 +199,26 @@ def _experiment_id(client, name: str) -> str:
 
 
 # --- the callback ------------------------------------------------------------------------
+
+
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that comes during MLflow calls until they are done, then deliver
+    it. Raised inside a call, KeyboardInterrupt can leave a sqlite store's write lock held (every
+    later call, ending the run KILLED included, then fails with "database is locked") or leave a
+    call that was sent queued, to be sent twice. Python runs signal handlers in the main thread
+    only, so elsewhere there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # to the handler that was there
 
 
 class MLflowCallback(TrainerCallback):
@@ -386,18 +410,19 @@ class MLflowCallback(TrainerCallback):
         from mlflow.exceptions import MlflowException
 
         self._pending.append((what, fn))
-        while self._pending:
-            what, fn = self._pending[0]
-            try:
-                follow_ups = fn()
-            except MlflowException as exc:
-                if not 400 <= exc.get_http_status_code() < 500:
+        with _ctrl_c_held():
+            while self._pending:
+                what, fn = self._pending[0]
+                try:
+                    follow_ups = fn()
+                except MlflowException as exc:
+                    if not 400 <= exc.get_http_status_code() < 500:
+                        return self._unreachable(what, exc)
+                    logger.error("MLflow rejected %s: %s", what, str(exc).splitlines()[0][:300])
+                    follow_ups = None
+                except Exception as exc:  # network errors surface as several exception types
                     return self._unreachable(what, exc)
-                logger.error("MLflow rejected %s: %s", what, str(exc).splitlines()[0][:300])
-                follow_ups = None
-            except Exception as exc:  # network errors surface as several exception types
-                return self._unreachable(what, exc)
-            self._pending[:1] = follow_ups or []
+                self._pending[:1] = follow_ups or []
         if self._warned:
             logger.warning("MLflow reachable again; queued calls sent")
             self._warned = False

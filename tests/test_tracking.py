@@ -395,6 +395,31 @@ def test_ctrl_c_ends_the_run_killed_with_one_line(tmp_path):
     assert step - max(step_counts(client, run.info.run_id, "loss")) in (0, 1)  # logged or not
 
 
+def test_ctrl_c_inside_an_mlflow_call_waits_for_the_call(smoke_config, tmp_path):
+    """A Ctrl-C that lands in the middle of a call to a sqlite store is held until the queue is
+    sent: the call completes once (not re-sent), and the run can still be ended KILLED."""
+    callback = MLflowCallback(smoke_config(), str(tmp_path / "out"), resume=False)
+    run_id = callback.start()
+
+    def interrupted_call():
+        callback.client.log_metric(run_id, "before", 1.0, step=1)
+        os.kill(os.getpid(), signal.SIGINT)
+        callback.client.log_metric(run_id, "after", 2.0, step=1)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            callback._call("two metrics", interrupted_call)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert callback._pending == []
+    callback.end("KILLED", 1)
+    client = mlflow.MlflowClient(callback.uri)
+    assert step_counts(client, run_id, "before") == Counter([1])
+    assert step_counts(client, run_id, "after") == Counter([1])
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
 def test_a_swallowed_ctrl_c_stops_the_run_at_the_step_end():
     from mtrl.run import CtrlC
 
