@@ -52,6 +52,9 @@ rewritten after each, and after each case of main, so a run cut short keeps what
              (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), compiled
              prefill (compile_prefill=True); --ablations picks some
 
+An engine whose first call made dynamo hit its recompile limit (functions past it run
+uncompiled from then on) gets "RECOMPILE LIMIT HIT" and their names in its row's note.
+
 Floor: see ``step_floor_ms``. Each row reports it for its own batch, prompt length and the
 number of new tokens it timed: weights only, and weights plus the KV cache that the steps read.
 """
@@ -59,7 +62,9 @@ number of new tokens it timed: weights only, and weights plus the KV cache that 
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
+import re
 import statistics
 import sys
 import time
@@ -245,6 +250,22 @@ class Clock:
         return time.perf_counter() - t0
 
 
+class RecompileLimitHits(logging.Handler):
+    """Names of the functions for which dynamo warned "hit config.recompile_limit": from then
+    on they run uncompiled, so a row timed after that is not the engine it names."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.functions: list[str] = []
+        logging.getLogger("torch._dynamo.convert_frame").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "recompile_limit" in message:
+            name = re.search(r"function: '([^']+)'", message)
+            self.functions.append(name.group(1) if name else message.splitlines()[0])
+
+
 def build_model(shape, dtype, device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -297,6 +318,7 @@ class Bench:
         self.shape = TINY if args.tiny else QWEN25_15B
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.clock = Clock(self.device)
+        self.limit_hits = RecompileLimitHits()
         torch.manual_seed(0)
         self.model = build_model(self.shape, self.dtype, self.device)
         self.fused_groups = fuse_projections(self.model)  # as the trainer does before training
@@ -378,6 +400,14 @@ class Bench:
         )
         return t
 
+    def first_call(self, eng, ids, mask, n_new) -> tuple[float, str]:
+        """Seconds of an engine's first ``generate`` (compile + capture on CUDA), and a note
+        naming the functions that hit dynamo's recompile limit during it ("" when none)."""
+        seen = len(self.limit_hits.functions)
+        t = self.timed_generate(eng, ids, mask, n_new)
+        hits = self.limit_hits.functions[seen:]
+        return t, f"; RECOMPILE LIMIT HIT, uncompiled: {', '.join(hits)}" if hits else ""
+
     def kernel_profile(self, eng, ids, mask, n_new) -> str:
         """Kernels and kernel time a step in a torch.profiler trace of one more ``generate``
         (prefill included, divided by ``n_new``): a decode step replays a CUDA graph whose time
@@ -444,7 +474,7 @@ class Bench:
                 engines[self.engine_name(", torch sampler")] = self.engine(
                     multi_sampler(False), n_new
                 )
-            first = {k: self.timed_generate(e, ids, mask, n_new) for k, e in engines.items()}
+            first = {k: self.first_call(e, ids, mask, n_new) for k, e in engines.items()}
             times = {k: [] for k in engines}
             for _ in range(self.args.reps):
                 for k, e in engines.items():
@@ -457,7 +487,8 @@ class Bench:
                 graphs = e._slot is not None and bool(e._slot.graphs)
                 note = (
                     f"median of {self.args.reps} interleaved; graphs={graphs}; "
-                    f"first call ({'compile + capture' if self.cuda else 'warm-up'}) {first[k]:.1f} s"
+                    f"first call ({'compile + capture' if self.cuda else 'warm-up'}) "
+                    f"{first[k][0]:.1f} s{first[k][1]}"
                 )
                 if e.fused_norms:
                     note += f"; {e._norms.summary.removeprefix('rollout engine: ')}"
@@ -562,14 +593,14 @@ class Bench:
             eng = self.engine(multi_sampler(), n_new, **options)
             eng.sampler.compile(fused_sampler)
             try:
-                first = self.timed_generate(eng, ids, mask, n_new)
+                first, hits = self.first_call(eng, ids, mask, n_new)
                 t = statistics.median(self.timed_generate(eng, ids, mask, n_new) for _ in range(2))
             except Exception as e:  # noqa: BLE001 - report, keep the rest of the table
                 self.unmeasured(name, batch, n_new, f"failed: {type(e).__name__}: {e}")
                 continue
             finally:
                 eng.release()
-            note = f"first call (compile + capture) {first:.1f} s"
+            note = f"first call (compile + capture) {first:.1f} s{hits}"
             self.row(name, batch, n_new, t / n_new * 1e3, note)
             self.free()
 

@@ -133,6 +133,34 @@ def test_main_row_selection_and_skipped_generate(rollout, tmp_path):
     assert [r["method"] for r in bench.rows] == ["engine", "engine, single temperature"]
 
 
+def test_recompile_limit_hits_are_named_in_the_row_of_the_engine(rollout, tmp_path, monkeypatch):
+    """A function that dynamo stops compiling during an engine's first call is named in that
+    engine's row, not in the next one's (the hit is warned about once)."""
+    args = rollout.parse_args(
+        ["--tiny", "--device", "cpu", "--cases", "2x4", "--reps", "1", "--no-comparisons"]
+        + ["--out", str(tmp_path / "rollout.md")]
+    )
+    bench = rollout.Bench(args)
+
+    def doubled(x):
+        return x * 2
+
+    compiled = torch.compile(doubled, dynamic=False, backend="eager")
+    generate = rollout.RolloutEngine.generate
+
+    def generate_past_a_limit(self, *a, **kw):
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for n in (2, 3):  # a second shape is a second compile: past the limit of 1
+                compiled(torch.ones(n))
+        return generate(self, *a, **kw)
+
+    monkeypatch.setattr(rollout.RolloutEngine, "generate", generate_past_a_limit)
+    bench.main_rows()
+    notes = [r["note"] for r in bench.rows]
+    assert "RECOMPILE LIMIT HIT, uncompiled: doubled" in notes[0]
+    assert "RECOMPILE LIMIT" not in notes[1]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_profile_notes_at_the_first_case(rollout, tmp_path, device):
     """--profile adds a kernel count and kernel time a step to the first case's main rows
