@@ -30,11 +30,11 @@ rewritten after each, and after each case of main, so a run cut short keeps what
              default in the trainer) and with the sampler's torch path (fused=False; the
              default on CUDA is its fused Triton kernels, mtrl.sampling.fused). The engines
              are warmed by one call of the same shape (compile + capture, excluded) and then
-             timed interleaved, the median of --reps calls each. Wall time includes prefill. These rows give issue
-             21's ratios and the multi- over single-temperature overhead. With --profile
-             (CUDA), the first case's notes add each engine's kernels and kernel time a step
-             from a torch.profiler trace of one more generate; --kernels FILE also writes
-             the first engine's kernels by name and time a step.
+             timed interleaved, the median of --reps calls each. Wall time includes prefill.
+             These rows give issue 21's ratios and the multi- over single-temperature
+             overhead. With --profile (CUDA), the first case's notes add each engine's kernels
+             and kernel time a step from a torch.profiler trace of one more generate;
+             --kernels FILE also writes the first engine's kernels by name and time a step.
   plain      the engine without torch.compile (CUDA graphs only), multi-temperature; first case
   eager      the same step function without CUDA graphs; a short run (--hf-tokens new tokens)
              at the first case's batch

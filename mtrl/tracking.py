@@ -207,8 +207,12 @@ def _ctrl_c_held() -> Iterator[None]:
     it. Raised inside a call, KeyboardInterrupt can leave a sqlite store's write lock held (every
     later call, ending the run KILLED included, then fails with "database is locked") or leave a
     call that was sent queued, to be sent twice. Python runs signal handlers in the main thread
-    only, so elsewhere there is nothing to hold."""
-    if threading.current_thread() is not threading.main_thread():
+    only, so elsewhere there is nothing to hold (nor where C code set the handler: Python could
+    not put it back)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is None
+    ):
         yield
         return
     held: list[int] = []
