@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         elif exc.is_main_process:
             print(exc, file=sys.stderr)
         return 130
+    finally:
+        # A process group left for the interpreter's exit can abort it (gloo's threads: SIGABRT,
+        # "terminate called without an active exception", pytorch#190489), so that a finished
+        # multi-process run exits -6 instead of 0.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run(cfg) -> int:

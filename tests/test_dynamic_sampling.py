@@ -221,6 +221,7 @@ result = {
 rank = trainer.accelerator.process_index
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump(result, f)
+trainer.accelerator.end_training()  # the process group, before exit: gloo may abort there
 '''
 
 

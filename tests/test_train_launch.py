@@ -38,6 +38,21 @@ def test_a_finished_run_ends_with_its_summary(tmp_path, capsys):
     assert lines[start + 3] == f"browse it:  mlflow ui --backend-store-uri sqlite:///{db}"
 
 
+def test_the_launcher_destroys_the_process_group_it_ends_with(tmp_path, monkeypatch):
+    """Left to the interpreter's exit, a gloo process group can abort a finished run."""
+    import torch.distributed as dist
+
+    train = launcher()
+    monkeypatch.setattr(train, "run", lambda cfg: 0)  # the group outlives training
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert train.main([str(ROOT / "experiments" / "smoke.yaml")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="the CPU start only")
 def test_deepspeed_starts_without_its_accelerator_warning_on_cpu():
     pytest.importorskip("deepspeed")
