@@ -49,8 +49,8 @@ rewritten after each, and after each case of main, so a run cut short keeps what
              separate projections (fused_projections=False: one GEMM per q/k/v/gate/up
              projection), SDPA decode attention (split_kv_attention=False: cuDNN instead of our
              split-KV kernel), eager sampler (sampler.compile(False)), max-autotune
-             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), compiled
-             prefill (compile_prefill=True); --ablations picks some
+             (max_autotune=True: inductor tunes the GEMMs; minutes of compilation), eager
+             prefill (compile_prefill=False); --ablations picks some
 
 An engine whose first call made dynamo hit its recompile limit (functions past it run
 uncompiled from then on) gets "RECOMPILE LIMIT HIT" and their names in its row's note.
@@ -89,7 +89,7 @@ ABLATIONS = {
     "SDPA decode attention": (True, {"split_kv_attention": False}),
     "eager sampler": (False, {}),
     "max-autotune": (True, {"max_autotune": True}),
-    "compiled prefill": (True, {"compile_prefill": True}),
+    "eager prefill": (True, {"compile_prefill": False}),
 }
 
 
