@@ -400,11 +400,15 @@ class Bench:
         )
         return t
 
-    def first_call(self, eng, ids, mask, n_new) -> tuple[float, str]:
+    def first_call(self, name, eng, ids, mask, n_new) -> tuple[float, str]:
         """Seconds of an engine's first ``generate`` (compile + capture on CUDA), and a note
-        naming the functions that hit dynamo's recompile limit during it ("" when none)."""
+        naming the functions that hit dynamo's recompile limit during it ("" when none).
+        Printed at once: a run killed from outside still shows how far its compilations got."""
         seen = len(self.limit_hits.functions)
         t = self.timed_generate(eng, ids, mask, n_new)
+        elapsed = time.perf_counter() - self.t_start
+        where = f"{name} B={ids.shape[0]} new={n_new}"
+        print(f"{where}: first call {t:.1f} s ({elapsed:.0f} s into the run)", flush=True)
         hits = self.limit_hits.functions[seen:]
         return t, f"; RECOMPILE LIMIT HIT, uncompiled: {', '.join(hits)}" if hits else ""
 
@@ -474,7 +478,7 @@ class Bench:
                 engines[self.engine_name(", torch sampler")] = self.engine(
                     multi_sampler(False), n_new
                 )
-            first = {k: self.first_call(e, ids, mask, n_new) for k, e in engines.items()}
+            first = {k: self.first_call(k, e, ids, mask, n_new) for k, e in engines.items()}
             times = {k: [] for k in engines}
             for _ in range(self.args.reps):
                 for k, e in engines.items():
@@ -593,7 +597,7 @@ class Bench:
             eng = self.engine(multi_sampler(), n_new, **options)
             eng.sampler.compile(fused_sampler)
             try:
-                first, hits = self.first_call(eng, ids, mask, n_new)
+                first, hits = self.first_call(name, eng, ids, mask, n_new)
                 t = statistics.median(self.timed_generate(eng, ids, mask, n_new) for _ in range(2))
             except Exception as e:  # noqa: BLE001 - report, keep the rest of the table
                 self.unmeasured(name, batch, n_new, f"failed: {type(e).__name__}: {e}")
