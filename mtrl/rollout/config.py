@@ -54,7 +54,7 @@ class RolloutConfig:
     # every projection of the decode step (minutes more compilation once per batch size).
     max_autotune: bool = False
     # fast engine, CUDA: the prefill forward through torch.compile with dynamic shapes (one
-    # compilation, about 30 s, for every batch and prompt width; fuses its norm, rope and
+    # compilation, 30-55 s on an H200, for every batch and prompt width; fuses its norm, rope and
     # activation kernels): 2.6% faster rollouts at batch 64 and 256 new tokens on an H200,
     # 0.4-0.6% at 2,048 (bench/results/rollout.md).
     compile_prefill: bool = True
