@@ -489,10 +489,11 @@ class Bench:
                 profiled = {k: self.kernel_profile(e, ids, mask, n_new) for k, e in engines.items()}
             for k, e in engines.items():
                 graphs = e._slot is not None and bool(e._slot.graphs)
+                first_s, limit_hits = first[k]
                 note = (
                     f"median of {self.args.reps} interleaved; graphs={graphs}; "
                     f"first call ({'compile + capture' if self.cuda else 'warm-up'}) "
-                    f"{first[k][0]:.1f} s{first[k][1]}"
+                    f"{first_s:.1f} s{limit_hits}"
                 )
                 if e.fused_norms:
                     note += f"; {e._norms.summary.removeprefix('rollout engine: ')}"
