@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
         return 130
     finally:
-        # A process group left for the interpreter's exit can abort it (gloo's threads: SIGABRT,
-        # "terminate called without an active exception", pytorch#190489), so that a finished
-        # multi-process run exits -6 instead of 0.
+        # A process group left for the interpreter's exit can abort it (a gloo thread made to
+        # exit inside a destructor: SIGABRT, "terminate called without an active exception"),
+        # so that a finished multi-process run exits -6 instead of 0. Destroying it frees it only
+        # when nothing else holds it: see mtrl.config._import_deepspeed_comm_before_the_process_group.
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

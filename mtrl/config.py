@@ -725,6 +725,25 @@ OWNED_ELSEWHERE = {
 }
 
 
+def _import_deepspeed_comm_before_the_process_group() -> None:
+    """Import DeepSpeed's comm module, when installed, before GRPOConfig starts the process group.
+
+    `deepspeed.comm.torch.TorchBackend.barrier` and `.monitored_barrier` take
+    `group=torch.distributed.GroupMember.WORLD` as a default argument, evaluated when the module
+    is imported. Imported after the group exists (accelerate imports DeepSpeed lazily while the
+    trainer is built), they hold the world ProcessGroup for the life of the interpreter:
+    `destroy_process_group()` then no longer frees it, gloo's worker threads outlive it, and one
+    that drops the last reference to a finished collective's tensors while the interpreter
+    finalizes needs the GIL, is made to exit (pthread_exit) inside a noexcept destructor and
+    aborts the process: SIGABRT, "terminate called without an active exception"
+    (the mechanism: pytorch/pytorch#179291). Imported first, the defaults are None.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized() and importlib.util.find_spec("deepspeed"):
+        import deepspeed.comm  # noqa: F401
+
+
 def grpo_config(cfg: ExperimentConfig):
     """The trl.GRPOConfig for an experiment: `train` plus what other sections decide."""
     import torch
@@ -741,6 +760,8 @@ def grpo_config(cfg: ExperimentConfig):
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Several CPU processes (gloo): without it each process believes it is alone.
         train.setdefault("use_cpu", True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _import_deepspeed_comm_before_the_process_group()
     weights = [float(w) for w in cfg.rewards.values()]
     try:
         with warnings.catch_warnings():

@@ -179,7 +179,7 @@ def test_config_section_is_checked_before_loading(tmp_path):
 
 
 WORKER = '''
-import json, sys, zlib
+import gc, json, os, sys, zlib
 import torch
 from omegaconf import OmegaConf
 from mtrl.config import DynamicSamplingConfig, grpo_config, load_config
@@ -219,9 +219,15 @@ result = {
     "metrics": metrics,
 }
 rank = trainer.accelerator.process_index
+trainer.accelerator.end_training()
+gc.collect()
+# The group must be freed here, its gloo threads joined: one left for the interpreter's exit
+# can abort it (see mtrl.config._import_deepspeed_comm_before_the_process_group).
+result["threads_after_end"] = sorted(
+    open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")
+)
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump(result, f)
-trainer.accelerator.end_training()  # the process group, before exit: gloo may abort there
 '''
 
 
@@ -259,6 +265,7 @@ def test_two_processes_fill_their_batches_in_the_same_rounds(tmp_path):
     rounds = [r["metrics"]["dynamic_sampling/rounds"] for r in ranks]
     assert rounds[0] == rounds[1] and rounds[0][0] > 1  # some group of round 1 had no variance
     for r in ranks:
+        assert not [t for t in r["threads_after_end"] if t.startswith("pt_gloo")], r
         assert r["rows"] == 8 and r["zero_advantage_rows"] == 0
         assert len(r["calls"]) == rounds[0][0]
         assert r["metrics"]["dynamic_sampling/stopped_at_cap"] == [0.0]
