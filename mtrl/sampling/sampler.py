@@ -457,7 +457,7 @@ class CUDAGraphSampler:
         window = sampler.window
         saved = [sampler._invalid.clone()]
         if window is not None:
-            saved += [window.buffer.clone(), window.ptr.clone(), window.count.clone()]
+            saved += [t.clone() for t in (window.buffer, window.ptr, window.count, window.sorted)]
         stream = torch.cuda.Stream(device=logits.device)
         stream.wait_stream(torch.cuda.current_stream(logits.device))
         with torch.cuda.stream(stream):
@@ -472,4 +472,5 @@ class CUDAGraphSampler:
             window.buffer.copy_(saved[1])
             window.ptr.copy_(saved[2])
             window.count.copy_(saved[3])
+            window.sorted.copy_(saved[4])
         return graph, s_logits, s_active, s_offsets, s_out
