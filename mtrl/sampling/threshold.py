@@ -11,7 +11,8 @@ buffer for every quantile: a full sort of the default 100,000 values took about 
 ``add`` merges the step's kept values in and the values they overwrite out
 (``mtrl.sampling.window_merge``: on CUDA two Triton launches, the ring write and the merge,
 and a copy; torch ops elsewhere; O(size) work plus binary searches in the B changed values),
-so ``quantile`` reads two elements of the mirror and sorts nothing.
+so ``quantile`` reads two elements of the mirror and sorts nothing: 40 us (1.8%) less a step
+at batch 64 on an H200 (bench/results/rollout.md).
 """
 
 from __future__ import annotations
