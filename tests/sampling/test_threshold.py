@@ -367,7 +367,7 @@ def test_window_mirror_on_cuda_eager_and_in_a_cuda_graph(size):
     active = torch.empty(batch, dtype=torch.bool, device="cuda")
 
     def fill(step):
-        # a few integers (ties, +inf among them) on even steps, continuous values on odd ones
+        # a few integers (ties, +inf among them) on odd steps, continuous values on even ones
         x = torch.rand(batch, device="cuda", generator=g) * 3
         values.copy_(torch.where(x > 2.8, float("inf"), x.floor()) if step % 2 else x)
         active.copy_(torch.rand(batch, device="cuda", generator=g) < [0.0, 0.7, 1.0][step % 3])
