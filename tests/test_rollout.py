@@ -11,8 +11,8 @@ import pbs.hf as pbs_hf
 from mtrl.rollout import RolloutEngine, UnsupportedModelError, fuse_projections
 from mtrl.rollout.decode_attention import decode_attention
 from mtrl.rollout.fused import ProjectionGroups
-from mtrl.rollout.fused_norm import triton_runs_on
 from mtrl.sampling import MultiTemperatureConfig, MultiTemperatureSampler, truncate
+from mtrl.triton_device import triton_runs_on
 
 VOCAB = 128
 PAD = 1

@@ -91,7 +91,8 @@ from transformers.cache_utils import StaticLayer
 from mtrl.rollout.config import RolloutConfig
 from mtrl.rollout.decode_attention import decode_attention, supports_head_dim
 from mtrl.rollout.fused import ProjectionGroups
-from mtrl.rollout.fused_norm import FusedNorms, triton_runs_on
+from mtrl.rollout.fused_norm import FusedNorms
+from mtrl.triton_device import triton_runs_on
 
 logger = logging.getLogger(__name__)
 

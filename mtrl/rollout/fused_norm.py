@@ -26,13 +26,12 @@ after the MLP that already produces the *next* layer's (or the final) normed inp
 
 The kernels are ``torch.library.triton_op`` custom ops (namespace ``mtrl``), so that
 ``torch.compile`` sees one opaque op each instead of tracing into the launch. Triton runs them
-on CUDA devices, or on the CPU under ``TRITON_INTERPRET=1`` (the tests); see ``triton_runs_on``.
+on CUDA devices, or on the CPU under ``TRITON_INTERPRET=1`` (the tests); see ``mtrl.triton_device``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +40,11 @@ import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
+from mtrl.triton_device import triton_runs_on
+
 MAX_N = 65536  # one row per program, held in registers
 SILU_BLOCK = 1024  # columns per SiLU-mul program
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def triton_runs_on(device: torch.device | str) -> bool:
-    """Whether these kernels can run on tensors of ``device`` (CUDA, or anything interpreted)."""
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _num_warps(block: int) -> int:

@@ -35,7 +35,6 @@ call is free of ``.item()`` and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ from mtrl.sampling.config import MultiTemperatureConfig
 from mtrl.sampling.entropy import token_entropy
 from mtrl.sampling.schedules import schedule_value
 from mtrl.sampling.threshold import EntropyWindow, masked_quantile
+from mtrl.triton_device import triton_runs_on
 
 
 @dataclass
@@ -226,10 +226,9 @@ class MultiTemperatureSampler:
         if self.fused is False or cfg.top_k > 0 or cfg.top_p < 1.0:
             return False
         device = torch.device(device)
-        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         if self.fused is None:
             return device.type == "cuda"
-        if device.type != "cuda" and not interpreted:
+        if not triton_runs_on(device):
             raise ValueError(
                 f"sampler: fused=True needs logits on CUDA or TRITON_INTERPRET=1, got {device}"
             )

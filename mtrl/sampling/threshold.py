@@ -17,9 +17,9 @@ at batch 64 on an H200 (bench/results/rollout.md).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from mtrl.triton_device import triton_runs_on
 
 
 def sorted_prefix_quantile(
@@ -81,8 +81,7 @@ class EntropyWindow:
         if size < 1:
             raise ValueError(f"window_size: must be >= 1, got {size}")
         device = torch.device(device)
-        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        if fused and device.type != "cuda" and not interpreted:
+        if fused and not triton_runs_on(device):
             raise ValueError(
                 f"EntropyWindow: fused=True needs CUDA or TRITON_INTERPRET=1, got {device}"
             )

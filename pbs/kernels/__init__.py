@@ -17,7 +17,7 @@ LOG2E = 1.4426950408889634
 
 # triton.jit picks interpreted or compiled kernels when they are defined (at this import), so
 # the mode is read once, here, and not from the environment at call time.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = triton.knobs.runtime.interpret
 
 try:  # Gluon (Triton's tile-level language, for the Hopper kernel) came with Triton 3.5
     from . import attention_sm90

@@ -12,14 +12,12 @@ the triton backend runs the warp-specialised twin in attention_sm90.py instead.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 # Inline PTX needs an NVIDIA GPU: not the interpreter (read at import, as triton.jit does), not ROCm.
-_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.version.hip)
+_PTX = tl.constexpr(not triton.knobs.runtime.interpret and not torch.version.hip)
 
 
 @triton.jit
