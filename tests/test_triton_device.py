@@ -1,7 +1,6 @@
 """The engine, the sampler and the entropy window agree with Triton on where kernels run."""
 
 import pytest
-import torch
 import triton
 
 from mtrl.config import TinyModelConfig
