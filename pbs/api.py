@@ -27,7 +27,7 @@ class BlockSparseAttention(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, plan.kp, plan.vp, plan.perm, plan.counts,
                               plan.indices)  # fmt: skip
-        ctx.blocks = (plan.block_size, plan.segment_size, plan.scale)
+        ctx.blocks = (plan.block_size, plan.segment_size, plan.scale, kernel)
         return out
 
     @staticmethod

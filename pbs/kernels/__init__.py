@@ -19,10 +19,10 @@ LOG2E = 1.4426950408889634
 # the mode is read once, here, and not from the environment at call time.
 _INTERPRET = triton.knobs.runtime.interpret
 
-try:  # Gluon (Triton's tile-level language, for the Hopper kernel) came with Triton 3.5
-    from . import attention_sm90
+try:  # Gluon (Triton's tile-level language, for the Hopper kernels) came with Triton 3.5
+    from . import attention_bwd_sm90, attention_sm90
 except ImportError:
-    attention_sm90 = None
+    attention_sm90 = attention_bwd_sm90 = None
 
 KERNELS = ("auto", "sm90", "generic")
 
@@ -292,14 +292,17 @@ def block_sparse_attention_backward(
     block: int,
     seg: int,
     scale: float,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`block_sparse_attention` (either kernel) for output gradient ``do``.
 
     do, q, out: (B, HQ, N, D); k, v, kp, vp, perm, counts, idx as in the forward (perm:
     (B, HKV, N) int32, kp[..., i, :] = k[..., perm[i], :]); lse: (B, HQ, N) fp32 written by the
-    forward. Returns dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) in original key order, each in
-    its input's dtype.
+    forward. ``kernel`` as in :func:`attention_kernel`: "sm90" computes dk, dv with the Gluon
+    kernel of :mod:`pbs.kernels.attention_bwd_sm90`, dq always with the portable one. Returns
+    dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) in original key order, each in its input's dtype.
     """
+    sm90 = attention_kernel(q, block, kernel) == "sm90"
     B, HQ, N, D = q.shape
     HKV = k.shape[1]
     G = HQ // HKV
@@ -329,18 +332,26 @@ def block_sparse_attention_backward(
         N, n_qb, n_kb, qk_scale, scale, triton.next_power_of_2(N),
     )  # fmt: skip
     meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg)
+    if sm90:
+        attention_bwd_sm90.block_sparse_dkdv_sm90(
+            q, do, kp, vp, lse, delta, perm, tcounts, tidx, n_qb, block, seg, scale, dk, dv
+        )
     if _autotune(q):
         _attn_bwd_dq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * HQ)](*dq_args, **meta)
-        _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * HKV)](*dkdv_args, **meta)
+        if not sm90:
+            _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * HKV)](
+                *dkdv_args, **meta
+            )
     else:  # interpreter (small tiles keep it fast), or PBS_AUTOTUNE=0: one fixed shape
         bm, bn = min(block, 32 if interpreting() else 128), min(block, 32)
         _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
             *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm < 128 else 8
         )
         bm, bn = min(block, 32 if interpreting() else 64), min(block, 32 if interpreting() else 128)
-        _attn_bwd_dkdv[(triton.cdiv(N, bn), B * HKV)](
-            *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bn < 128 else 8
-        )
+        if not sm90:
+            _attn_bwd_dkdv[(triton.cdiv(N, bn), B * HKV)](
+                *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bn < 128 else 8
+            )
     return dq, dk, dv
 
 

@@ -182,3 +182,44 @@ def test_sm90_forward_writes_the_same_log_sum_exp_as_the_generic_kernel():
         lse[kernel] = torch.full(q.shape[:3], float("nan"), device=DEV)
         kernels.block_sparse_attention(*lists, plan.scale, kernel=kernel, lse=lse[kernel])
     torch.testing.assert_close(lse["sm90"], lse["generic"], atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "b,hq,hkv,n,d,dtype,threshold,nan_padded_kv",
+    [
+        (2, 8, 2, 1500, 128, torch.bfloat16, 0.7, False),  # batch, GQA 4, partial last block
+        (1, 4, 4, 777, 64, torch.float16, 0.5, False),  # head dim 64, fp16
+        (1, 6, 1, 2049, 128, torch.bfloat16, 0.9, True),  # GQA 6, one token past the grid
+        (3, 4, 2, 300, 128, torch.bfloat16, 1.0, True),  # every causal block kept
+    ],
+)
+def test_sm90_dkdv_matches_the_generic_kernel(b, hq, hkv, n, d, dtype, threshold, nan_padded_kv):
+    """The Gluon dk/dv kernel against the portable one on the same plan and forward; with
+    nan_padded_kv the permuted K/V sit in longer NaN-filled buffers (rows past N are read by
+    the last key block's tile and must not reach any stored gradient)."""
+    q, k, v, do = make_inputs(b, hq, hkv, n, d, dtype, seed=n)
+    if kernels.attention_kernel(q, 128) != "sm90":
+        pytest.skip("the sm90 kernels need a Hopper GPU")
+    cfg = PBSConfig(threshold=threshold, min_seq_len=0)
+    kv_out = None
+    if nan_padded_kv:
+        buf = torch.full((2, b, hkv, n + 300, d), float("nan"), device=DEV, dtype=dtype)
+        kv_out = (buf[0], buf[1])
+    plan = make_plan(q, k, v, cfg, kv_out=kv_out)
+    blocks = (128, cfg.segment_size, plan.scale)
+    lse = torch.empty(q.shape[:3], device=DEV)
+    out = kernels.block_sparse_attention(
+        q, k, v, plan.kp, plan.vp, plan.counts, plan.indices, *blocks, lse=lse
+    )  # fmt: skip
+    got, want = (
+        kernels.block_sparse_attention_backward(
+            do, q, k, v, out, lse, plan.kp, plan.vp, plan.perm, plan.counts, plan.indices,
+            *blocks, kernel=kernel,
+        )
+        for kernel in ("sm90", "generic")
+    )  # fmt: skip
+    for name, a, w in zip(["dq", "dk", "dv"], got, want, strict=True):
+        assert not a.isnan().any(), name
+        assert rel_err(a, w) < 2e-3, (name, rel_err(a, w))

@@ -1,6 +1,7 @@
-"""The Hopper (sm90) attention kernel is built for sm_90 here, without a GPU, with the installed
-Triton: Gluon is young and its API moves between releases, so a break shows up on CI, not first
-on a user's H100. (Its results are checked against the reference in test_gpu.py.)
+"""The Hopper (sm90) attention kernels, the forward and the backward's dk/dv, are built for sm_90
+here, without a GPU, with the installed Triton: Gluon is young and its API moves between
+releases, so a break shows up on CI, not first on a user's H100. (Their results are checked
+against the reference in test_gpu.py and test_backward.py.)
 
 The build runs in a child process: Gluon does not compile under TRITON_INTERPRET=1, which the
 CPU test session sets before pbs is imported.
@@ -20,12 +21,8 @@ MAX_SHARED = 232448  # Hopper's shared memory per thread block (227 KB)
 def build(dtype: torch.dtype, head_dim: int, block: int, store_lse: bool):
     """Compile the kernel for sm_90; returns Triton's compiled kernel (PTX and metadata).
     ``store_lse``: the variant that also writes the log-sum-exp (forwards with gradients)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
 
     from pbs.kernels import attention_sm90
 
@@ -44,7 +41,16 @@ def build(dtype: torch.dtype, head_dim: int, block: int, store_lse: bool):
     const = dict(HQ=4, G=2, HEAD_DIM=head_dim, BLOCK=block, SEG=2 * block,
                  STAGES=attention_sm90.STAGES, CONSUMER_REGS=attention_sm90.CONSUMER_REGS,
                  STORE_LSE=store_lse)  # fmt: skip
-    fn = attention_sm90._block_sparse_attn_fwd_sm90
+    return compile_gluon(attention_sm90._block_sparse_attn_fwd_sm90, args, const)
+
+
+def compile_gluon(fn, args: dict, const: dict):
+    """Compile Gluon kernel ``fn`` for sm_90 with runtime ``args`` and constexprs ``const``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
     signature = {
         name: "constexpr" if name in const
         else "fp32" if isinstance(args[name], float)
@@ -60,28 +66,65 @@ def build(dtype: torch.dtype, head_dim: int, block: int, store_lse: bool):
     )
 
 
+def run_build(*argv) -> subprocess.CompletedProcess:
+    """Build in a child process without TRITON_INTERPRET; fails the test on a build error."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, __file__, *map(str, argv)], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.parametrize(
     "dtype,head_dim,block,store_lse",
     [("bfloat16", 128, 128, 0), ("float16", 64, 128, 0), ("bfloat16", 128, 128, 1)],
 )
 def test_sm90_kernel_builds_for_hopper(dtype, head_dim, block, store_lse):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run(
-        [sys.executable, __file__, dtype, str(head_dim), str(block), str(store_lse)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_build("forward", dtype, head_dim, block, store_lse)
     wgmma, tma, shared, fp32_store = done.stdout.split()[-4:]
     assert wgmma == "True" and tma == "True"  # wgmma fed by TMA loads
     assert fp32_store == str(bool(store_lse))  # the fp32 log-sum-exp is written when asked for
     assert 0 < int(shared) <= MAX_SHARED
 
 
+def build_dkdv(dtype: torch.dtype, head_dim: int):
+    """Compile the backward's dk/dv kernel for sm_90 (block 128): Triton's compiled kernel."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from pbs.kernels import attention_bwd_sm90 as bwd
+
+    rows = torch.empty(512, head_dim, dtype=dtype)
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([bwd.ROWS.value, head_dim], gl_dtype)
+    desc = TensorDescriptor.from_tensor(rows, [bwd.ROWS.value, head_dim], layout)
+    ints = torch.empty(4, dtype=torch.int32)
+    args = dict(q_desc=desc, do_desc=desc, kp_desc=desc, vp_desc=desc, LSE=torch.empty(4),
+                DELTA=torch.empty(4), PERM=ints, TCOUNTS=ints, TIDX=ints, DK=rows, DV=rows,
+                spb=1, sph=1, spn=1, sgb=1, sgh=1, sgn=1, N=1, NP=1, n_qb=1, n_kb=1,
+                qk_scale=0.1, sm_scale=0.1)  # fmt: skip
+    const = dict(HQ=4, G=2, HEAD_DIM=head_dim, BLOCK=128, SEG=256, STAGES=bwd.STAGES,
+                 CONSUMER_REGS=bwd.CONSUMER_REGS)  # fmt: skip
+    return compile_gluon(bwd._attn_bwd_dkdv_sm90, args, const)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [("bfloat16", 128), ("float16", 64)])
+def test_sm90_dkdv_kernel_builds_for_hopper(dtype, head_dim):
+    done = run_build("dkdv", dtype, head_dim)
+    wgmma, tma, shared, fp32_store = done.stdout.split()[-4:]
+    assert wgmma == "True" and tma == "True"
+    assert 0 < int(shared) <= MAX_SHARED
+
+
 if __name__ == "__main__":
-    kernel = build(
-        getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
-    )
+    dtype = getattr(torch, sys.argv[2])
+    if sys.argv[1] == "dkdv":
+        kernel = build_dkdv(dtype, int(sys.argv[3]))
+    else:
+        kernel = build(dtype, int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])))
     ptx = kernel.asm["ptx"]
     print("wgmma.mma_async" in ptx, "cp.async.bulk.tensor" in ptx, kernel.metadata.shared,
           "st.global.b32" in ptx)  # fmt: skip
