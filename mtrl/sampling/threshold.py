@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from mtrl.sampling import window_merge as wm
 from mtrl.triton_device import triton_runs_on
 
 
@@ -104,8 +105,6 @@ class EntropyWindow:
     def add(self, values: torch.Tensor, active: torch.Tensor | None = None) -> None:
         if values.shape[0] == 0:
             return
-        from mtrl.sampling import window_merge as wm
-
         if self.fused and values.shape[0] <= wm.MAX_RING_ROWS:
             added, removed, n_kept = wm.ring_add(values, active, self.buffer, self.ptr, self.count)
         else:
