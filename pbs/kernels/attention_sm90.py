@@ -137,8 +137,9 @@ def _consumer(part: gl.constexpr, q_pair, q_bar, q_desc, k_ring, v_ring, k_ready
         mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
         mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        s_tok = warpgroup_mma(q_pair.index(part + t * zero), k_ring.index(slot).permute((1, 0)), no_acc,
-                              use_acc=False, is_async=True)  # fmt: skip
+        q_smem = q_pair.index(part + t * zero)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), no_acc, use_acc=False,
+                              is_async=True)  # fmt: skip
         acc_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
         # wgmma groups retire in order: one outstanding means QK of t is done, PV may run on.
         s = warpgroup_mma_wait(1, deps=(s_tok,))
