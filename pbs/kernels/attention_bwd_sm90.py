@@ -4,17 +4,20 @@ The same computation as ``_attn_bwd_dkdv`` in :mod:`pbs.kernels.attention_bwd` (
 kernel; read its docstring first), organised as FlashAttention-3 organises its backward:
 - One program holds one block of BLOCK permuted keys of one (batch, KV head) in shared memory
   and their dk, dv accumulators in registers, 64 keys (one wgmma M) per consumer warpgroup.
-- Two producer warps, one for Q and one for dO, stream the query tiles of the schedule by TMA
-  into rings of ``STAGES`` slots ("ready" and "empty" mbarriers per slot): (a) the query
+- Two producer warps, one for Q and its lse, one for dO and its delta, stream the query tiles
+  of the schedule by TMA into rings of ``STAGES`` slots ("ready" and "empty" mbarriers per
+  slot): (a) the query
   blocks that kept this key block (the transposed block lists), each in tiles of 64 queries,
   then (b) every query head of the group over its own segment, from the tile's earliest key
   on, masked token by token. Both consumers read the same tiles.
 - Per tile a consumer issues S^T = K Q^T and dP^T = V dO^T together (async wgmma), turns S^T
   into P^T while dP^T runs, issues dV += P^T dO, forms dS^T = P^T (dP^T - delta) while dV
   runs, then dK += dS^T Q. P^T and dS^T stay in registers as the A operand of the next
-  products: no shared-memory round trip. The query stats (lse, delta) start the S^T and dP^T
-  accumulators instead of staying in registers: with them held, the kernel spilled twice as
-  much and ran 13% slower than the portable one at 128K.
+  products: no shared-memory round trip. The query stats (lse, delta) arrive with the tile in
+  shared memory and start the S^T and dP^T accumulators: loaded from global memory by the
+  consumer they put a load's latency before every tile, and held in registers they spilled.
+- Every loop-invariant shared-memory address is formed inside the loop (see ``zero`` in
+  _consumer): hoisted, ptxas spilled them.
 dq stays with the portable dq kernel (one program per query tile, no atomics).
 
 Measured on an H100 (bench/results/pbs_backward.md): 8.69 ms at 32K and 116.8 ms at 128K, against
@@ -49,40 +52,48 @@ CONSUMER_REGS = 240
 
 
 @gluon.jit
-def _put(t, desc, row, ring, ready, empty, STAGES: gl.constexpr):
-    """Start the TMA load of tile t (rows [row, row + 64) of desc) into its ring slot, once
-    both consumers have released the slot's previous tile; returns t + 1."""
+def _put(t, bh, m0, desc, ring, stat_desc, stat_ring, ready, empty, N, NPAD,
+         STAGES: gl.constexpr):  # fmt: skip
+    """Start the TMA loads of tile t (queries [m0, m0 + 64) of query row bh: their rows of
+    desc and their stats) into its ring slots, once both consumers have released the slots'
+    previous tile; returns t + 1."""
     slot = t % STAGES
     if t >= STAGES:
         mbarrier.wait(empty.index(slot), (t // STAGES - 1) & 1)
-    mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
-    _tma_load(desc, [row, 0], ready.index(slot), ring.index(slot))
+    mbarrier.expect(ready.index(slot), desc.block_type.nbytes + stat_desc.block_type.nbytes)
+    _tma_load(desc, [bh * N + m0, 0], ready.index(slot), ring.index(slot))
+    _tma_load(stat_desc, [bh * NPAD + m0], ready.index(slot), stat_ring.index(slot))
     return t + 1
 
 
 @gluon.jit
-def _producer(desc, ring, ready, empty, tidx_ptr, count, bh0, first, seg_end, N, n_qb,
-              G: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """One warp: loads the schedule's query tiles of Q (or dO) into the ring. bh0: the
-    (batch * HQ + head) of the group's first query head."""
+def _producer(desc, ring, stat_desc, stat_ring, ready, empty, tidx_ptr, count, bh0, first,
+              seg_end, N, NPAD, n_qb, G: gl.constexpr, BLOCK: gl.constexpr,
+              STAGES: gl.constexpr):  # fmt: skip
+    """One warp: loads the schedule's query tiles of Q and their lse (or dO and their delta)
+    into the rings. bh0: the (batch * HQ + head) of the group's first query head."""
     t = 0
     for e in range(count):
         entry = gl.load(tidx_ptr + e)
-        row = (bh0 + entry // n_qb) * N + (entry % n_qb) * BLOCK
+        bh = bh0 + entry // n_qb
+        m0 = (entry % n_qb) * BLOCK
         for sub in gl.static_range(BLOCK // ROWS):
-            t = _put(t, desc, row + sub * ROWS, ring, ready, empty, STAGES)
+            t = _put(t, bh, m0 + sub * ROWS, desc, ring, stat_desc, stat_ring, ready, empty, N,
+                     NPAD, STAGES)  # fmt: skip
     for g in range(G):
         for m0 in range(first, seg_end, ROWS):
-            t = _put(t, desc, (bh0 + g) * N + m0, ring, ready, empty, STAGES)
+            t = _put(t, bh0 + g, m0, desc, ring, stat_desc, stat_ring, ready, empty, N, NPAD,
+                     STAGES)  # fmt: skip
 
 
 @gluon.jit
-def _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_ready, q_empty, do_empty,
-          LSE, DELTA, bh, m0, key_pos, N, qk_scale,
+def _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_ready, q_empty,
+          do_empty, lse_ring, delta_ring, m0, key_pos, qk_scale,
           MASKED: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):  # fmt: skip
     """Fold query tile t (queries [m0, m0 + 64) of query row bh = batch * HQ + head) into this
     warpgroup's dk, dv (64 keys). key_pos: the keys' original positions; with MASKED a query
-    sees a key only at or after it. Queries past N get lse = inf, so P^T is exactly 0 there.
+    sees a key only at or after it. The tile's lse and delta come in their rings with Q and dO;
+    queries past N have lse = inf there, so P^T is exactly 0 for them.
     """
     dtype: gl.constexpr = q_ring.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -93,14 +104,7 @@ def _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_re
     )
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     offs_m = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
-    row_ok = offs_m < N
-    lse = gl.load(LSE + bh.to(gl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
-    delta = gl.load(DELTA + bh.to(gl.int64) * N + offs_m, mask=row_ok, other=0.0)
-    # The per-query stats enter as the products' initial accumulators, S^T - lse / qk_scale and
-    # dP^T - delta, so they are not held in registers (16 each per thread) across the tile.
     zeros = gl.zeros([ROWS, ROWS], gl.float32, s_layout)
-    s_init = zeros - (lse * (1.0 / qk_scale))[None, :]
-    dp_init = zeros - delta[None, :]
 
     slot = t % STAGES
     phase = (t // STAGES) & 1
@@ -109,8 +113,12 @@ def _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_re
     q = q_ring.index(slot)
     do = do_ring.index(slot)
     mbarrier.wait(q_ready.index(slot), phase)
+    lse = lse_ring.index(slot).load(gl.SliceLayout(0, s_layout))
+    s_init = zeros - (lse * (1.0 / qk_scale))[None, :]
     s_tok = warpgroup_mma(k_smem, q.permute((1, 0)), s_init, is_async=True)
     mbarrier.wait(do_ready.index(slot), phase)
+    delta = delta_ring.index(slot).load(gl.SliceLayout(0, s_layout))
+    dp_init = zeros - delta[None, :]
     dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)), dp_init, is_async=True)
     # wgmma groups retire in order: one outstanding means S^T is done, dP^T may run on.
     s = warpgroup_mma_wait(1, deps=(s_tok,))
@@ -130,9 +138,9 @@ def _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_re
 
 @gluon.jit
 def _consumer(part: gl.constexpr, k_pair, v_pair, kv_bar, kp_desc, vp_desc, q_ring, do_ring,
-              q_ready, do_ready, q_empty, do_empty, LSE, DELTA, PERM, DK, DV, spn, sgn,
-              tidx_ptr, count, bh0, first, seg_end, kv_row0, start_n, N, n_qb, qk_scale,
-              sm_scale, G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+              q_ready, do_ready, q_empty, do_empty, lse_ring, delta_ring, PERM, DK, DV, spn,
+              sgn, count, first, seg_end, kv_row0, start_n, N, qk_scale, sm_scale,
+              G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
               STAGES: gl.constexpr):  # fmt: skip
     """One warpgroup: dk, dv of permuted keys [start_n + part * 64, +64) over the whole
     schedule, stored at the keys' original positions. PERM, DK, DV point at this (batch, KV
@@ -160,21 +168,19 @@ def _consumer(part: gl.constexpr, k_pair, v_pair, kv_bar, kp_desc, vp_desc, q_ri
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
 
+    # The producers' schedule (see _producer): a consumer needs only the tile count of (a),
+    # which is unmasked, and the query positions of (b).
     t = 0
-    for e in range(count):  # (a) query blocks of later segments that kept this key block
-        entry = gl.load(tidx_ptr + e)
-        bh = bh0 + entry // n_qb
-        for sub in gl.static_range(BLOCK // ROWS):
-            m0 = (entry % n_qb) * BLOCK + sub * ROWS
-            dk, dv = _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_ready,
-                           q_empty, do_empty, LSE, DELTA, bh, m0, key_pos, N, qk_scale,
-                           False, STAGES, HEAD_DIM)  # fmt: skip
-            t += 1
-    for g in range(G):  # (b) own segment, token-level causality
+    for _ in range(count * (BLOCK // ROWS)):  # (a) query blocks of later segments
+        dk, dv = _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_ready,
+                       q_empty, do_empty, lse_ring, delta_ring, 0, key_pos, qk_scale, False,
+                       STAGES, HEAD_DIM)  # fmt: skip
+        t += 1
+    for _ in range(G):  # (b) own segment of every query head, token-level causality
         for m0 in range(first, seg_end, ROWS):
-            dk, dv = _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_ready,
-                           q_empty, do_empty, LSE, DELTA, bh0 + g, m0, key_pos, N, qk_scale,
-                           True, STAGES, HEAD_DIM)  # fmt: skip
+            dk, dv = _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready,
+                           do_ready, q_empty, do_empty, lse_ring, delta_ring, m0, key_pos,
+                           qk_scale, True, STAGES, HEAD_DIM)  # fmt: skip
             t += 1
 
     out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -189,8 +195,8 @@ def _consumer(part: gl.constexpr, k_pair, v_pair, kv_bar, kp_desc, vp_desc, q_ri
 
 @gluon.jit
 def _attn_bwd_dkdv_sm90(
-    q_desc, do_desc, kp_desc, vp_desc, LSE, DELTA, PERM, TCOUNTS, TIDX, DK, DV,
-    spb, sph, spn, sgb, sgh, sgn, N, NP, n_qb, n_kb, qk_scale, sm_scale,
+    q_desc, do_desc, kp_desc, vp_desc, lse_desc, delta_desc, PERM, TCOUNTS, TIDX, DK, DV,
+    spb, sph, spn, sgb, sgh, sgn, N, NP, NPAD, n_qb, n_kb, qk_scale, sm_scale,
     HQ: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
     SEG: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):  # fmt: skip
@@ -198,10 +204,12 @@ def _attn_bwd_dkdv_sm90(
 
     q_desc, do_desc: TMA descriptors of Q and dO as (B*HQ*N, HEAD_DIM), block (64, HEAD_DIM);
     kp_desc, vp_desc: permuted K, V as (B*HKV*NP, HEAD_DIM) (NP >= N rows per head), block
-    (64, HEAD_DIM). LSE, DELTA: (B*HQ, N) fp32. PERM (strides spb, sph, spn), TCOUNTS, TIDX:
-    as in ``_attn_bwd_dkdv``. DK, DV: (B, HKV, N, HEAD_DIM) with strides sgb, sgh, sgn.
-    qk_scale: softmax scale times log2(e); sm_scale: the softmax scale. BLOCK = 2 * 64: two
-    consumer warpgroups. Grid: (cdiv(N, BLOCK), B*HKV); launched with 4 warps (consumer 0).
+    (64, HEAD_DIM). lse_desc, delta_desc: the per-query stats as (B*HQ*NPAD,) fp32 (each
+    query row padded to NPAD, a multiple of BLOCK, with lse = inf, delta = 0), block 64. PERM
+    (strides spb, sph, spn), TCOUNTS, TIDX: as in ``_attn_bwd_dkdv``. DK, DV: (B, HKV, N,
+    HEAD_DIM) with strides sgb, sgh, sgn. qk_scale: softmax scale times log2(e); sm_scale:
+    the softmax scale. BLOCK = 2 * 64: two consumer warpgroups. Grid: (cdiv(N, BLOCK),
+    B*HKV); launched with 4 warps (consumer 0).
     """
     dtype: gl.constexpr = q_desc.dtype
     HKV: gl.constexpr = HQ // G
@@ -215,6 +223,8 @@ def _attn_bwd_dkdv_sm90(
     do_ring = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kp_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], vp_desc.layout)
+    lse_ring = gl.allocate_shared_memory(gl.float32, [STAGES, ROWS], lse_desc.layout)
+    delta_ring = gl.allocate_shared_memory(gl.float32, [STAGES, ROWS], delta_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -246,20 +256,18 @@ def _attn_bwd_dkdv_sm90(
 
     gl.warp_specialize(
         [
-            (_consumer, (0, k_smem, v_smem, kv_bar.index(0), kp_desc, vp_desc,
-                         q_ring, do_ring, q_ready, do_ready, q_empty, do_empty, LSE, DELTA,
-                         perm, dk_ptr, dv_ptr, spn, sgn, tidx_ptr, count, bh0, first, seg_end,
-                         kv_row0, start_n, N, n_qb, qk_scale, sm_scale, G, HEAD_DIM, BLOCK,
-                         STAGES)),
-            (_consumer, (1, k_smem, v_smem, kv_bar.index(1), kp_desc, vp_desc,
-                         q_ring, do_ring, q_ready, do_ready, q_empty, do_empty, LSE, DELTA,
-                         perm, dk_ptr, dv_ptr, spn, sgn, tidx_ptr, count, bh0, first, seg_end,
-                         kv_row0, start_n, N, n_qb, qk_scale, sm_scale, G, HEAD_DIM, BLOCK,
-                         STAGES)),
-            (_producer, (q_desc, q_ring, q_ready, q_empty, tidx_ptr, count, bh0, first,
-                         seg_end, N, n_qb, G, BLOCK, STAGES)),
-            (_producer, (do_desc, do_ring, do_ready, do_empty, tidx_ptr, count, bh0, first,
-                         seg_end, N, n_qb, G, BLOCK, STAGES)),
+            (_consumer, (0, k_smem, v_smem, kv_bar.index(0), kp_desc, vp_desc, q_ring, do_ring,
+                         q_ready, do_ready, q_empty, do_empty, lse_ring, delta_ring, perm, dk_ptr,
+                         dv_ptr, spn, sgn, count, first, seg_end, kv_row0, start_n, N, qk_scale,
+                         sm_scale, G, HEAD_DIM, BLOCK, STAGES)),
+            (_consumer, (1, k_smem, v_smem, kv_bar.index(1), kp_desc, vp_desc, q_ring, do_ring,
+                         q_ready, do_ready, q_empty, do_empty, lse_ring, delta_ring, perm, dk_ptr,
+                         dv_ptr, spn, sgn, count, first, seg_end, kv_row0, start_n, N, qk_scale,
+                         sm_scale, G, HEAD_DIM, BLOCK, STAGES)),
+            (_producer, (q_desc, q_ring, lse_desc, lse_ring, q_ready, q_empty, tidx_ptr, count,
+                         bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK, STAGES)),
+            (_producer, (do_desc, do_ring, delta_desc, delta_ring, do_ready, do_empty, tidx_ptr,
+                         count, bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK, STAGES)),
         ],
         [4, 1, 1],
         [CONSUMER_REGS, 24, 24],
@@ -298,9 +306,19 @@ def block_sparse_dkdv_sm90(
         TensorDescriptor.from_tensor(t, [ROWS.value, D], layout)
         for t in (_rows(q.contiguous()), _rows(do.contiguous()), kp2, vp2)
     )
+    # Each query row's stats padded to a whole number of blocks: a tile's 64 values are one
+    # TMA load, and queries past N get lse = inf (P = 0) and delta = 0.
+    npad = triton.cdiv(N, block) * block
+    stats = torch.empty(2, B * HQ, npad, device=q.device, dtype=torch.float32)
+    stats[0, :, N:], stats[1, :, N:] = float("inf"), 0.0
+    stats[0, :, :N], stats[1, :, :N] = lse.view(B * HQ, N), delta.view(B * HQ, N)
+    stat_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    lse_desc, delta_desc = (
+        TensorDescriptor.from_tensor(x.view(-1), [ROWS.value], stat_layout) for x in stats
+    )
     _attn_bwd_dkdv_sm90[(triton.cdiv(N, block), B * HKV)](
-        q_desc, do_desc, kp_desc, vp_desc, lse, delta, perm, tcounts, tidx, dk, dv,
-        *perm.stride(), *dk.stride()[:3], N, kp2.shape[0] // (B * HKV), n_qb,
+        q_desc, do_desc, kp_desc, vp_desc, lse_desc, delta_desc, perm, tcounts, tidx, dk, dv,
+        *perm.stride(), *dk.stride()[:3], N, kp2.shape[0] // (B * HKV), npad, n_qb,
         tidx.shape[2], scale * LOG2E, scale,
         HQ=HQ, G=HQ // HKV, HEAD_DIM=D, BLOCK=block, SEG=seg, STAGES=STAGES,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
