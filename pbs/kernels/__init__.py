@@ -298,8 +298,9 @@ def block_sparse_attention_backward(
 
     do, q, out: (B, HQ, N, D); k, v, kp, vp, perm, counts, idx as in the forward (perm:
     (B, HKV, N) int32, kp[..., i, :] = k[..., perm[i], :]); lse: (B, HQ, N) fp32 written by the
-    forward. ``kernel`` as in :func:`attention_kernel`: "sm90" computes dk, dv with the Gluon
-    kernel of :mod:`pbs.kernels.attention_bwd_sm90`, dq always with the portable one. Returns
+    forward. ``kernel`` as in :func:`attention_kernel`: "sm90" computes dq, dk, dv in one
+    Gluon kernel (:mod:`pbs.kernels.attention_bwd_sm90`), "generic" with the portable dq and
+    dk/dv kernels of :mod:`pbs.kernels.attention_bwd`. Returns
     dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) in original key order, each in its input's dtype.
     """
     sm90 = attention_kernel(q, block, kernel) == "sm90"
@@ -319,6 +320,11 @@ def block_sparse_attention_backward(
     tcounts, tidx = key_block_lists(counts, idx, HKV)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    if sm90:
+        attention_bwd_sm90.block_sparse_backward_sm90(
+            q, do, kp, vp, lse, delta, perm, tcounts, tidx, n_qb, block, seg, scale, dq, dk, dv
+        )
+        return dq, dk, dv
     dq_args = (
         q, k, v, kp, vp, do, dq, lse, delta, counts, idx,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -333,12 +339,6 @@ def block_sparse_attention_backward(
         _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
             *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm < 128 else 8
         )
-
-    if sm90:
-        attention_bwd_sm90.block_sparse_dkdv_sm90(
-            q, do, kp, vp, lse, delta, perm, tcounts, tidx, n_qb, block, seg, scale, dk, dv
-        )
-        return dq, dk, dv
     dkdv_args = (
         q, kp, vp, do, dk, dv, lse, delta, perm, tcounts, tidx,
         *q.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3],

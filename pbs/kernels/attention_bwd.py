@@ -19,8 +19,8 @@ probabilities from the forward's log-sum-exp and runs over the same schedule fro
   instead of the dq kernel measured 1.17x slower than the two kernels.)
 
 Scores are in log2 units: p = exp2(q.k * qk_scale - lse) with qk_scale = scale * log2(e).
-On Hopper the dk, dv half runs as a Gluon kernel instead (:mod:`pbs.kernels.attention_bwd_sm90`,
-same schedule); dq always runs here.
+On Hopper one Gluon kernel computes dq, dk and dv instead (:mod:`pbs.kernels.attention_bwd_sm90`,
+the dk/dv schedule, dq added by TMA reduce-add).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The dk, dv half of PBS-Attn's backward on Hopper (sm_90), written in Gluon.
+"""PBS-Attn's backward on Hopper (sm_90), written in Gluon: dq, dk and dv in one kernel.
 
-The same computation as ``_attn_bwd_dkdv`` in :mod:`pbs.kernels.attention_bwd` (the portable
-kernel; read its docstring first), organised as FlashAttention-3 organises its backward:
-- One program holds one block of BLOCK permuted keys of one (batch, KV head) in shared memory
-  and their dk, dv accumulators in registers, 64 keys (one wgmma M) per consumer warpgroup.
+The same computation as the portable kernels of :mod:`pbs.kernels.attention_bwd` (read their
+docstring first), organised as FlashAttention-3 organises its backward:
+- One program holds one block of BLOCK = 128 permuted keys of one (batch, KV head) in shared
+  memory and their dk, dv accumulators in registers, 64 keys (one wgmma M) per consumer
+  warpgroup.
 - Two producer warps, one for Q and its lse, one for dO and its delta, stream the query tiles
   of the schedule by TMA into rings of ``STAGES`` slots ("ready" and "empty" mbarriers per
   slot): (a) the query
@@ -11,28 +12,32 @@ kernel; read its docstring first), organised as FlashAttention-3 organises its b
   then (b) every query head of the group over its own segment, from the tile's earliest key
   on, masked token by token. Both consumers read the same tiles.
 - Per tile a consumer issues S^T = K Q^T and dP^T = V dO^T together (async wgmma), turns S^T
-  into P^T while dP^T runs, issues dV += P^T dO, forms dS^T = P^T (dP^T - delta) while dV
-  runs, then dK += dS^T Q. P^T and dS^T stay in registers as the A operand of the next
-  products: no shared-memory round trip. The query stats (lse, delta) arrive with the tile in
-  shared memory and start the S^T and dP^T accumulators: loaded from global memory by the
-  consumer they put a load's latency before every tile, and held in registers they spilled.
+  into P^T while dP^T runs, forms dS^T = P^T (dP^T - delta), issues dV += P^T dO (P^T from
+  registers), puts dS^T in shared memory and issues dK += dS^T Q from there. The query stats
+  (lse, delta) arrive with the tile in shared memory and start the S^T and dP^T accumulators:
+  loaded from global memory by the consumer they put a load's latency before every tile, and
+  held in registers they spilled.
 - Every loop-invariant shared-memory address is formed inside the loop (see ``zero`` in
   _consumer): hoisted, ptxas spilled them.
-dq stays with the portable dq kernel (one program per query tile, no atomics).
-
-Measured on an H100 (bench/results/pbs_backward.md): 8.69 ms at 32K and 116.8 ms at 128K, against
-12.53 and 159.1 ms for the portable kernel's best tile (another call, same inputs); same dk, dv
-up to fp32 rounding (relative difference <= 7.4e-4). Three ring slots instead of two: 22% faster
-at 128K (the consumers' hot loops spill almost nothing; 205 spill stores in the SASS with two).
+- dq: once both consumers' dS^T are in shared memory (one mbarrier per buffer, two buffers),
+  consumer p computes dQ[:, half p of the head dim] = dS K[:, half p] over all 128 keys and
+  stages it in shared memory; a third worker warp adds the tile into an fp32 dq buffer by TMA
+  reduce-add. dq so gathers the contributions of every key block that sees its queries in the
+  same pass (the portable backward runs a second kernel that recomputes S and dP for dq). dS
+  is rounded to 16 bits before the softmax scale, as in the portable kernels; dq and dk are
+  scaled in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -47,75 +52,140 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 STAGES = 3  # slots in each of the Q and dO rings (3 x 2 x 16 KB at 64 x 128 bf16)
 # Registers per thread of the second consumer warpgroup (dk and dv take 128 of them); the
-# producers keep 24 each.
+# three one-warp workers keep 24 each.
 CONSUMER_REGS = 240
 
 
+@builtin
+def _tma_reduce_add(desc, coord, src, _semantic=None):
+    """Add the shared-memory tile ``src`` into the tile of ``desc`` at ``coord`` (TMA
+    reduce-add, cp.reduce.async.bulk.tensor). Triton 3.6 builds the op but Gluon has no
+    wrapper for it; completion is awaited like a TMA store's (tma.store_wait)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(
+        ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle
+    )
+
+
 @gluon.jit
-def _put(t, bh, m0, desc, ring, stat_desc, stat_ring, ready, empty, N, NPAD,
-         STAGES: gl.constexpr):  # fmt: skip
-    """Start the TMA loads of tile t (queries [m0, m0 + 64) of query row bh: their rows of
-    desc and their stats) into its ring slots, once both consumers have released the slots'
-    previous tile; returns t + 1."""
+def _walk(visit: gl.constexpr, acc, ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb,
+          G: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
+    """acc = visit(t, bh, m0, masked, acc, ctx) for the schedule's query tiles t = 0, 1, ...
+    in order: queries [m0, m0 + 64) of query row bh = batch * HQ + head (bh0: the group's
+    first), masked for the own segment. Every partition walks the same schedule. Returns acc."""
+    t = 0
+    for e in range(count):  # (a) query blocks of later segments that kept this key block
+        entry = gl.load(tidx_ptr + e)
+        bh = bh0 + entry // n_qb
+        for sub in gl.static_range(BLOCK // ROWS):
+            m0 = (entry % n_qb) * BLOCK + sub * ROWS
+            acc = visit(t, bh, m0, False, acc, ctx)
+            t += 1
+    for g in range(G):  # (b) own segment, token-level causality
+        for m0 in range(first, seg_end, ROWS):
+            acc = visit(t, bh0 + g, m0, True, acc, ctx)
+            t += 1
+    return acc
+
+
+@gluon.jit
+def _load_tile(t, bh, m0, masked: gl.constexpr, acc, ctx):
+    """Producer step: start the TMA loads of tile t (its rows of desc and its 64 stats) into
+    the rings' slot once both consumers have released the slot's previous tile. ctx: (desc,
+    ring, ready, empty, N, stat_desc, stat_ring, NPAD)."""
+    desc, ring, ready, empty, N, stat_desc, stat_ring, NPAD = ctx
+    STAGES: gl.constexpr = ring.shape[0]
     slot = t % STAGES
     if t >= STAGES:
         mbarrier.wait(empty.index(slot), (t // STAGES - 1) & 1)
     mbarrier.expect(ready.index(slot), desc.block_type.nbytes + stat_desc.block_type.nbytes)
     _tma_load(desc, [bh * N + m0, 0], ready.index(slot), ring.index(slot))
     _tma_load(stat_desc, [bh * NPAD + m0], ready.index(slot), stat_ring.index(slot))
-    return t + 1
+    return acc
 
 
 @gluon.jit
 def _producer(desc, ring, stat_desc, stat_ring, ready, empty, tidx_ptr, count, bh0, first,
-              seg_end, N, NPAD, n_qb, G: gl.constexpr, BLOCK: gl.constexpr,
-              STAGES: gl.constexpr):  # fmt: skip
+              seg_end, N, NPAD, n_qb, G: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
     """One warp: loads the schedule's query tiles of Q and their lse (or dO and their delta)
-    into the rings. bh0: the (batch * HQ + head) of the group's first query head."""
-    t = 0
-    for e in range(count):
-        entry = gl.load(tidx_ptr + e)
-        bh = bh0 + entry // n_qb
-        m0 = (entry % n_qb) * BLOCK
-        for sub in gl.static_range(BLOCK // ROWS):
-            t = _put(t, bh, m0 + sub * ROWS, desc, ring, stat_desc, stat_ring, ready, empty, N,
-                     NPAD, STAGES)  # fmt: skip
-    for g in range(G):
-        for m0 in range(first, seg_end, ROWS):
-            t = _put(t, bh0 + g, m0, desc, ring, stat_desc, stat_ring, ready, empty, N, NPAD,
-                     STAGES)  # fmt: skip
+    into the rings."""
+    ctx = (desc, ring, ready, empty, N, stat_desc, stat_ring, NPAD)
+    _walk(_load_tile, count, ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G, BLOCK)
 
 
 @gluon.jit
-def _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_ready, q_empty,
-          do_empty, lse_ring, delta_ring, m0, key_pos, qk_scale,
-          MASKED: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):  # fmt: skip
-    """Fold query tile t (queries [m0, m0 + 64) of query row bh = batch * HQ + head) into this
-    warpgroup's dk, dv (64 keys). key_pos: the keys' original positions; with MASKED a query
-    sees a key only at or after it. The tile's lse and delta come in their rings with Q and dO;
-    queries past N have lse = inf there, so P^T is exactly 0 for them.
-    """
+def _add_dq(t, bh, m0, masked: gl.constexpr, acc, ctx):
+    """dq-writer step: once both consumers staged tile t's dq halves, add them into the fp32
+    dq buffer and free the staging buffer. ctx: (dq_desc, dq_smem, ready, empty, N)."""
+    dq_desc, dq_smem, ready, empty, N = ctx
+    HALF: gl.constexpr = dq_desc.block_type.shape[1]
+    mbarrier.wait(ready, t & 1)
+    _tma_reduce_add(dq_desc, [bh * N + m0, 0], dq_smem.index(0))
+    _tma_reduce_add(dq_desc, [bh * N + m0, HALF], dq_smem.index(1))
+    tma.store_wait(0)
+    mbarrier.arrive(empty, count=1)
+    return acc
+
+
+@gluon.jit
+def _dq_writer(dq_desc, dq_smem, dq_ready, dq_empty, tidx_ptr, count, bh0, first, seg_end, N,
+               n_qb, G: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
+    """One warp: adds every tile's dq into the fp32 dq buffer (rows of a tile past N belong to
+    the next head and receive exact zeros: their probabilities are 0)."""
+    _walk(_add_dq, count, (dq_desc, dq_smem, dq_ready, dq_empty, N), tidx_ptr, count, bh0, first,
+          seg_end, N, n_qb, G, BLOCK)  # fmt: skip
+
+
+# _walk's visit for each consumer: ``part`` must stay a constexpr (it slices shared memory), and
+# a constexpr passed through ctx becomes a tensor.
+@gluon.jit
+def _tile0(t, bh, m0, masked: gl.constexpr, acc, ctx):
+    return _tile(0, t, bh, m0, masked, acc, ctx)
+
+
+@gluon.jit
+def _tile1(t, bh, m0, masked: gl.constexpr, acc, ctx):
+    return _tile(1, t, bh, m0, masked, acc, ctx)
+
+
+@gluon.jit
+def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
+    """Consumer step: fold query tile t (queries [m0, m0 + 64) of query row bh) into this
+    warpgroup's acc = (dk, dv) (its 64 keys) and stage the tile's dq half; ctx: what it reads
+    (see _consumer). With ``masked`` a query sees a key only at or after it. Queries past N
+    have lse = inf in the stats ring, so P^T and dS^T are exactly 0 there."""
+    dk, dv = acc
+    (key_pos, k_pair, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
+     slot_free, ds_smem, ds_bar, dq_own, dq_ready, dq_empty, qk_scale, sm_scale) = ctx  # fmt: skip
     dtype: gl.constexpr = q_ring.dtype
+    STAGES: gl.constexpr = q_ring.shape[0]
+    HEAD_DIM: gl.constexpr = q_ring.shape[2]
+    HALF: gl.constexpr = dq_own.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWS, 16]
     )
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
     )
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16]
+    )
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     offs_m = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
     zeros = gl.zeros([ROWS, ROWS], gl.float32, s_layout)
-
     slot = t % STAGES
     phase = (t // STAGES) & 1
-    k_smem = k_pair.index(part + t * zero)  # formed per tile: see _consumer
-    v_smem = v_pair.index(part + t * zero)
+    z = t * zero  # 0, formed per tile (see _consumer)
+    k_own = k_pair.index(part + z)
+    v_smem = v_pair.index(part + z)
+    k_half0 = k_pair.index(z).slice(part * HALF, HALF, dim=1)
+    k_half1 = k_pair.index(z + 1).slice(part * HALF, HALF, dim=1)
     q = q_ring.index(slot)
     do = do_ring.index(slot)
     mbarrier.wait(q_ready.index(slot), phase)
     lse = lse_ring.index(slot).load(gl.SliceLayout(0, s_layout))
     s_init = zeros - (lse * (1.0 / qk_scale))[None, :]
-    s_tok = warpgroup_mma(k_smem, q.permute((1, 0)), s_init, is_async=True)
+    s_tok = warpgroup_mma(k_own, q.permute((1, 0)), s_init, is_async=True)
     mbarrier.wait(do_ready.index(slot), phase)
     delta = delta_ring.index(slot).load(gl.SliceLayout(0, s_layout))
     dp_init = zeros - delta[None, :]
@@ -123,96 +193,122 @@ def _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_re
     # wgmma groups retire in order: one outstanding means S^T is done, dP^T may run on.
     s = warpgroup_mma_wait(1, deps=(s_tok,))
     p = _exp2(s * qk_scale)
-    if MASKED:
+    if masked:
         p = gl.where(offs_m[None, :] >= key_pos[:, None], p, 0.0)
+    dp = warpgroup_mma_wait(0, deps=(dp_tok,))
+    ds = (p * dp).to(dtype)
     p_op = gl.convert_layout(p.to(dtype), op_layout)
     dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
-    dp = warpgroup_mma_wait(1, deps=(dp_tok,))
-    ds_op = gl.convert_layout((p * dp).to(dtype), op_layout)
-    dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
-    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
-    mbarrier.arrive(q_empty.index(slot), count=1)
-    mbarrier.arrive(do_empty.index(slot), count=1)
+    buf = t % 2
+    ds_tile = ds_smem.index(buf * 2 + part)
+    ds_tile.store(ds)
+    fence_async_shared()
+    dk_tok = warpgroup_mma(ds_tile, q, dk, is_async=True)
+    mbarrier.arrive(ds_bar.index(buf), count=1)
+    mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
+    dq_zero = gl.zeros([ROWS, HALF], gl.float32, dq_layout)
+    # dQ_p = dS K[:, half p], summed over the two consumers' 64 keys
+    dq_tok = warpgroup_mma(ds_smem.index(buf * 2).permute((1, 0)), k_half0, dq_zero,
+                           use_acc=False, is_async=True)  # fmt: skip
+    dq_tok = warpgroup_mma(ds_smem.index(buf * 2 + 1).permute((1, 0)), k_half1, dq_tok,
+                           is_async=True)  # fmt: skip
+    dv, dk, dq, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op))
+    mbarrier.arrive(slot_free.index(slot), count=1)
+    mbarrier.wait(dq_empty, (t & 1) ^ 1)  # the writer has sent the previous tile's dq
+    dq_own.store(dq * sm_scale)
+    fence_async_shared()
+    mbarrier.arrive(dq_ready, count=1)
     return dk, dv
 
 
 @gluon.jit
-def _consumer(part: gl.constexpr, k_pair, v_pair, kv_bar, kp_desc, vp_desc, q_ring, do_ring,
-              q_ready, do_ready, q_empty, do_empty, lse_ring, delta_ring, PERM, DK, DV, spn,
-              sgn, count, first, seg_end, kv_row0, start_n, N, qk_scale, sm_scale,
-              G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-              STAGES: gl.constexpr):  # fmt: skip
+def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ring, do_ring,
+              q_ready, do_ready, slot_free, ds_smem, ds_bar, dq_smem, dq_ready,
+              dq_empty, lse_ring, delta_ring, PERM, DK, DV, spn, sgn, tidx_ptr, count, bh0,
+              first, seg_end, kv_row0, start_n, N, n_qb, qk_scale, sm_scale, G: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
     """One warpgroup: dk, dv of permuted keys [start_n + part * 64, +64) over the whole
-    schedule, stored at the keys' original positions. PERM, DK, DV point at this (batch, KV
-    head); kv_row0: its first row in the permuted K/V descriptors."""
+    schedule, stored at the keys' original positions, and its half of every tile's dq. PERM,
+    DK, DV point at this (batch, KV head); kv_row0: its first row in the permuted K/V
+    descriptors; k_smem, v_pair: both consumers' keys and values, 64 rows each."""
+    dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWS, 16]
     )
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
     )
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     n0 = start_n + part * ROWS
-    k_smem = k_pair.index(part)
+    k_own = k_smem.index(part)
     v_smem = v_pair.index(part)
-    # A zero that ptxas cannot see is one (the grid is 2-D). _tile indexes K's and V's shared
-    # memory with t * zero, so their 16 wgmma descriptors are formed per tile instead of
-    # hoisted out of the loop and spilled: 51 spill stores in the SASS without it, 1 with it.
-    zero = gl.program_id(2)
-    mbarrier.expect(kv_bar, 2 * kp_desc.block_type.nbytes)
-    _tma_load(kp_desc, [kv_row0 + n0, 0], kv_bar, k_smem)
-    _tma_load(vp_desc, [kv_row0 + n0, 0], kv_bar, v_smem)
+    mbarrier.expect(kv_bar.index(part), 2 * kp_desc.block_type.nbytes)
+    _tma_load(kp_desc, [kv_row0 + n0, 0], kv_bar.index(part), k_own)
+    _tma_load(vp_desc, [kv_row0 + n0, 0], kv_bar.index(part), v_smem)
     keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     # Rows past N get position N: their dk, dv are not stored.
     key_pos = gl.load(PERM + keys.to(gl.int64) * spn, mask=keys < N, other=N)
     dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
-    mbarrier.wait(kv_bar, 0)
+    mbarrier.wait(kv_bar.index(part), 0)
+    if n0 + ROWS > N:
+        # Rows past N hold whatever follows the sequence (kp, vp may be views of longer
+        # buffers, NaN included). Zeroed, they add exact zeros to dq, whose product reads
+        # every key of the block; the other consumer reads them after the first dS^T barrier.
+        rows_ok = (n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout)) < N)[:, None]
+        zero = gl.zeros([ROWS, HEAD_DIM], dtype, out_layout)
+        k_own.store(gl.where(rows_ok, k_own.load(out_layout), zero))
+        v_smem.store(gl.where(rows_ok, v_smem.load(out_layout), zero))
+        fence_async_shared()
+    mbarrier.wait(kv_bar.index(1 - part), 0)  # the other consumer's keys, for dq
 
-    # The producers' schedule (see _producer): a consumer needs only the tile count of (a),
-    # which is unmasked, and the query positions of (b).
-    t = 0
-    for _ in range(count * (BLOCK // ROWS)):  # (a) query blocks of later segments
-        dk, dv = _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready, do_ready,
-                       q_empty, do_empty, lse_ring, delta_ring, 0, key_pos, qk_scale, False,
-                       STAGES, HEAD_DIM)  # fmt: skip
-        t += 1
-    for _ in range(G):  # (b) own segment of every query head, token-level causality
-        for m0 in range(first, seg_end, ROWS):
-            dk, dv = _tile(dk, dv, t, k_pair, v_pair, part, zero, q_ring, do_ring, q_ready,
-                           do_ready, q_empty, do_empty, lse_ring, delta_ring, m0, key_pos,
-                           qk_scale, True, STAGES, HEAD_DIM)  # fmt: skip
-            t += 1
+    # A zero that ptxas cannot see is one (the grid is 2-D). _tile indexes K's and V's shared
+    # memory with t * zero, so their wgmma descriptors are formed per tile instead of hoisted
+    # out of the loop and spilled (with them hoisted: 261 spill stores in the SASS, 25 without).
+    zero = gl.program_id(2)
+    ctx = (key_pos, k_smem, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready,
+           do_ready, slot_free, ds_smem, ds_bar, dq_smem.index(part), dq_ready, dq_empty,
+           qk_scale, sm_scale)  # fmt: skip
+    if part == 0:
+        dk, dv = _walk(_tile0, (dk, dv), ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G,
+                       BLOCK)  # fmt: skip
+    else:
+        dk, dv = _walk(_tile1, (dk, dv), ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G,
+                       BLOCK)  # fmt: skip
 
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    pos = gl.convert_layout(key_pos, gl.SliceLayout(1, out_layout))
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+    # Stored from the wgmma layout (pairs of values a thread): a layout conversion would need
+    # 16 KB of scratch shared memory, which the third ring slot uses.
+    pos = gl.convert_layout(key_pos, gl.SliceLayout(1, acc_layout))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     dst = pos[:, None].to(gl.int64) * sgn + dims[None, :]
     ok = (pos < N)[:, None]
-    gl.store(DK + dst, gl.convert_layout((dk * sm_scale).to(DK.dtype.element_ty), out_layout),
-             mask=ok)  # fmt: skip
-    gl.store(DV + dst, gl.convert_layout(dv.to(DV.dtype.element_ty), out_layout), mask=ok)
+    gl.store(DK + dst, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
+    gl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=ok)
 
 
 @gluon.jit
-def _attn_bwd_dkdv_sm90(
-    q_desc, do_desc, kp_desc, vp_desc, lse_desc, delta_desc, PERM, TCOUNTS, TIDX, DK, DV,
-    spb, sph, spn, sgb, sgh, sgn, N, NP, NPAD, n_qb, n_kb, qk_scale, sm_scale,
+def _attn_bwd_sm90(
+    q_desc, do_desc, kp_desc, vp_desc, dq_desc, lse_desc, delta_desc, PERM, TCOUNTS, TIDX, DK,
+    DV, spb, sph, spn, sgb, sgh, sgn, N, NP, NPAD, n_qb, n_kb, qk_scale, sm_scale,
     HQ: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
     SEG: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):  # fmt: skip
-    """dk, dv of BLOCK permuted key rows of one (batch, KV head), stored in original order.
+    """dk, dv of BLOCK permuted key rows of one (batch, KV head), stored in original order,
+    and their contributions to dq, added into the fp32 dq buffer.
 
     q_desc, do_desc: TMA descriptors of Q and dO as (B*HQ*N, HEAD_DIM), block (64, HEAD_DIM);
     kp_desc, vp_desc: permuted K, V as (B*HKV*NP, HEAD_DIM) (NP >= N rows per head), block
-    (64, HEAD_DIM). lse_desc, delta_desc: the per-query stats as (B*HQ*NPAD,) fp32 (each
-    query row padded to NPAD, a multiple of BLOCK, with lse = inf, delta = 0), block 64. PERM
-    (strides spb, sph, spn), TCOUNTS, TIDX: as in ``_attn_bwd_dkdv``. DK, DV: (B, HKV, N,
-    HEAD_DIM) with strides sgb, sgh, sgn. qk_scale: softmax scale times log2(e); sm_scale:
-    the softmax scale. BLOCK = 2 * 64: two consumer warpgroups. Grid: (cdiv(N, BLOCK),
-    B*HKV); launched with 4 warps (consumer 0).
+    (64, HEAD_DIM); dq_desc: the fp32 dq buffer as (B*HQ*N, HEAD_DIM), zeroed, block (64,
+    HEAD_DIM / 2); it receives dq = scale * sum_j dS_ij k_j. lse_desc, delta_desc: the
+    per-query stats as (B*HQ*NPAD,) fp32 (each query row padded to NPAD, a multiple of BLOCK,
+    with lse = inf, delta = 0), block 64. PERM (strides spb, sph, spn), TCOUNTS, TIDX: as in
+    ``_attn_bwd_dkdv``. DK, DV: (B, HKV, N, HEAD_DIM) with strides sgb, sgh, sgn. qk_scale: softmax
+    scale times log2(e); sm_scale: the softmax scale. BLOCK = 2 * 64: two consumer warpgroups. Grid:
+    (cdiv(N, BLOCK), B*HKV); launched with 4 warps (consumer 0).
     """
     dtype: gl.constexpr = q_desc.dtype
     HKV: gl.constexpr = HQ // G
+    HALF: gl.constexpr = HEAD_DIM // 2
     pid_n = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // HKV
@@ -223,20 +319,27 @@ def _attn_bwd_dkdv_sm90(
     do_ring = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kp_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], vp_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [4, ROWS, ROWS], ds_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS, HALF], dq_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     lse_ring = gl.allocate_shared_memory(gl.float32, [STAGES, ROWS], lse_desc.layout)
     delta_ring = gl.allocate_shared_memory(gl.float32, [STAGES, ROWS], delta_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # A slot of both rings is free once both consumers are done with its Q and dO tiles.
+    slot_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(kv_bar.index(i), count=1)
+        mbarrier.init(ds_bar.index(i), count=2)
+    mbarrier.init(dq_bar.index(0), count=2)  # ready: both halves staged
+    mbarrier.init(dq_bar.index(1), count=1)  # empty: the writer has sent them
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)
-        mbarrier.init(do_empty.index(i), count=2)
+        mbarrier.init(slot_free.index(i), count=2)
 
     trow = pid_bh * n_kb + pid_n
     count = gl.load(TCOUNTS + trow)
@@ -256,25 +359,29 @@ def _attn_bwd_dkdv_sm90(
 
     gl.warp_specialize(
         [
-            (_consumer, (0, k_smem, v_smem, kv_bar.index(0), kp_desc, vp_desc, q_ring, do_ring,
-                         q_ready, do_ready, q_empty, do_empty, lse_ring, delta_ring, perm, dk_ptr,
-                         dv_ptr, spn, sgn, count, first, seg_end, kv_row0, start_n, N, qk_scale,
-                         sm_scale, G, HEAD_DIM, BLOCK, STAGES)),
-            (_consumer, (1, k_smem, v_smem, kv_bar.index(1), kp_desc, vp_desc, q_ring, do_ring,
-                         q_ready, do_ready, q_empty, do_empty, lse_ring, delta_ring, perm, dk_ptr,
-                         dv_ptr, spn, sgn, count, first, seg_end, kv_row0, start_n, N, qk_scale,
-                         sm_scale, G, HEAD_DIM, BLOCK, STAGES)),
-            (_producer, (q_desc, q_ring, lse_desc, lse_ring, q_ready, q_empty, tidx_ptr, count,
-                         bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK, STAGES)),
-            (_producer, (do_desc, do_ring, delta_desc, delta_ring, do_ready, do_empty, tidx_ptr,
-                         count, bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK, STAGES)),
+            (_consumer, (0, k_smem, v_smem, kv_bar, kp_desc, vp_desc, q_ring, do_ring,
+                         q_ready, do_ready, slot_free, ds_smem, ds_bar, dq_smem,
+                         dq_bar.index(0), dq_bar.index(1), lse_ring, delta_ring, perm, dk_ptr,
+                         dv_ptr, spn, sgn, tidx_ptr, count, bh0, first, seg_end, kv_row0,
+                         start_n, N, n_qb, qk_scale, sm_scale, G, HEAD_DIM, BLOCK)),
+            (_consumer, (1, k_smem, v_smem, kv_bar, kp_desc, vp_desc, q_ring, do_ring,
+                         q_ready, do_ready, slot_free, ds_smem, ds_bar, dq_smem,
+                         dq_bar.index(0), dq_bar.index(1), lse_ring, delta_ring, perm, dk_ptr,
+                         dv_ptr, spn, sgn, tidx_ptr, count, bh0, first, seg_end, kv_row0,
+                         start_n, N, n_qb, qk_scale, sm_scale, G, HEAD_DIM, BLOCK)),
+            (_producer, (q_desc, q_ring, lse_desc, lse_ring, q_ready, slot_free, tidx_ptr,
+                         count, bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK)),
+            (_producer, (do_desc, do_ring, delta_desc, delta_ring, do_ready, slot_free, tidx_ptr,
+                         count, bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK)),
+            (_dq_writer, (dq_desc, dq_smem, dq_bar.index(0), dq_bar.index(1), tidx_ptr, count,
+                          bh0, first, seg_end, N, n_qb, G, BLOCK)),
         ],
-        [4, 1, 1],
-        [CONSUMER_REGS, 24, 24],
+        [4, 1, 1, 1],
+        [CONSUMER_REGS, 24, 24, 24],
     )  # fmt: skip
 
 
-def block_sparse_dkdv_sm90(
+def block_sparse_backward_sm90(
     q: torch.Tensor,
     do: torch.Tensor,
     kp: torch.Tensor,
@@ -288,13 +395,16 @@ def block_sparse_dkdv_sm90(
     block: int,
     seg: int,
     scale: float,
+    dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
 ) -> None:
-    """Fill dk, dv (B, HKV, N, D) as ``_attn_bwd_dkdv`` does (same arguments, as tensors).
+    """Fill dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) as the portable ``_attn_bwd_dq`` and
+    ``_attn_bwd_dkdv`` do (same arguments, as tensors).
 
     q, do: (B, HQ, N, D), copied when their rows are not laid out (B*HQ*N, D); kp, vp may be
     views of longer buffers (one row spacing for both); lse, delta: contiguous (B, HQ, N) fp32.
+    dq goes through an fp32 buffer of B*HQ*N*D values (the TMA reduce-adds' target).
     """
     B, HQ, N, D = q.shape
     HKV = kp.shape[1]
@@ -306,20 +416,22 @@ def block_sparse_dkdv_sm90(
         TensorDescriptor.from_tensor(t, [ROWS.value, D], layout)
         for t in (_rows(q.contiguous()), _rows(do.contiguous()), kp2, vp2)
     )
-    # Each query row's stats padded to a whole number of blocks: a tile's 64 values are one
-    # TMA load, and queries past N get lse = inf (P = 0) and delta = 0.
+    dq_acc = torch.zeros(B * HQ * N, D, device=q.device, dtype=torch.float32)
     npad = triton.cdiv(N, block) * block
     stats = torch.empty(2, B * HQ, npad, device=q.device, dtype=torch.float32)
-    stats[0, :, N:], stats[1, :, N:] = float("inf"), 0.0
+    stats[0, :, N:], stats[1, :, N:] = float("inf"), 0.0  # queries past N: P = 0
     stats[0, :, :N], stats[1, :, :N] = lse.view(B * HQ, N), delta.view(B * HQ, N)
     stat_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     lse_desc, delta_desc = (
         TensorDescriptor.from_tensor(x.view(-1), [ROWS.value], stat_layout) for x in stats
     )
-    _attn_bwd_dkdv_sm90[(triton.cdiv(N, block), B * HKV)](
-        q_desc, do_desc, kp_desc, vp_desc, lse_desc, delta_desc, perm, tcounts, tidx, dk, dv,
-        *perm.stride(), *dk.stride()[:3], N, kp2.shape[0] // (B * HKV), npad, n_qb,
+    dq_layout = gl.NVMMASharedLayout.get_default_for([ROWS.value, D // 2], gl.float32)
+    dq_desc = TensorDescriptor.from_tensor(dq_acc, [ROWS.value, D // 2], dq_layout)
+    _attn_bwd_sm90[(triton.cdiv(N, block), B * HKV)](
+        q_desc, do_desc, kp_desc, vp_desc, dq_desc, lse_desc, delta_desc, perm, tcounts, tidx,
+        dk, dv, *perm.stride(), *dk.stride()[:3], N, kp2.shape[0] // (B * HKV), npad, n_qb,
         tidx.shape[2], scale * LOG2E, scale,
         HQ=HQ, G=HQ // HKV, HEAD_DIM=D, BLOCK=block, SEG=seg, STAGES=STAGES,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )  # fmt: skip
+    dq.copy_(dq_acc.view(B, HQ, N, D))

@@ -195,10 +195,13 @@ def test_sm90_forward_writes_the_same_log_sum_exp_as_the_generic_kernel():
         (3, 4, 2, 300, 128, torch.bfloat16, 1.0, True),  # every causal block kept
     ],
 )
-def test_sm90_dkdv_matches_the_generic_kernel(b, hq, hkv, n, d, dtype, threshold, nan_padded_kv):
-    """The Gluon dk/dv kernel against the portable one on the same plan and forward; with
-    nan_padded_kv the permuted K/V sit in longer NaN-filled buffers (rows past N are read by
-    the last key block's tile and must not reach any stored gradient)."""
+def test_sm90_backward_matches_the_generic_kernels(
+    b, hq, hkv, n, d, dtype, threshold, nan_padded_kv
+):
+    """The Gluon backward (dq, dk, dv in one kernel) against the portable kernels on the same
+    plan and forward; with nan_padded_kv the permuted K/V sit in longer NaN-filled buffers
+    (rows past N are read by the last key block's tile and must reach no gradient, dq
+    included: its product sums over every key of the block)."""
     q, k, v, do = make_inputs(b, hq, hkv, n, d, dtype, seed=n)
     if kernels.attention_kernel(q, 128) != "sm90":
         pytest.skip("the sm90 kernels need a Hopper GPU")

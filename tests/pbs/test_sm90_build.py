@@ -1,4 +1,4 @@
-"""The Hopper (sm90) attention kernels, the forward and the backward's dk/dv, are built for sm_90
+"""The Hopper (sm90) attention kernels, the forward and the backward, are built for sm_90
 here, without a GPU, with the installed Triton: Gluon is young and its API moves between
 releases, so a break shows up on CI, not first on a user's H100. (Their results are checked
 against the reference in test_gpu.py and test_backward.py.)
@@ -84,14 +84,14 @@ def run_build(*argv) -> subprocess.CompletedProcess:
 )
 def test_sm90_kernel_builds_for_hopper(dtype, head_dim, block, store_lse):
     done = run_build("forward", dtype, head_dim, block, store_lse)
-    wgmma, tma, shared, fp32_store = done.stdout.split()[-4:]
+    wgmma, tma, shared, fp32_store, _ = done.stdout.split()[-5:]
     assert wgmma == "True" and tma == "True"  # wgmma fed by TMA loads
     assert fp32_store == str(bool(store_lse))  # the fp32 log-sum-exp is written when asked for
     assert 0 < int(shared) <= MAX_SHARED
 
 
-def build_dkdv(dtype: torch.dtype, head_dim: int):
-    """Compile the backward's dk/dv kernel for sm_90 (block 128): Triton's compiled kernel."""
+def build_backward(dtype: torch.dtype, head_dim: int):
+    """Compile the backward kernel (dq, dk, dv) for sm_90, block 128: Triton's compiled kernel."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -101,32 +101,36 @@ def build_dkdv(dtype: torch.dtype, head_dim: int):
     gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([bwd.ROWS.value, head_dim], gl_dtype)
     desc = TensorDescriptor.from_tensor(rows, [bwd.ROWS.value, head_dim], layout)
+    dq_block = [bwd.ROWS.value, head_dim // 2]
+    dq_layout = gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)
+    dq_desc = TensorDescriptor.from_tensor(torch.empty(512, head_dim), dq_block, dq_layout)
     ints = torch.empty(4, dtype=torch.int32)
     stat_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     stat = TensorDescriptor.from_tensor(torch.empty(4 * 128), [bwd.ROWS.value], stat_layout)
-    args = dict(q_desc=desc, do_desc=desc, kp_desc=desc, vp_desc=desc, lse_desc=stat,
-                delta_desc=stat, PERM=ints, TCOUNTS=ints, TIDX=ints, DK=rows, DV=rows,
-                spb=1, sph=1, spn=1, sgb=1, sgh=1, sgn=1, N=1, NP=1, NPAD=1, n_qb=1, n_kb=1,
-                qk_scale=0.1, sm_scale=0.1)  # fmt: skip
+    args = dict(q_desc=desc, do_desc=desc, kp_desc=desc, vp_desc=desc, dq_desc=dq_desc,
+                lse_desc=stat, delta_desc=stat, PERM=ints, TCOUNTS=ints, TIDX=ints, DK=rows,
+                DV=rows, spb=1, sph=1, spn=1, sgb=1, sgh=1, sgn=1, N=1, NP=1, NPAD=1, n_qb=1,
+                n_kb=1, qk_scale=0.1, sm_scale=0.1)  # fmt: skip
     const = dict(HQ=4, G=2, HEAD_DIM=head_dim, BLOCK=128, SEG=256, STAGES=bwd.STAGES,
                  CONSUMER_REGS=bwd.CONSUMER_REGS)  # fmt: skip
-    return compile_gluon(bwd._attn_bwd_dkdv_sm90, args, const)
+    return compile_gluon(bwd._attn_bwd_sm90, args, const)
 
 
 @pytest.mark.parametrize("dtype,head_dim", [("bfloat16", 128), ("float16", 64)])
-def test_sm90_dkdv_kernel_builds_for_hopper(dtype, head_dim):
-    done = run_build("dkdv", dtype, head_dim)
-    wgmma, tma, shared, _ = done.stdout.split()[-4:]
+def test_sm90_backward_kernel_builds_for_hopper(dtype, head_dim):
+    done = run_build("backward", dtype, head_dim)
+    wgmma, tma, shared, _, reduce = done.stdout.split()[-5:]
     assert wgmma == "True" and tma == "True"
+    assert reduce == "True"  # dq is added into its fp32 buffer by TMA reduce-add
     assert 0 < int(shared) <= MAX_SHARED
 
 
 if __name__ == "__main__":
     dtype = getattr(torch, sys.argv[2])
-    if sys.argv[1] == "dkdv":
-        kernel = build_dkdv(dtype, int(sys.argv[3]))
+    if sys.argv[1] == "backward":
+        kernel = build_backward(dtype, int(sys.argv[3]))
     else:
         kernel = build(dtype, int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])))
     ptx = kernel.asm["ptx"]
     print("wgmma.mma_async" in ptx, "cp.async.bulk.tensor" in ptx, kernel.metadata.shared,
-          "st.global.b32" in ptx)  # fmt: skip
+          "st.global.b32" in ptx, "cp.reduce.async.bulk.tensor" in ptx)  # fmt: skip
