@@ -300,8 +300,8 @@ def block_sparse_attention_backward(
     (B, HKV, N) int32, kp[..., i, :] = k[..., perm[i], :]); lse: (B, HQ, N) fp32 written by the
     forward. ``kernel`` as in :func:`attention_kernel`: "sm90" computes dq, dk, dv in one
     Gluon kernel (:mod:`pbs.kernels.attention_bwd_sm90`), "generic" with the portable dq and
-    dk/dv kernels of :mod:`pbs.kernels.attention_bwd`. Returns
-    dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) in original key order, each in its input's dtype.
+    dk/dv kernels of :mod:`pbs.kernels.attention_bwd`. Returns dq (B, HQ, N, D) and dk, dv
+    (B, HKV, N, D) in original key order, each in its input's dtype.
     """
     sm90 = attention_kernel(q, block, kernel) == "sm90"
     B, HQ, N, D = q.shape

@@ -7,10 +7,9 @@ docstring first), organised as FlashAttention-3 organises its backward:
   warpgroup.
 - Two producer warps, one for Q and its lse, one for dO and its delta, stream the query tiles
   of the schedule by TMA into rings of ``STAGES`` slots ("ready" and "empty" mbarriers per
-  slot): (a) the query
-  blocks that kept this key block (the transposed block lists), each in tiles of 64 queries,
-  then (b) every query head of the group over its own segment, from the tile's earliest key
-  on, masked token by token. Both consumers read the same tiles.
+  slot): (a) the query blocks that kept this key block (the transposed block lists), each in
+  tiles of 64 queries, then (b) every query head of the group over its own segment, from the
+  tile's earliest key on, masked token by token. Both consumers read the same tiles.
 - Per tile a consumer issues S^T = K Q^T and dP^T = V dO^T together (async wgmma), turns S^T
   into P^T while dP^T runs, forms dS^T = P^T (dP^T - delta), issues dV += P^T dO (P^T from
   registers), puts dS^T in shared memory and issues dK += dS^T Q from there. The query stats
@@ -26,6 +25,11 @@ docstring first), organised as FlashAttention-3 organises its backward:
   same pass (the portable backward runs a second kernel that recomputes S and dP for dq). dS
   is rounded to 16 bits before the softmax scale, as in the portable kernels; dq and dk are
   scaled in fp32.
+
+Measured on an H200 (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads): 185 ms
+at 128K and 13.3-13.9 ms at 32K, against 208-211 and 14.7-14.9 ms for the portable dq kernel
+plus a Gluon dk/dv kernel; dk and dv bitwise equal to that kernel's, dq within 3.6e-4
+(relative) of the portable kernel's.
 """
 
 from __future__ import annotations
