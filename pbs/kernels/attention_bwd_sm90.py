@@ -260,15 +260,15 @@ def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ri
         # buffers, NaN included). Zeroed, they add exact zeros to dq, whose product reads
         # every key of the block; the other consumer reads them after the first dS^T barrier.
         rows_ok = (n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout)) < N)[:, None]
-        zero = gl.zeros([ROWS, HEAD_DIM], dtype, out_layout)
-        k_own.store(gl.where(rows_ok, k_own.load(out_layout), zero))
-        v_smem.store(gl.where(rows_ok, v_smem.load(out_layout), zero))
+        zero_rows = gl.zeros([ROWS, HEAD_DIM], dtype, out_layout)
+        k_own.store(gl.where(rows_ok, k_own.load(out_layout), zero_rows))
+        v_smem.store(gl.where(rows_ok, v_smem.load(out_layout), zero_rows))
         fence_async_shared()
     mbarrier.wait(kv_bar.index(1 - part), 0)  # the other consumer's keys, for dq
 
     # A zero that ptxas cannot see is one (the grid is 2-D). _tile indexes K's and V's shared
     # memory with t * zero, so their wgmma descriptors are formed per tile instead of hoisted
-    # out of the loop and spilled (with them hoisted: 261 spill stores in the SASS, 25 without).
+    # out of the loop and spilled (223 spill stores in the SASS without it, 25 with it).
     zero = gl.program_id(2)
     ctx = (key_pos, k_smem, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready,
            do_ready, slot_free, ds_smem, ds_bar, dq_smem.index(part), dq_ready, dq_empty,
