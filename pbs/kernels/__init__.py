@@ -331,23 +331,21 @@ def block_sparse_attention_backward(
         *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         N, n_qb, n_kb, qk_scale, scale, triton.next_power_of_2(N),
     )  # fmt: skip
-    meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg)
-    if _autotune(q):
-        _attn_bwd_dq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * HQ)](*dq_args, **meta)
-    else:  # interpreter (small tiles keep it fast), or PBS_AUTOTUNE=0: one fixed shape
-        bm, bn = min(block, 32 if interpreting() else 128), min(block, 32)
-        _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
-            *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm < 128 else 8
-        )
     dkdv_args = (
         q, kp, vp, do, dk, dv, lse, delta, perm, tcounts, tidx,
         *q.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3],
         *perm.stride(), *dk.stride()[:3],
         N, n_qb, n_kb, qk_scale, scale, triton.next_power_of_2(N),
     )  # fmt: skip
+    meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg)
     if _autotune(q):
+        _attn_bwd_dq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * HQ)](*dq_args, **meta)
         _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * HKV)](*dkdv_args, **meta)
-    else:
+    else:  # interpreter (small tiles keep it fast), or PBS_AUTOTUNE=0: one fixed shape each
+        bm, bn = min(block, 32 if interpreting() else 128), min(block, 32)
+        _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
+            *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm < 128 else 8
+        )
         bm, bn = min(block, 32 if interpreting() else 64), min(block, 32 if interpreting() else 128)
         _attn_bwd_dkdv[(triton.cdiv(N, bn), B * HKV)](
             *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bn < 128 else 8
