@@ -81,6 +81,25 @@ def select_blocks_torch(logits, sink, threshold, blocks_per_seg, groups):
     return counts, idx
 
 
+def key_block_lists_torch(counts, idx, n_kv_heads):
+    """Plain PyTorch twin of :func:`pbs.kernels.key_block_lists` (same outputs; here the
+    entries after the first tcounts of a row are 0)."""
+    B, HQ, n_qb, n_kb = idx.shape
+    G = HQ // n_kv_heads
+    slot = torch.arange(n_kb, device=idx.device)
+    kept = torch.zeros(B, HQ, n_qb, n_kb + 1, device=idx.device, dtype=torch.bool)
+    kept.scatter_(-1, torch.where(slot < counts[..., None], idx.long(), n_kb), True)
+    # (B, HKV, G, n_qb, n_kb) -> (B, HKV, n_kb, G * n_qb): one row per key block
+    kept_t = kept[..., :n_kb].reshape(B, n_kv_heads, G * n_qb, n_kb).transpose(-1, -2)
+    tcounts = kept_t.sum(-1, dtype=torch.int32)
+    pos = kept_t.cumsum(-1) - 1
+    width = G * n_qb
+    tidx = torch.zeros(B, n_kv_heads, n_kb, width + 1, device=idx.device, dtype=torch.int32)
+    entries = torch.arange(width, device=idx.device, dtype=torch.int32).expand_as(pos)
+    tidx.scatter_(-1, torch.where(kept_t, pos, width), entries)
+    return tcounts.contiguous(), tidx[..., :width].contiguous()
+
+
 def select_blocks(logits, sink, threshold, blocks_per_seg, groups):
     """Kept key blocks as lists. logits: (B, HQ, n_qb, n_kb) log2-unit scores; sink: (B, HKV)
     int32 (negative disables). Returns counts (B, HQ, n_qb) int32 and indices

@@ -10,7 +10,7 @@ import triton
 from .attention import _block_sparse_attn_fwd
 from .attention_bwd import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
 from .scoring import _key_importance_kernel, _last_block_lse_kernel, _permute_rows_kernel
-from .selection import _select_blocks_kernel
+from .selection import _compact_kept_kernel, _mark_kept_kernel, _select_blocks_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -259,22 +259,25 @@ def key_block_lists(
 
     counts (B, HQ, n_qb), idx (B, HQ, n_qb, n_kb) as from :func:`select_blocks`. Returns
     tcounts (B, HKV, n_kb) int32 and tidx (B, HKV, n_kb, G*n_qb) int32 whose first tcounts
-    entries are ``g * n_qb + qb`` (g: query head within the group), ascending.
+    entries are ``g * n_qb + qb`` (g: query head within the group), ascending; the entries
+    after them are unspecified. :func:`pbs.select.key_block_lists_torch` is the reference.
     """
     B, HQ, n_qb, n_kb = idx.shape
     G = HQ // n_kv_heads
-    slot = torch.arange(n_kb, device=idx.device)
-    kept = torch.zeros(B, HQ, n_qb, n_kb + 1, device=idx.device, dtype=torch.bool)
-    kept.scatter_(-1, torch.where(slot < counts[..., None], idx.long(), n_kb), True)
-    # (B, HKV, G, n_qb, n_kb) -> (B, HKV, n_kb, G * n_qb): one row per key block
-    kept_t = kept[..., :n_kb].reshape(B, n_kv_heads, G * n_qb, n_kb).transpose(-1, -2)
-    tcounts = kept_t.sum(-1, dtype=torch.int32)
-    pos = kept_t.cumsum(-1) - 1
     width = G * n_qb
-    tidx = torch.zeros(B, n_kv_heads, n_kb, width + 1, device=idx.device, dtype=torch.int32)
-    entries = torch.arange(width, device=idx.device, dtype=torch.int32).expand_as(pos)
-    tidx.scatter_(-1, torch.where(kept_t, pos, width), entries)
-    return tcounts.contiguous(), tidx[..., :width].contiguous()
+    counts, idx = counts.contiguous(), idx.contiguous()
+    kept = torch.zeros(B, n_kv_heads, n_kb, width, device=idx.device, dtype=torch.int8)
+    block_kb = 64 if interpreting() else 1024
+    _mark_kept_kernel[(n_qb, B * HQ)](
+        counts, idx, kept, n_qb, n_kb, G=G, BLOCK_KB=min(block_kb, triton.next_power_of_2(n_kb))
+    )
+    tcounts = torch.empty(B, n_kv_heads, n_kb, device=idx.device, dtype=torch.int32)
+    tidx = torch.empty(B, n_kv_heads, n_kb, width, device=idx.device, dtype=torch.int32)
+    chunk = min(64 if interpreting() else 4096, triton.next_power_of_2(width))
+    _compact_kept_kernel[(B * n_kv_heads * n_kb,)](
+        kept, tcounts, tidx, width, CHUNK=chunk, num_warps=4 if chunk <= 1024 else 8
+    )
+    return tcounts, tidx
 
 
 def block_sparse_attention_backward(

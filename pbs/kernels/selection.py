@@ -51,3 +51,45 @@ def _select_blocks_kernel(
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
     tl.store(IDX + row * n_kb + pos, offs, mask=keep)
     tl.store(COUNTS + row, tl.sum(keep.to(tl.int32), 0))
+
+
+@triton.jit
+def _mark_kept_kernel(
+    COUNTS, IDX, KEPT, n_qb, n_kb,
+    G: tl.constexpr, BLOCK_KB: tl.constexpr,
+):  # fmt: skip
+    """Mark each kept (query block, key block) pair in the transposed layout.
+
+    Grid: (n_qb, B*HQ). COUNTS, IDX: as written by _select_blocks_kernel (only the first COUNTS
+    entries of a row are read). KEPT: (B*HKV, n_kb, G*n_qb) int8, zeroed; receives 1 at
+    [b*HKV + h // G, kb, (h % G) * n_qb + qb] for every kept key block kb of query block qb
+    of query head h.
+    """
+    qb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    row = pid_bh.to(tl.int64) * n_qb + qb
+    count = tl.load(COUNTS + row)
+    hkv_row = pid_bh // G
+    col = (pid_bh % G) * n_qb + qb
+    width = G * n_qb
+    for start in range(0, count, BLOCK_KB):
+        offs = start + tl.arange(0, BLOCK_KB)
+        kb = tl.load(IDX + row * n_kb + offs, mask=offs < count, other=0)
+        dst = (hkv_row.to(tl.int64) * n_kb + kb) * width + col
+        tl.store(KEPT + dst, tl.full([BLOCK_KB], 1, tl.int8), mask=offs < count)
+
+
+@triton.jit
+def _compact_kept_kernel(KEPT, TCOUNTS, TIDX, width, CHUNK: tl.constexpr):
+    """Per row of KEPT (B*HKV*n_kb rows of ``width`` = G*n_qb int8 flags), the positions of
+    its ones in ascending order: TIDX (same shape, int32) gets them in its first TCOUNTS[row]
+    entries (the rest is left as it was). Grid: (B*HKV*n_kb,)."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.zeros([], tl.int32)
+    for start in range(0, width, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        kept = tl.load(KEPT + row * width + offs, mask=offs < width, other=0).to(tl.int32)
+        pos = n + tl.cumsum(kept, 0) - 1
+        tl.store(TIDX + row * width + pos, offs, mask=kept > 0)
+        n += tl.sum(kept, 0)
+    tl.store(TCOUNTS + row, n)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pbs import PBSConfig, kernels, pbs_attention, reference_attention
 from pbs.plan import make_plan
 from pbs.reference import attend_plan, visible_mask
+from pbs.select import key_block_lists_torch, select_blocks
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -148,6 +149,24 @@ def test_key_block_lists_transpose_the_selection():
                 ]
                 got = tidx[b, hkv, kb, : tcounts[b, hkv, kb]].tolist()
                 assert got == want, (b, hkv, kb)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_key_block_lists_match_torch_twin(seed):
+    """Real selections (sorted lists, empty rows, full rows) of awkward sizes: the kernels'
+    transposed lists equal the PyTorch twin's in every valid entry."""
+    r = random.Random(seed)
+    B, HKV, G = r.randint(1, 2), r.randint(1, 3), [1, 2, 4, 8][seed]
+    n_qb = r.randint(3, 70)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, HKV * G, n_qb, n_qb, generator=g).to(DEV)
+    sink = torch.randint(-1, n_qb, (B, HKV), generator=g, dtype=torch.int32).to(DEV)
+    counts, idx = select_blocks(logits, sink, r.choice([0.3, 0.9, 1.0]), 2, G)
+    tcounts, tidx = kernels.key_block_lists(counts, idx, HKV)
+    want_counts, want_idx = key_block_lists_torch(counts, idx, HKV)
+    assert torch.equal(tcounts, want_counts)
+    valid = torch.arange(G * n_qb, device=DEV) < tcounts[..., None]
+    assert torch.equal(tidx[valid], want_idx[valid])
 
 
 @pytest.mark.gpu
