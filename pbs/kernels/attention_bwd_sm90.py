@@ -20,8 +20,9 @@ docstring first), organised as FlashAttention-3 organises its backward:
   _consumer): hoisted, ptxas spilled them.
 - dq: once both consumers' dS^T are in shared memory (one mbarrier per buffer, two buffers),
   consumer p computes dQ[:, half p of the head dim] = dS K[:, half p] over all 128 keys and
-  stages it in shared memory; a third worker warp adds the tile into an fp32 dq buffer by TMA
-  reduce-add. dq so gathers the contributions of every key block that sees its queries in the
+  stages it in shared memory while the next tile's S^T runs (staged at the end of its own
+  tile, the tensor cores idled through the store); a third worker warp adds the tile into an
+  fp32 dq buffer by TMA reduce-add. dq so gathers the contributions of every key block that sees its queries in the
   same pass (the portable backward runs a second kernel that recomputes S and dP for dq). dS
   is rounded to 16 bits before the softmax scale, as in the portable kernels; dq and dk are
   scaled in fp32.
@@ -54,7 +55,9 @@ from .attention_sm90 import LOG2E, ROWS, _exp2, _rows
 # Triton 3.7 renamed the TMA load (async_copy_global_to_shared -> async_load): same builtin.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-STAGES = 3  # slots in each of the Q and dO rings (3 x 2 x 16 KB at 64 x 128 bf16)
+# Slots in each of the Q and dO rings (16 KB each at 64 x 128 bf16). Two beat three: 201 vs
+# 233 ms at 128K on an H100 (bench/results/pbs_backward.md), with 33 KB less shared memory.
+STAGES = 2
 # Registers per thread of the second consumer warpgroup (dk and dv take 128 of them); the
 # three one-warp workers keep 24 each.
 CONSUMER_REGS = 240
@@ -155,16 +158,16 @@ def _tile1(t, bh, m0, masked: gl.constexpr, acc, ctx):
 @gluon.jit
 def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     """Consumer step: fold query tile t (queries [m0, m0 + 64) of query row bh) into this
-    warpgroup's acc = (dk, dv) (its 64 keys) and stage the tile's dq half; ctx: what it reads
-    (see _consumer). With ``masked`` a query sees a key only at or after it. Queries past N
+    warpgroup's acc = (dk, dv, dq) (its 64 keys; dq: the previous tile's dq half, staged here
+    once S^T is issued, replaced by this tile's); ctx: what it reads (see _consumer). With ``masked`` a query sees a key only at or after it. Queries past N
     have lse = inf in the stats ring, so P^T and dS^T are exactly 0 there."""
-    dk, dv = acc
+    dk, dv, dq_prev = acc
     (key_pos, k_pair, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
-     slot_free, ds_smem, ds_bar, dq_own, dq_ready, dq_empty, qk_scale, sm_scale) = ctx  # fmt: skip
+     slot_free, ds_smem, ds_bar, dq_pair, dq_ready, dq_empty, qk_scale, sm_scale) = ctx  # fmt: skip
     dtype: gl.constexpr = q_ring.dtype
     STAGES: gl.constexpr = q_ring.shape[0]
     HEAD_DIM: gl.constexpr = q_ring.shape[2]
-    HALF: gl.constexpr = dq_own.shape[1]
+    HALF: gl.constexpr = dq_pair.shape[2]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWS, 16]
     )
@@ -184,12 +187,14 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     v_smem = v_pair.index(part + z)
     k_half0 = k_pair.index(z).slice(part * HALF, HALF, dim=1)
     k_half1 = k_pair.index(z + 1).slice(part * HALF, HALF, dim=1)
-    q = q_ring.index(slot)
-    do = do_ring.index(slot)
+    q = q_ring.index(slot + z)
+    do = do_ring.index(slot + z)
     mbarrier.wait(q_ready.index(slot), phase)
     lse = lse_ring.index(slot).load(gl.SliceLayout(0, s_layout))
     s_init = zeros - (lse * (1.0 / qk_scale))[None, :]
     s_tok = warpgroup_mma(k_own, q.permute((1, 0)), s_init, is_async=True)
+    if t > 0:  # the previous tile's dq, staged while S^T runs
+        _stage_dq(t - 1, dq_prev, dq_pair.index(part + z), dq_ready, dq_empty)
     mbarrier.wait(do_ready.index(slot), phase)
     delta = delta_ring.index(slot).load(gl.SliceLayout(0, s_layout))
     dp_init = zeros - delta[None, :]
@@ -218,11 +223,16 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
                            is_async=True)  # fmt: skip
     dv, dk, dq, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op))
     mbarrier.arrive(slot_free.index(slot), count=1)
-    mbarrier.wait(dq_empty, (t & 1) ^ 1)  # the writer has sent the previous tile's dq
-    dq_own.store(dq * sm_scale)
+    return dk, dv, dq * sm_scale
+
+
+@gluon.jit
+def _stage_dq(t, dq, dq_own, dq_ready, dq_empty):
+    """Put tile t's dq half in shared memory for the writer, once it has sent tile t-1's."""
+    mbarrier.wait(dq_empty, (t & 1) ^ 1)
+    dq_own.store(dq)
     fence_async_shared()
     mbarrier.arrive(dq_ready, count=1)
-    return dk, dv
 
 
 @gluon.jit
@@ -266,22 +276,29 @@ def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ri
         fence_async_shared()
     mbarrier.wait(kv_bar.index(1 - part), 0)  # the other consumer's keys, for dq
 
-    # A zero that ptxas cannot see is one (the grid is 2-D). _tile indexes K's and V's shared
-    # memory with t * zero, so their wgmma descriptors are formed per tile instead of hoisted
-    # out of the loop and spilled (173 spill stores in the SASS without it, 9 with it).
+    # A zero that ptxas cannot see is one (the grid is 2-D). _tile indexes the K, V, Q, dO and
+    # dq buffers with t * zero, so their wgmma descriptors and addresses are formed per tile
+    # instead of hoisted out of the loop and spilled. In the SASS the main loop then stores
+    # nothing to local memory and reloads 12 hoisted values per two tiles.
     zero = gl.program_id(2)
     ctx = (key_pos, k_smem, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready,
-           do_ready, slot_free, ds_smem, ds_bar, dq_smem.index(part), dq_ready, dq_empty,
+           do_ready, slot_free, ds_smem, ds_bar, dq_smem, dq_ready, dq_empty,
            qk_scale, sm_scale)  # fmt: skip
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM // 2, 16]
+    )
+    acc = (dk, dv, gl.zeros([ROWS, HEAD_DIM // 2], gl.float32, dq_layout))
     if part == 0:
-        dk, dv = _walk(_tile0, (dk, dv), ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G,
-                       BLOCK)  # fmt: skip
+        dk, dv, dq = _walk(_tile0, acc, ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G,
+                           BLOCK)  # fmt: skip
     else:
-        dk, dv = _walk(_tile1, (dk, dv), ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G,
-                       BLOCK)  # fmt: skip
+        dk, dv, dq = _walk(_tile1, acc, ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G,
+                           BLOCK)  # fmt: skip
+    n_tiles = count * (BLOCK // ROWS) + G * gl.cdiv(seg_end - first, ROWS)
+    _stage_dq(n_tiles - 1, dq, dq_smem.index(part), dq_ready, dq_empty)
 
-    # Stored from the wgmma layout (pairs of values a thread): a layout conversion would need
-    # 16 KB of scratch shared memory, which the third ring slot uses.
+    # Stored from the wgmma layout (pairs of values a thread), once a program: not worth a
+    # layout conversion through shared memory.
     pos = gl.convert_layout(key_pos, gl.SliceLayout(1, acc_layout))
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     dst = pos[:, None].to(gl.int64) * sgn + dims[None, :]
