@@ -27,10 +27,11 @@ docstring first), organised as FlashAttention-3 organises its backward:
   is rounded to 16 bits before the softmax scale, as in the portable kernels; dq and dk are
   scaled in fp32.
 
-Measured on an H200 (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads): 185 ms
-at 128K and 13.3-13.9 ms at 32K, against 208-211 and 14.7-14.9 ms for the portable dq kernel
-plus a Gluon dk/dv kernel; dk and dv bitwise equal to that kernel's, dq within 3.6e-4
-(relative) of the portable kernel's.
+Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads): on an H100, 201
+ms at 128K and 16.3 ms at 32K (233 and 17.2 ms with three ring slots and dq staged at the end of
+its tile); the three-slot kernel took 185 and 13.3-13.9 ms on an H200, against 208-211 and
+14.7-14.9 ms for the portable dq kernel plus a Gluon dk/dv kernel. dk and dv are bitwise equal
+to that dk/dv kernel's, dq within 3.6e-4 (relative) of the portable kernel's.
 """
 
 from __future__ import annotations
