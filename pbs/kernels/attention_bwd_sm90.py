@@ -22,10 +22,10 @@ docstring first), organised as FlashAttention-3 organises its backward:
   consumer p computes dQ[:, half p of the head dim] = dS K[:, half p] over all 128 keys and
   stages it in shared memory while the next tile's S^T runs (staged at the end of its own
   tile, the tensor cores idled through the store); a third worker warp adds the tile into an
-  fp32 dq buffer by TMA reduce-add. dq so gathers the contributions of every key block that sees its queries in the
-  same pass (the portable backward runs a second kernel that recomputes S and dP for dq). dS
-  is rounded to 16 bits before the softmax scale, as in the portable kernels; dq and dk are
-  scaled in fp32.
+  fp32 dq buffer by TMA reduce-add. dq so gathers the contributions of every key block that
+  sees its queries in the same pass (the portable backward runs a second kernel that
+  recomputes S and dP for dq). dS is rounded to 16 bits before the softmax scale, as in the
+  portable kernels; dq and dk are scaled in fp32.
 
 Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads): on an H100, 201
 ms at 128K and 16.3 ms at 32K (233 and 17.2 ms with three ring slots and dq staged at the end of
@@ -160,8 +160,9 @@ def _tile1(t, bh, m0, masked: gl.constexpr, acc, ctx):
 def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     """Consumer step: fold query tile t (queries [m0, m0 + 64) of query row bh) into this
     warpgroup's acc = (dk, dv, dq) (its 64 keys; dq: the previous tile's dq half, staged here
-    once S^T is issued, replaced by this tile's); ctx: what it reads (see _consumer). With ``masked`` a query sees a key only at or after it. Queries past N
-    have lse = inf in the stats ring, so P^T and dS^T are exactly 0 there."""
+    once S^T is issued, replaced by this tile's); ctx: what it reads (see _consumer). With
+    ``masked`` a query sees a key only at or after it. Queries past N have lse = inf in the
+    stats ring, so P^T and dS^T are exactly 0 there."""
     dk, dv, dq_prev = acc
     (key_pos, k_pair, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
      slot_free, ds_smem, ds_bar, dq_pair, dq_ready, dq_empty, qk_scale, sm_scale) = ctx  # fmt: skip
