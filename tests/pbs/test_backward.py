@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pbs import PBSConfig, kernels, pbs_attention, reference_attention
+from pbs.kernels.attention_bwd_sm90 import launch_order
 from pbs.plan import make_plan
 from pbs.reference import attend_plan, visible_mask
 from pbs.select import key_block_lists_torch, select_blocks
@@ -167,6 +168,19 @@ def test_key_block_lists_match_torch_twin(seed):
     assert torch.equal(tcounts, want_counts)
     valid = torch.arange(G * n_qb, device=DEV) < tcounts[..., None]
     assert torch.equal(tidx[valid], want_idx[valid])
+
+
+def test_launch_order_takes_the_most_kept_key_blocks_first():
+    """The sm90 backward's programs take key blocks by descending count, ties in row order."""
+    g = torch.Generator().manual_seed(0)
+    tcounts = torch.randint(0, 6, (2, 3, 17), generator=g, dtype=torch.int32)
+    order = launch_order(tcounts)
+    assert order.dtype == torch.int32
+    assert sorted(order.tolist()) == list(range(tcounts.numel()))
+    by_order = tcounts.flatten()[order.long()]
+    assert (by_order[:-1] >= by_order[1:]).all()
+    same = by_order[:-1] == by_order[1:]
+    assert (order[:-1][same] < order[1:][same]).all()
 
 
 @pytest.mark.gpu
