@@ -170,17 +170,18 @@ def test_key_block_lists_match_torch_twin(seed):
     assert torch.equal(tidx[valid], want_idx[valid])
 
 
-def test_launch_order_takes_the_most_kept_key_blocks_first():
-    """The sm90 backward's programs take key blocks by descending count, ties in row order."""
+def test_launch_order_takes_key_blocks_by_descending_power_of_two_of_their_count():
+    """The sm90 backward's programs: larger powers of two of count + 1 first, row order within
+    a power (the reuse of query tiles in L2 depends on it)."""
     g = torch.Generator().manual_seed(0)
-    tcounts = torch.randint(0, 6, (2, 3, 17), generator=g, dtype=torch.int32)
+    tcounts = torch.randint(0, 40, (2, 3, 17), generator=g, dtype=torch.int32)
     order = launch_order(tcounts)
     assert order.dtype == torch.int32
     assert sorted(order.tolist()) == list(range(tcounts.numel()))
-    by_order = tcounts.flatten()[order.long()]
-    assert (by_order[:-1] >= by_order[1:]).all()
-    same = by_order[:-1] == by_order[1:]
-    assert (order[:-1][same] < order[1:][same]).all()
+    power = [(int(c) + 1).bit_length() for c in tcounts.flatten()[order.long()]]
+    assert power == sorted(power, reverse=True)
+    for a, b, pa, pb in zip(order, order[1:], power, power[1:], strict=False):
+        assert pa > pb or a < b
 
 
 @pytest.mark.gpu
