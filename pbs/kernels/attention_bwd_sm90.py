@@ -27,11 +27,13 @@ docstring first), organised as FlashAttention-3 organises its backward:
   recomputes S and dP for dq). dS is rounded to 16 bits before the softmax scale, as in the
   portable kernels; dq and dk are scaled in fp32.
 
-Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads): on an H100, 201
-ms at 128K and 16.3 ms at 32K (233 and 17.2 ms with three ring slots and dq staged at the end of
-its tile); the three-slot kernel took 185 and 13.3-13.9 ms on an H200, against 208-211 and
-14.7-14.9 ms for the portable dq kernel plus a Gluon dk/dv kernel. dk and dv are bitwise equal
-to that dk/dv kernel's, dq within 3.6e-4 (relative) of the portable kernel's.
+Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads): on an H100,
+201-202 ms at 128K and 15.5-15.9 ms at 32K (233 and 17.2 ms with three ring slots and dq staged
+at the end of its tile); the three-slot kernel took 185 and 13.3-13.9 ms on an H200, against
+208-211 and 14.7-14.9 ms for the portable dq kernel plus a Gluon dk/dv kernel. dk and dv are
+bitwise equal to that dk/dv kernel's, dq within 3.6e-4 (relative) of the portable kernel's. At
+128K the kernel is bound by DRAM traffic (55% L2 hit rate, 60% of peak DRAM throughput); its
+dq reduce-adds cost a fifth of its time.
 """
 
 from __future__ import annotations
