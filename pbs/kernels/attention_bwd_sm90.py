@@ -28,12 +28,13 @@ docstring first), organised as FlashAttention-3 organises its backward:
   portable kernels; dq and dk are scaled in fp32.
 
 Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads): on an H100,
-201-202 ms at 128K and 15.5-15.9 ms at 32K (233 and 17.2 ms with three ring slots and dq staged
+201-203 ms at 128K and 15.5-15.9 ms at 32K (233 and 17.2 ms with three ring slots and dq staged
 at the end of its tile); the three-slot kernel took 185 and 13.3-13.9 ms on an H200, against
 208-211 and 14.7-14.9 ms for the portable dq kernel plus a Gluon dk/dv kernel. dk and dv are
 bitwise equal to that dk/dv kernel's, dq within 3.6e-4 (relative) of the portable kernel's. At
-128K the kernel is bound by DRAM traffic (55% L2 hit rate, 60% of peak DRAM throughput); its
-dq reduce-adds cost a fifth of its time.
+128K the kernel is bound by DRAM traffic (ncu of row order, within 1.6% of the landed order's
+time: 55% L2 hit rate, 60% of peak DRAM throughput); without its dq reduce-adds row order took
+20% less time.
 """
 
 from __future__ import annotations
@@ -417,8 +418,9 @@ def launch_order(tcounts: torch.Tensor) -> torch.Tensor:
     query blocks than late ones: in row order the last KV head's early blocks start last. Fully
     sorted (longest first), the programs that run side by side come from every head and position
     and share fewer query tiles in L2: 38% slower at 128K on an H100 (L2 hit rate 33% against
-    row order's 55%). Powers of two keep row order, and its L2 reuse, within each power: 1-2%
-    faster than row order at 32K and 128K (bench/results/pbs_backward.md)."""
+    row order's 55%). Powers of two keep row order, and its L2 reuse, within each power:
+    faster than row order by 1.2-2.5% at 32K and 0.1-1.6% at 128K
+    (bench/results/pbs_backward.md)."""
     power = torch.frexp(tcounts.flatten().float() + 1).exponent
     return torch.sort(-power, stable=True).indices.int()
 
