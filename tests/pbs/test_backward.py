@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pbs import PBSConfig, kernels, pbs_attention, reference_attention
-from pbs.kernels.attention_bwd_sm90 import launch_order
+from pbs.kernels.attention_bwd_sm90 import work_items
 from pbs.plan import make_plan
 from pbs.reference import attend_plan, visible_mask
 from pbs.select import key_block_lists_torch, select_blocks
@@ -170,18 +170,39 @@ def test_key_block_lists_match_torch_twin(seed):
     assert torch.equal(tidx[valid], want_idx[valid])
 
 
-def test_launch_order_takes_key_blocks_by_descending_power_of_two_of_their_count():
-    """The sm90 backward's programs: larger powers of two of count + 1 first, row order within
-    a power (the reuse of query tiles in L2 depends on it)."""
-    g = torch.Generator().manual_seed(0)
-    tcounts = torch.randint(0, 40, (2, 3, 17), generator=g, dtype=torch.int32)
-    order = launch_order(tcounts)
-    assert order.dtype == torch.int32
-    assert sorted(order.tolist()) == list(range(tcounts.numel()))
-    power = [(int(c) + 1).bit_length() for c in tcounts.flatten()[order.long()]]
-    assert power == sorted(power, reverse=True)
-    for a, b, pa, pb in zip(order, order[1:], power, power[1:], strict=False):
-        assert pa > pb or a < b
+@pytest.mark.parametrize("seed", range(3))
+def test_work_items_split_every_key_block_by_region_exactly(seed):
+    """The sm90 backward's work items: each valid list entry in exactly one item, the item of
+    its query block's region and head; one item per key block walks the own segment; items
+    ordered by (batch and KV head, region, key block)."""
+    r = random.Random(seed)
+    B, HKV, G = r.randint(1, 2), r.randint(1, 2), [1, 2, 4][seed]
+    n_qb, block, seg, region = r.randint(5, 40), 16, 16 * r.choice([1, 2, 4]), r.choice([2, 3, 8])
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, HKV * G, n_qb, n_qb, generator=g).to(DEV)
+    sink = torch.randint(-1, n_qb, (B, HKV), generator=g, dtype=torch.int32).to(DEV)
+    counts, idx = select_blocks(logits, sink, r.choice([0.3, 0.9, 1.0]), seg // block, G)
+    tcounts, tidx = kernels.key_block_lists(counts, idx, HKV)
+    items = work_items(tcounts, tidx, n_qb, block, seg, region).cpu()
+    tcounts, tidx = tcounts.flatten().tolist(), tidx.view(len(tcounts.flatten()), -1).cpu()
+    n_kb = n_qb
+    seen, own, keys = set(), [], []
+    for row, is_own, *bounds in items.tolist():
+        lo, hi = bounds[:G], bounds[G:]
+        c = {((int(tidx[row, e]) % n_qb) // region) for h in range(G) for e in range(lo[h], hi[h])}
+        if is_own:
+            c.add((row % n_kb) * block // seg * seg // block // region)
+            own.append(row)
+        assert len(c) == 1, (row, c)
+        keys.append((row // n_kb, c.pop(), row % n_kb))
+        for h in range(G):
+            for e in range(lo[h], hi[h]):
+                assert int(tidx[row, e]) // n_qb == h
+                assert (row, e) not in seen
+                seen.add((row, e))
+    assert seen == {(row, e) for row, n in enumerate(tcounts) for e in range(n)}
+    assert sorted(own) == list(range(len(tcounts)))
+    assert keys == sorted(keys)
 
 
 @pytest.mark.gpu
