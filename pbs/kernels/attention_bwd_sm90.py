@@ -2,9 +2,9 @@
 
 The same computation as the portable kernels of :mod:`pbs.kernels.attention_bwd` (read their
 docstring first), organised as FlashAttention-3 organises its backward:
-- One program takes one work item (see work_items): a block of BLOCK = 128 permuted keys of
-  one (batch, KV head) over one region of REGION query blocks. It holds the keys in shared
-  memory and their dk, dv accumulators in registers, 64 keys (one wgmma M) per consumer
+- One program takes one work item (see pbs.kernels.work_items): a block of BLOCK = 128
+  permuted keys of one (batch, KV head) over one region of query blocks. It holds the keys in
+  shared memory and their dk, dv accumulators in registers, 64 keys (one wgmma M) per consumer
   warpgroup, and adds them into fp32 dk, dv buffers at the end: a key block's items add up
   there in no fixed order, so dk and dv are not bitwise reproducible (dq never was).
 - Items run in region order, so the key blocks that share a region's Q, dO and dq tiles run
@@ -34,7 +34,8 @@ docstring first), organised as FlashAttention-3 organises its backward:
   recomputes S and dP for dq). dS is rounded to 16 bits before the softmax scale, as in the
   portable kernels; dq and dk are scaled in fp32.
 
-Not yet run on a GPU (work items are new; built offline for sm_90: the main loop stores 0-3
+Not yet run on a GPU (work items are new; the portable dk/dv kernel walks the same items and
+passes the interpreter's gradient tests; built offline for sm_90, the main loop here stores 0-3
 values to local memory per two tiles, against none before). The key-block version before it
 (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads, H100): 201-202 ms at 128K,
 15.5-15.9 ms at 32K; 164 ms and 13.0 ms without its dq reduce-adds. A tick model of its L2 (LRU
@@ -67,8 +68,6 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # Slots in each of the Q and dO rings (16 KB each at 64 x 128 bf16). Two beat three: 201 vs
 # 233 ms at 128K on an H100 (bench/results/pbs_backward.md), with 33 KB less shared memory.
 STAGES = 2
-# Query blocks per work item's region (see work_items).
-REGION = 32
 # Registers per thread of the second consumer warpgroup (dk and dv take 128 of them); the
 # three one-warp workers keep 24 each.
 CONSUMER_REGS = 240
@@ -90,7 +89,7 @@ def _walk(visit: gl.constexpr, acc, ctx, tidx_ptr, item, bh0, first, seg_end, N,
           G: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
     """acc = visit(t, bh, m0, masked, acc, ctx) for the item's query tiles t = 0, 1, ... in
     order: queries [m0, m0 + 64) of query row bh = batch * HQ + head (bh0: the group's first),
-    masked for the own segment. item points at the item's row of ITEMS (see work_items).
+    masked for the own segment. item points at the item's row of ITEMS (see pbs.kernels.work_items).
     Every partition walks the same schedule. Returns acc and the number of tiles."""
     t = 0
     for g in gl.static_range(G):  # (a) the region's query blocks that kept this key block, head g
@@ -337,10 +336,10 @@ def _attn_bwd_sm90(
     HEAD_DIM / 2); it receives dq = scale * sum_j dS_ij k_j. lse_desc, delta_desc: the
     per-query stats as (B*HQ*NPAD,) fp32 (each query row padded to NPAD, a multiple of BLOCK,
     with lse = inf, delta = 0), block 64. PERM (strides spb, sph, spn), TIDX: as in
-    ``_attn_bwd_dkdv``; ITEMS: the rows of work_items. DK, DV: (B, HKV, N, HEAD_DIM) fp32,
-    zeroed, with strides sgb, sgh, sgn. qk_scale: softmax scale times log2(e); sm_scale: the
-    softmax scale. BLOCK = 2 * 64: two consumer warpgroups. Grid: (n_items,); launched with 4
-    warps (consumer 0).
+    ``_attn_bwd_dkdv``; ITEMS: the rows of pbs.kernels.work_items. DK, DV: (B, HKV, N,
+    HEAD_DIM) fp32, zeroed, with strides sgb, sgh, sgn. qk_scale: softmax scale times log2(e);
+    sm_scale: the softmax scale. BLOCK = 2 * 64: two consumer warpgroups. Grid: (n_items,);
+    launched with 4 warps (consumer 0).
     """
     dtype: gl.constexpr = q_desc.dtype
     HKV: gl.constexpr = HQ // G
@@ -417,38 +416,6 @@ def _attn_bwd_sm90(
     )  # fmt: skip
 
 
-def work_items(
-    tcounts: torch.Tensor, tidx: torch.Tensor, n_qb: int, block: int, seg: int, region: int
-) -> torch.Tensor:
-    """The backward's programs, in launch order: (n_items, 2 + 2G) int32 rows (row, own,
-    lo_0 .. lo_G-1, hi_0 .. hi_G-1). An item is key block ``row`` of tcounts (B, HKV, n_kb)
-    (= (batch * HKV + KV head) * n_kb + key block) over one region of ``region`` query blocks:
-    the entries [lo_g, hi_g) of its tidx row (B, HKV, n_kb, G * n_qb) are the region's query
-    blocks of head g that kept it; own = 1 for the one item whose region holds the block's
-    segment, which also walks the own segment. Items are ordered by (batch and KV head, region,
-    key block), so the key blocks that share a region's Q, dO and dq tiles run together while
-    those tiles are in L2. Empty items are left out (one host sync for their number)."""
-    B, HKV, n_kb = tcounts.shape
-    rows, width = B * HKV * n_kb, tidx.shape[-1]
-    G = width // n_qb
-    dev = tcounts.device
-    valid = torch.arange(width, device=dev) < tcounts.view(rows, 1)
-    entries = torch.where(valid, tidx.view(rows, width), width)  # sorted, padded past all
-    n_reg = triton.cdiv(n_qb, region)
-    edges = (torch.arange(n_reg + 1, device=dev) * region).clamp(max=n_qb)
-    bounds = (torch.arange(G, device=dev)[:, None] * n_qb + edges).flatten()
-    pos = torch.searchsorted(entries, bounds.expand(rows, -1).contiguous(), out_int32=True)
-    lo, hi = pos.view(rows, G, n_reg + 1)[..., :-1], pos.view(rows, G, n_reg + 1)[..., 1:]
-    own_qb = torch.arange(n_kb, device=dev) * block // seg * seg // block
-    own = torch.zeros(rows, n_reg, device=dev, dtype=torch.bool)
-    own[torch.arange(rows, device=dev), (own_qb // region).repeat(B * HKV)] = True
-    keep = (hi > lo).any(1) | own
-    bh, c, kb = keep.view(B * HKV, n_kb, n_reg).transpose(1, 2).nonzero(as_tuple=True)
-    row = bh * n_kb + kb
-    cols = [row[:, None], own[row, c][:, None], lo[row, :, c], hi[row, :, c]]
-    return torch.cat([x.int() for x in cols], 1).contiguous()
-
-
 def block_sparse_backward_sm90(
     q: torch.Tensor,
     do: torch.Tensor,
@@ -457,8 +424,8 @@ def block_sparse_backward_sm90(
     lse: torch.Tensor,
     delta: torch.Tensor,
     perm: torch.Tensor,
-    tcounts: torch.Tensor,
     tidx: torch.Tensor,
+    items: torch.Tensor,
     n_qb: int,
     block: int,
     seg: int,
@@ -468,7 +435,7 @@ def block_sparse_backward_sm90(
     dv: torch.Tensor,
 ) -> None:
     """Fill dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) as the portable ``_attn_bwd_dq`` and
-    ``_attn_bwd_dkdv`` do (same arguments, as tensors).
+    ``_attn_bwd_dkdv`` do (same arguments, as tensors; items from :func:`work_items`).
 
     q, do: (B, HQ, N, D), copied when their rows are not laid out (B*HQ*N, D); kp, vp may be
     views of longer buffers (one row spacing for both); lse, delta: contiguous (B, HQ, N) fp32.
@@ -495,7 +462,6 @@ def block_sparse_backward_sm90(
     )
     dq_layout = gl.NVMMASharedLayout.get_default_for([ROWS.value, D // 2], gl.float32)
     dq_desc = TensorDescriptor.from_tensor(dq_acc, [ROWS.value, D // 2], dq_layout)
-    items = work_items(tcounts, tidx, n_qb, block, seg, REGION)
     dk_acc = torch.zeros(dk.shape, device=q.device, dtype=torch.float32)
     dv_acc = torch.zeros(dv.shape, device=q.device, dtype=torch.float32)
     _attn_bwd_sm90[(items.shape[0],)](

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pbs import PBSConfig, kernels, pbs_attention, reference_attention
-from pbs.kernels.attention_bwd_sm90 import work_items
+from pbs.kernels import work_items
 from pbs.plan import make_plan
 from pbs.reference import attend_plan, visible_mask
 from pbs.select import key_block_lists_torch, select_blocks
@@ -87,6 +87,21 @@ def test_gradients_match_reference(seed, dtype, api_plans):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert not a.isnan().any(), name
         assert rel_err(a, b) < TOL[dtype], (name, rel_err(a, b), c, cfg)
+
+
+@pytest.mark.parametrize("seed,region", [(1, 1), (2, 2), (4, 1), (5, 3)])
+def test_gradients_match_reference_with_many_regions(seed, region, monkeypatch):
+    """Work items of 1-3 query blocks: every key block split over several items, their dk, dv
+    added up (the default region holds all query blocks of these short sequences)."""
+    monkeypatch.setattr(kernels, "REGION", region)
+    c = random_case(seed)
+    cfg = c.pop("cfg")
+    c["n"] *= 2
+    q, k, v, do = make_inputs(**c, dtype=torch.float32, seed=seed)
+    got = grads(lambda *x: pbs_attention(*x, config=cfg), q, k, v, do)
+    ref = grads(lambda *x: reference_attention(*x, config=cfg), q, k, v, do)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, ref, strict=True):
+        assert rel_err(a, b) < TOL[torch.float32], (name, rel_err(a, b), c, cfg)
 
 
 @pytest.mark.parametrize("n,hq,hkv", [(45, 4, 1), (70, 2, 2), (100, 4, 2)])
