@@ -222,9 +222,13 @@ def test_work_items_split_every_key_block_by_region_exactly(seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("seed", range(16))
-def test_bf16_gradients_match_reference_on_gpu(seed):
-    """Real tile sizes (blocks 64 and 128), bf16."""
+@pytest.mark.parametrize(
+    "seed,region", [(s, kernels.REGION) for s in range(16)] + [(1, 1), (2, 2), (5, 1)]
+)
+def test_bf16_gradients_match_reference_on_gpu(seed, region, monkeypatch):
+    """Real tile sizes (blocks 64 and 128), bf16; the last cases split every key block over
+    work items of 1-2 query blocks (at the default, these lengths make one region)."""
+    monkeypatch.setattr(kernels, "REGION", region)
     c = random_case(seed, block_choices=(64, 128))
     cfg = c.pop("cfg")
     c["d"] = [64, 128][seed % 2]
