@@ -416,7 +416,7 @@ __all__ = [
     "interpreting",
     "key_block_lists",
     "key_importance",
-    "work_items",
     "permute_rows",
     "select_blocks",
+    "work_items",
 ]
