@@ -153,8 +153,9 @@ def _tiles_split_blocks(configs, named_args, **kwargs):
     return keep or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4)]
 
 
-def _bwd_tuned(kernel, shapes):
-    """``kernel`` autotuned over (BLOCK_M, BLOCK_N, warps, stages) ``shapes``."""
+def _bwd_tuned(kernel, shapes, reset_to_zero=None):
+    """``kernel`` autotuned over (BLOCK_M, BLOCK_N, warps, stages) ``shapes``; the buffers it
+    adds into are named in ``reset_to_zero`` (zeroed before each timed run)."""
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in shapes
@@ -163,6 +164,7 @@ def _bwd_tuned(kernel, shapes):
         configs=configs,
         key=["N_BUCKET", "HQ", "G", "HEAD_DIM", "BLOCK", "SEG"],
         prune_configs_by={"early_config_prune": _tiles_split_blocks},
+        reset_to_zero=reset_to_zero,
     )(kernel)
 
 
@@ -175,7 +177,9 @@ _attn_bwd_dq_tuned = _bwd_tuned(
     _attn_bwd_dq, [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)]
 )
 _attn_bwd_dkdv_tuned = _bwd_tuned(
-    _attn_bwd_dkdv, [(64, 128, 8, 2), (128, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2)]
+    _attn_bwd_dkdv,
+    [(64, 128, 8, 2), (128, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2)],
+    reset_to_zero=["DK", "DV"],
 )
 
 
@@ -280,6 +284,49 @@ def key_block_lists(
     return tcounts, tidx
 
 
+# Query blocks per region of a backward work item (see work_items). On an H100 at 128K
+# (bench/results/pbs_backward.md) 16 took 199-200 ms, 32 and 64 both 192-193; at 32K all
+# three took 13.1-14.5 ms, their spread from run to run.
+REGION = 32
+
+
+def work_items(
+    tcounts: torch.Tensor,
+    tidx: torch.Tensor,
+    n_qb: int,
+    block: int,
+    seg: int,
+    region: int,
+) -> torch.Tensor:
+    """The backward's work, in launch order: (n_items, 2 + 2G) int32 rows (row, own,
+    lo_0 .. lo_G-1, hi_0 .. hi_G-1). An item is key block ``row`` of tcounts (B, HKV, n_kb)
+    (= (batch * HKV + KV head) * n_kb + key block) over one region of ``region`` query blocks:
+    the entries [lo_g, hi_g) of its tidx row (B, HKV, n_kb, G * n_qb) are the region's query
+    blocks of head g that kept it; own = 1 for the one item whose region holds the block's
+    segment, which also walks the own segment. Items are ordered by (batch and KV head, region,
+    key block), so the key blocks that share a region's Q, dO and dq tiles run together while
+    those tiles are in L2. Empty items are left out (one host sync for their number)."""
+    B, HKV, n_kb = tcounts.shape
+    rows, width = B * HKV * n_kb, tidx.shape[-1]
+    G = width // n_qb
+    dev = tcounts.device
+    valid = torch.arange(width, device=dev) < tcounts.view(rows, 1)
+    entries = torch.where(valid, tidx.view(rows, width), width)  # sorted, padded past all
+    n_reg = triton.cdiv(n_qb, region)
+    edges = (torch.arange(n_reg + 1, device=dev) * region).clamp(max=n_qb)
+    bounds = (torch.arange(G, device=dev)[:, None] * n_qb + edges).flatten()
+    pos = torch.searchsorted(entries, bounds.expand(rows, -1).contiguous(), out_int32=True)
+    lo, hi = pos.view(rows, G, n_reg + 1)[..., :-1], pos.view(rows, G, n_reg + 1)[..., 1:]
+    own_qb = torch.arange(n_kb, device=dev) * block // seg * seg // block
+    own = torch.zeros(rows, n_reg, device=dev, dtype=torch.bool)
+    own[torch.arange(rows, device=dev), (own_qb // region).repeat(B * HKV)] = True
+    keep = (hi > lo).any(1) | own
+    bh, c, kb = keep.view(B * HKV, n_kb, n_reg).transpose(1, 2).nonzero(as_tuple=True)
+    row = bh * n_kb + kb
+    cols = [row[:, None], own[row, c][:, None], lo[row, :, c], hi[row, :, c]]
+    return torch.cat([x.int() for x in cols], 1).contiguous()
+
+
 def block_sparse_attention_backward(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -321,13 +368,17 @@ def block_sparse_attention_backward(
     lse = lse.contiguous()
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     tcounts, tidx = key_block_lists(counts, idx, HKV)
+    items = work_items(tcounts, tidx, n_qb, block, seg, REGION)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     if sm90:
         attention_bwd_sm90.block_sparse_backward_sm90(
-            q, do, kp, vp, lse, delta, perm, tcounts, tidx, n_qb, block, seg, scale, dq, dk, dv
+            q, do, kp, vp, lse, delta, perm, tidx, items, n_qb, block, seg, scale, dq, dk, dv
         )
         return dq, dk, dv
+    # A key block's items add their dk, dv here, then one cast.
+    dk_acc = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv_acc = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     dq_args = (
         q, k, v, kp, vp, do, dq, lse, delta, counts, idx,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -335,24 +386,26 @@ def block_sparse_attention_backward(
         N, n_qb, n_kb, qk_scale, scale, triton.next_power_of_2(N),
     )  # fmt: skip
     dkdv_args = (
-        q, kp, vp, do, dk, dv, lse, delta, perm, tcounts, tidx,
+        q, kp, vp, do, dk_acc, dv_acc, lse, delta, perm, tidx, items,
         *q.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *do.stride()[:3],
-        *perm.stride(), *dk.stride()[:3],
+        *perm.stride(), *dk_acc.stride()[:3],
         N, n_qb, n_kb, qk_scale, scale, triton.next_power_of_2(N),
     )  # fmt: skip
     meta = dict(HQ=HQ, G=G, HEAD_DIM=D, BLOCK=block, SEG=seg)
     if _autotune(q):
         _attn_bwd_dq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * HQ)](*dq_args, **meta)
-        _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * HKV)](*dkdv_args, **meta)
+        _attn_bwd_dkdv_tuned[lambda m: (block // m["BLOCK_N"], len(items))](*dkdv_args, **meta)
     else:  # interpreter (small tiles keep it fast), or PBS_AUTOTUNE=0: one fixed shape each
         bm, bn = min(block, 32 if interpreting() else 128), min(block, 32)
         _attn_bwd_dq[(triton.cdiv(N, bm), B * HQ)](
             *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm < 128 else 8
         )
         bm, bn = min(block, 32 if interpreting() else 64), min(block, 32 if interpreting() else 128)
-        _attn_bwd_dkdv[(triton.cdiv(N, bn), B * HKV)](
+        _attn_bwd_dkdv[(block // bn, len(items))](
             *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bn < 128 else 8
         )
+    dk.copy_(dk_acc)
+    dv.copy_(dv_acc)
     return dq, dk, dv
 
 
@@ -367,4 +420,5 @@ __all__ = [
     "key_importance",
     "permute_rows",
     "select_blocks",
+    "work_items",
 ]

@@ -165,28 +165,29 @@ def _dkdv_step(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, KP, VP, DO, DK, DV, LSE, DELTA, PERM, TCOUNTS, TIDX,
+    Q, KP, VP, DO, DK, DV, LSE, DELTA, PERM, TIDX, ITEMS,
     sqb, sqh, sqn, spkb, spkh, spkn, spvb, spvh, spvn, sdb, sdh, sdn,
     spb, sph, spn, sgb, sgh, sgn,
     N, n_qb, n_kb, qk_scale, sm_scale, N_BUCKET,
     HQ: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr, SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of BLOCK_N permuted key rows of one (batch, KV head), stored in original order.
+    """One work item's contributions to dk, dv of BLOCK_N permuted key rows of one (batch, KV
+    head), added in original order.
 
     KP, VP: (B, HKV, N, HEAD_DIM) permuted keys/values; PERM: (B, HKV, N) int32 original
-    position of each permuted row. TCOUNTS: (B, HKV, n_kb) int32 and TIDX: (B, HKV, n_kb,
-    G*n_qb) int32 list, per permuted key block, the (query head in group * n_qb + query block)
-    entries that kept it. DK, DV: (B, HKV, N, HEAD_DIM) with strides sgb, sgh, sgn.
-    Grid: (cdiv(N, BLOCK_N), B*HKV), early key blocks (kept by the most queries) first.
-    N_BUCKET only keys the autotuner.
+    position of each permuted row. TIDX: (B, HKV, n_kb, G*n_qb) int32 lists, per permuted key
+    block, the (query head in group * n_qb + query block) entries that kept it; ITEMS: the
+    rows of :func:`pbs.kernels.work_items`. DK, DV: (B, HKV, N, HEAD_DIM) fp32, zeroed, with
+    strides sgb, sgh, sgn. Grid: (BLOCK // BLOCK_N, n_items). N_BUCKET only keys the autotuner.
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    item = ITEMS + tl.program_id(1) * (2 + 2 * G)
+    trow = tl.load(item)  # (batch * HKV + KV head) * n_kb + key block
+    pid_bh = trow // n_kb
     HKV: tl.constexpr = HQ // G
     b = (pid_bh // HKV).to(tl.int64)
     hkv = (pid_bh % HKV).to(tl.int64)
-    start_n = pid_n * BLOCK_N
+    start_n = (trow % n_kb) * BLOCK + tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < N
@@ -200,27 +201,27 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
-    # (a) Query blocks of later segments that kept this key block: no mask.
-    trow = (b * HKV + hkv) * n_kb + start_n // BLOCK
-    count = tl.load(TCOUNTS + trow)
-    for e in tl.range(0, count):
-        entry = tl.load(TIDX + trow * (G * n_qb) + e)
-        h = hkv * G + entry // n_qb
+    # (a) The region's query blocks (of later segments) that kept this key block: no mask.
+    for g in tl.range(0, G):
+        h = hkv * G + g
         bh = b * HQ + h
-        for sub in tl.static_range(BLOCK // BLOCK_M):
-            start_m = (entry % n_qb) * BLOCK + sub * BLOCK_M
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, key_pos, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh,
-                LSE + bh * N, DELTA + bh * N, start_m, N, qk_scale, sqn, sdn,
-                False, HEAD_DIM, BLOCK_M,
-            )  # fmt: skip
+        for e in tl.range(tl.load(item + 2 + g), tl.load(item + 2 + G + g)):
+            entry = tl.load(TIDX + trow.to(tl.int64) * (G * n_qb) + e)
+            for sub in tl.static_range(BLOCK // BLOCK_M):
+                start_m = (entry % n_qb) * BLOCK + sub * BLOCK_M
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, key_pos, Q + b * sqb + h * sqh, DO + b * sdb + h * sdh,
+                    LSE + bh * N, DELTA + bh * N, start_m, N, qk_scale, sqn, sdn,
+                    False, HEAD_DIM, BLOCK_M,
+                )  # fmt: skip
 
-    # (b) Queries of the own segment at or after the earliest key of the tile.
+    # (b) In one item per key block: the own segment's queries at or after the tile's
+    # earliest key.
     seg0 = (start_n // SEG) * SEG
     first = tl.min(key_pos, 0)
     first = seg0 + ((first - seg0) // BLOCK_M) * BLOCK_M
     seg_end = tl.minimum(seg0 + SEG, N)
-    for g in tl.range(0, G):
+    for g in tl.range(0, G * tl.load(item + 1)):
         h = hkv * G + g
         bh = b * HQ + h
         for start_m in tl.range(first, seg_end, BLOCK_M):
@@ -230,7 +231,7 @@ def _attn_bwd_dkdv(
                 True, HEAD_DIM, BLOCK_M,
             )  # fmt: skip
 
-    # Un-permute: each original key row is one permuted row of exactly one program.
+    # Un-permute: added at the rows' original positions.
     dst = b * sgb + hkv * sgh + key_pos[:, None].to(tl.int64) * sgn + offs_d[None, :]
-    tl.store(DK + dst, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.atomic_add(DK + dst, dk * sm_scale, mask=col_ok[:, None], sem="relaxed")
+    tl.atomic_add(DV + dst, dv, mask=col_ok[:, None], sem="relaxed")

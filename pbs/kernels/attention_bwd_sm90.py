@@ -2,14 +2,21 @@
 
 The same computation as the portable kernels of :mod:`pbs.kernels.attention_bwd` (read their
 docstring first), organised as FlashAttention-3 organises its backward:
-- One program holds one block of BLOCK = 128 permuted keys of one (batch, KV head) in shared
-  memory and their dk, dv accumulators in registers, 64 keys (one wgmma M) per consumer
-  warpgroup.
-- Two producer warps, one for Q and its lse, one for dO and its delta, stream the query tiles
-  of the schedule by TMA into rings of ``STAGES`` slots ("ready" and "empty" mbarriers per
-  slot): (a) the query blocks that kept this key block (the transposed block lists), each in
-  tiles of 64 queries, then (b) every query head of the group over its own segment, from the
-  tile's earliest key on, masked token by token. Both consumers read the same tiles.
+- One program takes one work item (see pbs.kernels.work_items): a block of BLOCK = 128
+  permuted keys of one (batch, KV head) over one region of query blocks. It holds the keys in
+  shared memory and their dk, dv accumulators in registers, 64 keys (one wgmma M) per consumer
+  warpgroup, and adds them into fp32 dk, dv buffers at the end: a key block's items add up
+  there in no fixed order, so dk and dv are not bitwise reproducible (dq never was).
+- Items run in region order, so the key blocks that share a region's Q, dO and dq tiles run
+  side by side while the tiles are in L2. Run by key block instead (one program walking all
+  its query blocks), the kernel was bound by DRAM traffic: at 128K on an H100, 55% L2 hit
+  rate, 403 GB moved, the dq reduce-adds a fifth of its time.
+- Two producer warps, one for Q and its lse, one for dO and its delta, stream the item's query
+  tiles by TMA into rings of ``STAGES`` slots ("ready" and "empty" mbarriers per slot): (a)
+  the region's query blocks that kept this key block (the transposed block lists), each in
+  tiles of 64 queries, then, in one item per key block, (b) every query head of the group
+  over its own segment, from the tile's earliest key on, masked token by token. Both
+  consumers read the same tiles.
 - Per tile a consumer issues S^T = K Q^T and dP^T = V dO^T together (async wgmma), turns S^T
   into P^T while dP^T runs, forms dS^T = P^T (dP^T - delta), issues dV += P^T dO (P^T from
   registers), puts dS^T in shared memory and issues dK += dS^T Q from there. The query stats
@@ -27,14 +34,13 @@ docstring first), organised as FlashAttention-3 organises its backward:
   recomputes S and dP for dq). dS is rounded to 16 bits before the softmax scale, as in the
   portable kernels; dq and dk are scaled in fp32.
 
-Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads): on an H100,
-201-203 ms at 128K and 15.5-15.9 ms at 32K (233 and 17.2 ms with three ring slots and dq staged
-at the end of its tile); the three-slot kernel took 185 and 13.3-13.9 ms on an H200, against
-208-211 and 14.7-14.9 ms for the portable dq kernel plus a Gluon dk/dv kernel. dk and dv are
-bitwise equal to that dk/dv kernel's, dq within 3.6e-4 (relative) of the portable kernel's. At
-128K the kernel is bound by DRAM traffic (ncu of row order, within 1.6% of the landed order's
-time: 55% L2 hit rate, 60% of peak DRAM throughput); without its dq reduce-adds row order took
-20% less time.
+Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads, H100, kernel
+alone): 192.4-192.5 ms at 128K and 13.1-14.3 ms at 32K, against 202.2-203.3 and 15.9 ms for the
+key-block kernel before it in the same call; dq within 2.7e-5 of its, dk and dv within 1.7e-3
+(bf16 rounding of differently ordered fp32 sums). That kernel was bound by DRAM traffic at 128K
+(ncu: 55% L2 hit rate, 60% of peak DRAM throughput; 164 ms without its dq reduce-adds). The
+three-slot key-block kernel took 185 and 13.3-13.9 ms on an H200, against 208-211 and 14.7-14.9
+ms for the portable dq kernel plus a Gluon dk/dv kernel.
 """
 
 from __future__ import annotations
@@ -79,21 +85,21 @@ def _tma_reduce_add(desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _walk(visit: gl.constexpr, acc, ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb,
+def _walk(visit: gl.constexpr, acc, ctx, tidx_ptr, item, bh0, first, seg_end, N, n_qb,
           G: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
-    """acc = visit(t, bh, m0, masked, acc, ctx) for the schedule's query tiles t = 0, 1, ...
-    in order: queries [m0, m0 + 64) of query row bh = batch * HQ + head (bh0: the group's
-    first), masked for the own segment. Every partition walks the same schedule. Returns acc
-    and the number of tiles."""
+    """acc = visit(t, bh, m0, masked, acc, ctx) for the item's query tiles t = 0, 1, ... in
+    order: queries [m0, m0 + 64) of query row bh = batch * HQ + head (bh0: the group's first),
+    masked for the own segment. item points at the item's row of ITEMS (see pbs.kernels.work_items).
+    Every partition walks the same schedule. Returns acc and the number of tiles."""
     t = 0
-    for e in range(count):  # (a) query blocks of later segments that kept this key block
-        entry = gl.load(tidx_ptr + e)
-        bh = bh0 + entry // n_qb
-        for sub in gl.static_range(BLOCK // ROWS):
-            m0 = (entry % n_qb) * BLOCK + sub * ROWS
-            acc = visit(t, bh, m0, False, acc, ctx)
-            t += 1
-    for g in range(G):  # (b) own segment, token-level causality
+    for g in gl.static_range(G):  # (a) the region's query blocks that kept this key block, head g
+        for e in range(gl.load(item + 2 + g), gl.load(item + 2 + G + g)):
+            entry = gl.load(tidx_ptr + e)
+            for sub in gl.static_range(BLOCK // ROWS):
+                m0 = (entry % n_qb) * BLOCK + sub * ROWS
+                acc = visit(t, bh0 + g, m0, False, acc, ctx)
+                t += 1
+    for g in range(gl.load(item + 1) * G):  # (b) own segment (one item per key block has it)
         for m0 in range(first, seg_end, ROWS):
             acc = visit(t, bh0 + g, m0, True, acc, ctx)
             t += 1
@@ -117,12 +123,12 @@ def _load_tile(t, bh, m0, masked: gl.constexpr, acc, ctx):
 
 
 @gluon.jit
-def _producer(desc, ring, stat_desc, stat_ring, ready, empty, tidx_ptr, count, bh0, first,
+def _producer(desc, ring, stat_desc, stat_ring, ready, empty, tidx_ptr, item, bh0, first,
               seg_end, N, NPAD, n_qb, G: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
     """One warp: loads the schedule's query tiles of Q and their lse (or dO and their delta)
     into the rings."""
     ctx = (desc, ring, ready, empty, N, stat_desc, stat_ring, NPAD)
-    _walk(_load_tile, count, ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G, BLOCK)
+    _walk(_load_tile, first, ctx, tidx_ptr, item, bh0, first, seg_end, N, n_qb, G, BLOCK)
 
 
 @gluon.jit
@@ -140,11 +146,11 @@ def _add_dq(t, bh, m0, masked: gl.constexpr, acc, ctx):
 
 
 @gluon.jit
-def _dq_writer(dq_desc, dq_smem, dq_ready, dq_empty, tidx_ptr, count, bh0, first, seg_end, N,
+def _dq_writer(dq_desc, dq_smem, dq_ready, dq_empty, tidx_ptr, item, bh0, first, seg_end, N,
                n_qb, G: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
     """One warp: adds every tile's dq into the fp32 dq buffer (rows of a tile past N belong to
     the next head and receive exact zeros: their probabilities are 0)."""
-    _walk(_add_dq, count, (dq_desc, dq_smem, dq_ready, dq_empty, N), tidx_ptr, count, bh0, first,
+    _walk(_add_dq, first, (dq_desc, dq_smem, dq_ready, dq_empty, N), tidx_ptr, item, bh0, first,
           seg_end, N, n_qb, G, BLOCK)  # fmt: skip
 
 
@@ -244,7 +250,7 @@ def _stage_dq(t, dq, dq_own, dq_ready, dq_empty):
 @gluon.jit
 def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ring, do_ring,
               q_ready, do_ready, slot_free, ds_smem, ds_bar, dq_smem, dq_ready,
-              dq_empty, lse_ring, delta_ring, PERM, DK, DV, spn, sgn, tidx_ptr, count, bh0,
+              dq_empty, lse_ring, delta_ring, PERM, DK, DV, spn, sgn, tidx_ptr, item, bh0,
               first, seg_end, kv_row0, start_n, N, n_qb, qk_scale, sm_scale, G: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr):  # fmt: skip
     """One warpgroup: dk, dv of permuted keys [start_n + part * 64, +64) over the whole
@@ -295,49 +301,51 @@ def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ri
     )
     acc = (dk, dv, gl.zeros([ROWS, HEAD_DIM // 2], gl.float32, dq_layout))
     if part == 0:
-        acc, n_tiles = _walk(_tile0, acc, ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G,
+        acc, n_tiles = _walk(_tile0, acc, ctx, tidx_ptr, item, bh0, first, seg_end, N, n_qb, G,
                              BLOCK)  # fmt: skip
     else:
-        acc, n_tiles = _walk(_tile1, acc, ctx, tidx_ptr, count, bh0, first, seg_end, N, n_qb, G,
+        acc, n_tiles = _walk(_tile1, acc, ctx, tidx_ptr, item, bh0, first, seg_end, N, n_qb, G,
                              BLOCK)  # fmt: skip
     dk, dv, dq = acc
     _stage_dq(n_tiles - 1, dq, dq_smem.index(part), dq_ready, dq_empty)
 
-    # Stored from the wgmma layout (pairs of values a thread), once a program: not worth a
-    # layout conversion through shared memory.
+    # Added from the wgmma layout into the fp32 dk, dv buffers (other items of the same key
+    # block add theirs), once an item: not worth a layout conversion through shared memory.
     pos = gl.convert_layout(key_pos, gl.SliceLayout(1, acc_layout))
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     dst = pos[:, None].to(gl.int64) * sgn + dims[None, :]
-    ok = (pos < N)[:, None]
-    gl.store(DK + dst, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
-    gl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=ok)
+    ok = (pos < N)[:, None] & (dims < HEAD_DIM)[None, :]
+    gl.atomic_add(DK + dst, dk * sm_scale, mask=ok, sem="relaxed")
+    gl.atomic_add(DV + dst, dv, mask=ok, sem="relaxed")
 
 
 @gluon.jit
 def _attn_bwd_sm90(
-    q_desc, do_desc, kp_desc, vp_desc, dq_desc, lse_desc, delta_desc, PERM, TCOUNTS, TIDX,
-    ORDER, DK, DV, spb, sph, spn, sgb, sgh, sgn, N, NP, NPAD, n_qb, n_kb, qk_scale, sm_scale,
+    q_desc, do_desc, kp_desc, vp_desc, dq_desc, lse_desc, delta_desc, PERM, TIDX, ITEMS,
+    DK, DV, spb, sph, spn, sgb, sgh, sgn, N, NP, NPAD, n_qb, n_kb, qk_scale, sm_scale,
     HQ: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
     SEG: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):  # fmt: skip
-    """dk, dv of BLOCK permuted key rows of one (batch, KV head), stored in original order,
-    and their contributions to dq, added into the fp32 dq buffer.
+    """One work item: the contributions of BLOCK permuted key rows of one (batch, KV head) and
+    one region of query blocks to dk, dv (added in original key order into fp32 buffers) and
+    to dq (added into the fp32 dq buffer).
 
     q_desc, do_desc: TMA descriptors of Q and dO as (B*HQ*N, HEAD_DIM), block (64, HEAD_DIM);
     kp_desc, vp_desc: permuted K, V as (B*HKV*NP, HEAD_DIM) (NP >= N rows per head), block
     (64, HEAD_DIM); dq_desc: the fp32 dq buffer as (B*HQ*N, HEAD_DIM), zeroed, block (64,
     HEAD_DIM / 2); it receives dq = scale * sum_j dS_ij k_j. lse_desc, delta_desc: the
     per-query stats as (B*HQ*NPAD,) fp32 (each query row padded to NPAD, a multiple of BLOCK,
-    with lse = inf, delta = 0), block 64. PERM (strides spb, sph, spn), TCOUNTS, TIDX: as in
-    ``_attn_bwd_dkdv``. DK, DV: (B, HKV, N, HEAD_DIM) with strides sgb, sgh, sgn. qk_scale: softmax
-    scale times log2(e); sm_scale: the softmax scale. BLOCK = 2 * 64: two consumer warpgroups.
-    Grid: (B*HKV*n_kb,), program i takes row ORDER[i] of TCOUNTS (see launch_order); launched
-    with 4 warps (consumer 0).
+    with lse = inf, delta = 0), block 64. PERM (strides spb, sph, spn), TIDX: as in
+    ``_attn_bwd_dkdv``; ITEMS: the rows of pbs.kernels.work_items. DK, DV: (B, HKV, N,
+    HEAD_DIM) fp32, zeroed, with strides sgb, sgh, sgn. qk_scale: softmax scale times log2(e);
+    sm_scale: the softmax scale. BLOCK = 2 * 64: two consumer warpgroups. Grid: (n_items,);
+    launched with 4 warps (consumer 0).
     """
     dtype: gl.constexpr = q_desc.dtype
     HKV: gl.constexpr = HQ // G
     HALF: gl.constexpr = HEAD_DIM // 2
-    trow = gl.load(ORDER + gl.program_id(0))  # row of TCOUNTS: pid_bh * n_kb + pid_n
+    item = ITEMS + gl.program_id(0) * (2 + 2 * G)
+    trow = gl.load(item)  # key block pid_n of (batch, KV head) pid_bh: pid_bh * n_kb + pid_n
     pid_n = trow % n_kb
     pid_bh = trow // n_kb
     b = pid_bh // HKV
@@ -370,7 +378,6 @@ def _attn_bwd_sm90(
         mbarrier.init(do_ready.index(i), count=1)
         mbarrier.init(slot_free.index(i), count=2)
 
-    count = gl.load(TCOUNTS + trow)
     tidx_ptr = TIDX + trow.to(gl.int64) * (G * n_qb)
     perm = PERM + b.to(gl.int64) * spb + hkv.to(gl.int64) * sph
     # (b) starts at the 64-query tile holding the block's earliest key, ends with the segment.
@@ -390,39 +397,23 @@ def _attn_bwd_sm90(
             (_consumer, (0, k_smem, v_smem, kv_bar, kp_desc, vp_desc, q_ring, do_ring,
                          q_ready, do_ready, slot_free, ds_smem, ds_bar, dq_smem,
                          dq_bar.index(0), dq_bar.index(1), lse_ring, delta_ring, perm, dk_ptr,
-                         dv_ptr, spn, sgn, tidx_ptr, count, bh0, first, seg_end, kv_row0,
+                         dv_ptr, spn, sgn, tidx_ptr, item, bh0, first, seg_end, kv_row0,
                          start_n, N, n_qb, qk_scale, sm_scale, G, HEAD_DIM, BLOCK)),
             (_consumer, (1, k_smem, v_smem, kv_bar, kp_desc, vp_desc, q_ring, do_ring,
                          q_ready, do_ready, slot_free, ds_smem, ds_bar, dq_smem,
                          dq_bar.index(0), dq_bar.index(1), lse_ring, delta_ring, perm, dk_ptr,
-                         dv_ptr, spn, sgn, tidx_ptr, count, bh0, first, seg_end, kv_row0,
+                         dv_ptr, spn, sgn, tidx_ptr, item, bh0, first, seg_end, kv_row0,
                          start_n, N, n_qb, qk_scale, sm_scale, G, HEAD_DIM, BLOCK)),
             (_producer, (q_desc, q_ring, lse_desc, lse_ring, q_ready, slot_free, tidx_ptr,
-                         count, bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK)),
+                         item, bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK)),
             (_producer, (do_desc, do_ring, delta_desc, delta_ring, do_ready, slot_free, tidx_ptr,
-                         count, bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK)),
-            (_dq_writer, (dq_desc, dq_smem, dq_bar.index(0), dq_bar.index(1), tidx_ptr, count,
+                         item, bh0, first, seg_end, N, NPAD, n_qb, G, BLOCK)),
+            (_dq_writer, (dq_desc, dq_smem, dq_bar.index(0), dq_bar.index(1), tidx_ptr, item,
                           bh0, first, seg_end, N, n_qb, G, BLOCK)),
         ],
         [4, 1, 1, 1],
         [CONSUMER_REGS, 24, 24, 24],
     )  # fmt: skip
-
-
-def launch_order(tcounts: torch.Tensor) -> torch.Tensor:
-    """The key blocks in the order the grid's programs take them: (B*HKV*n_kb,) int32 rows of
-    tcounts (B, HKV, n_kb), by descending power of two of count + 1, in row order within a
-    power.
-
-    A program's time grows with its block's count, and early key blocks are kept by far more
-    query blocks than late ones: in row order the last KV head's early blocks start last. Fully
-    sorted (longest first), the programs that run side by side come from every head and position
-    and share fewer query tiles in L2: 38% slower at 128K on an H100 (L2 hit rate 33% against
-    row order's 55%). Powers of two keep row order, and its L2 reuse, within each power:
-    faster than row order by 1.2-2.5% at 32K and 0.1-1.6% at 128K
-    (bench/results/pbs_backward.md)."""
-    power = torch.frexp(tcounts.flatten().float() + 1).exponent
-    return torch.sort(-power, stable=True).indices.int()
 
 
 def block_sparse_backward_sm90(
@@ -433,8 +424,8 @@ def block_sparse_backward_sm90(
     lse: torch.Tensor,
     delta: torch.Tensor,
     perm: torch.Tensor,
-    tcounts: torch.Tensor,
     tidx: torch.Tensor,
+    items: torch.Tensor,
     n_qb: int,
     block: int,
     seg: int,
@@ -444,7 +435,7 @@ def block_sparse_backward_sm90(
     dv: torch.Tensor,
 ) -> None:
     """Fill dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) as the portable ``_attn_bwd_dq`` and
-    ``_attn_bwd_dkdv`` do (same arguments, as tensors).
+    ``_attn_bwd_dkdv`` do (same arguments, as tensors; items from :func:`work_items`).
 
     q, do: (B, HQ, N, D), copied when their rows are not laid out (B*HQ*N, D); kp, vp may be
     views of longer buffers (one row spacing for both); lse, delta: contiguous (B, HQ, N) fp32.
@@ -471,12 +462,15 @@ def block_sparse_backward_sm90(
     )
     dq_layout = gl.NVMMASharedLayout.get_default_for([ROWS.value, D // 2], gl.float32)
     dq_desc = TensorDescriptor.from_tensor(dq_acc, [ROWS.value, D // 2], dq_layout)
-    order = launch_order(tcounts)
-    _attn_bwd_sm90[(order.numel(),)](
-        q_desc, do_desc, kp_desc, vp_desc, dq_desc, lse_desc, delta_desc, perm, tcounts, tidx,
-        order, dk, dv, *perm.stride(), *dk.stride()[:3], N, kp2.shape[0] // (B * HKV), npad, n_qb,
-        tidx.shape[2], scale * LOG2E, scale,
+    dk_acc = torch.zeros(dk.shape, device=q.device, dtype=torch.float32)
+    dv_acc = torch.zeros(dv.shape, device=q.device, dtype=torch.float32)
+    _attn_bwd_sm90[(items.shape[0],)](
+        q_desc, do_desc, kp_desc, vp_desc, dq_desc, lse_desc, delta_desc, perm, tidx, items,
+        dk_acc, dv_acc, *perm.stride(), *dk_acc.stride()[:3], N, kp2.shape[0] // (B * HKV),
+        npad, n_qb, tidx.shape[2], scale * LOG2E, scale,
         HQ=HQ, G=HQ // HKV, HEAD_DIM=D, BLOCK=block, SEG=seg, STAGES=STAGES,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )  # fmt: skip
     dq.copy_(dq_acc.view(B, HQ, N, D))
+    dk.copy_(dk_acc)
+    dv.copy_(dv_acc)

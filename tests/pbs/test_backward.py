@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pbs import PBSConfig, kernels, pbs_attention, reference_attention
-from pbs.kernels.attention_bwd_sm90 import launch_order
+from pbs.kernels import work_items
 from pbs.plan import make_plan
 from pbs.reference import attend_plan, visible_mask
 from pbs.select import key_block_lists_torch, select_blocks
@@ -87,6 +87,21 @@ def test_gradients_match_reference(seed, dtype, api_plans):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert not a.isnan().any(), name
         assert rel_err(a, b) < TOL[dtype], (name, rel_err(a, b), c, cfg)
+
+
+@pytest.mark.parametrize("seed,region", [(1, 1), (2, 2), (4, 1), (5, 3)])
+def test_gradients_match_reference_with_many_regions(seed, region, monkeypatch):
+    """Work items of 1-3 query blocks: every key block split over several items, their dk, dv
+    added up (the default region holds all query blocks of these short sequences)."""
+    monkeypatch.setattr(kernels, "REGION", region)
+    c = random_case(seed)
+    cfg = c.pop("cfg")
+    c["n"] *= 2
+    q, k, v, do = make_inputs(**c, dtype=torch.float32, seed=seed)
+    got = grads(lambda *x: pbs_attention(*x, config=cfg), q, k, v, do)
+    ref = grads(lambda *x: reference_attention(*x, config=cfg), q, k, v, do)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, ref, strict=True):
+        assert rel_err(a, b) < TOL[torch.float32], (name, rel_err(a, b), c, cfg)
 
 
 @pytest.mark.parametrize("n,hq,hkv", [(45, 4, 1), (70, 2, 2), (100, 4, 2)])
@@ -170,25 +185,50 @@ def test_key_block_lists_match_torch_twin(seed):
     assert torch.equal(tidx[valid], want_idx[valid])
 
 
-def test_launch_order_takes_key_blocks_by_descending_power_of_two_of_their_count():
-    """The sm90 backward's programs: larger powers of two of count + 1 first, row order within
-    a power (the reuse of query tiles in L2 depends on it)."""
-    g = torch.Generator().manual_seed(0)
-    tcounts = torch.randint(0, 40, (2, 3, 17), generator=g, dtype=torch.int32)
-    order = launch_order(tcounts)
-    assert order.dtype == torch.int32
-    assert sorted(order.tolist()) == list(range(tcounts.numel()))
-    power = [(int(c) + 1).bit_length() for c in tcounts.flatten()[order.long()]]
-    assert power == sorted(power, reverse=True)
-    for a, b, pa, pb in zip(order, order[1:], power, power[1:], strict=False):
-        assert pa > pb or a < b
+@pytest.mark.parametrize("seed", range(3))
+def test_work_items_split_every_key_block_by_region_exactly(seed):
+    """The sm90 backward's work items: each valid list entry in exactly one item, the item of
+    its query block's region and head; one item per key block walks the own segment; items
+    ordered by (batch and KV head, region, key block)."""
+    r = random.Random(seed)
+    B, HKV, G = r.randint(1, 2), r.randint(1, 2), [1, 2, 4][seed]
+    n_qb, block, seg, region = r.randint(5, 40), 16, 16 * r.choice([1, 2, 4]), r.choice([2, 3, 8])
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, HKV * G, n_qb, n_qb, generator=g).to(DEV)
+    sink = torch.randint(-1, n_qb, (B, HKV), generator=g, dtype=torch.int32).to(DEV)
+    counts, idx = select_blocks(logits, sink, r.choice([0.3, 0.9, 1.0]), seg // block, G)
+    tcounts, tidx = kernels.key_block_lists(counts, idx, HKV)
+    items = work_items(tcounts, tidx, n_qb, block, seg, region).cpu()
+    tcounts, tidx = tcounts.flatten().tolist(), tidx.view(len(tcounts.flatten()), -1).cpu()
+    n_kb = n_qb
+    seen, own, keys = set(), [], []
+    for row, is_own, *bounds in items.tolist():
+        lo, hi = bounds[:G], bounds[G:]
+        c = {((int(tidx[row, e]) % n_qb) // region) for h in range(G) for e in range(lo[h], hi[h])}
+        if is_own:
+            c.add((row % n_kb) * block // seg * seg // block // region)
+            own.append(row)
+        assert len(c) == 1, (row, c)
+        keys.append((row // n_kb, c.pop(), row % n_kb))
+        for h in range(G):
+            for e in range(lo[h], hi[h]):
+                assert int(tidx[row, e]) // n_qb == h
+                assert (row, e) not in seen
+                seen.add((row, e))
+    assert seen == {(row, e) for row, n in enumerate(tcounts) for e in range(n)}
+    assert sorted(own) == list(range(len(tcounts)))
+    assert keys == sorted(keys)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("seed", range(16))
-def test_bf16_gradients_match_reference_on_gpu(seed):
-    """Real tile sizes (blocks 64 and 128), bf16."""
+@pytest.mark.parametrize(
+    "seed,region", [(s, kernels.REGION) for s in range(16)] + [(1, 1), (2, 2), (5, 1)]
+)
+def test_bf16_gradients_match_reference_on_gpu(seed, region, monkeypatch):
+    """Real tile sizes (blocks 64 and 128), bf16; the last cases split every key block over
+    work items of 1-2 query blocks (at the default, these lengths make one region)."""
+    monkeypatch.setattr(kernels, "REGION", region)
     c = random_case(seed, block_choices=(64, 128))
     cfg = c.pop("cfg")
     c["d"] = [64, 128][seed % 2]

@@ -32,10 +32,10 @@ def build(name: str, arch: int):
             dict(shape, STORE_LSE=True, BLOCK_M=128, BLOCK_N=64),
         ),
     }[name]
-    ints = {"COUNTS", "IDX", "PERM", "TCOUNTS", "TIDX"}
+    ints = {"COUNTS", "IDX", "PERM", "TCOUNTS", "TIDX", "ITEMS"}
     signature = {
         arg: "constexpr" if arg in const
-        else "*fp32" if arg in ("LSE", "DELTA")
+        else "*fp32" if arg in ("LSE", "DELTA", "DK", "DV")
         else "*i32" if arg in ints
         else "fp32" if arg in ("qk_scale", "sm_scale")
         else "i32" if arg in ("N", "N_BUCKET") or arg[0].islower()

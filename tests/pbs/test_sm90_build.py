@@ -108,7 +108,7 @@ def build_backward(dtype: torch.dtype, head_dim: int):
     stat_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     stat = TensorDescriptor.from_tensor(torch.empty(4 * 128), [bwd.ROWS.value], stat_layout)
     args = dict(q_desc=desc, do_desc=desc, kp_desc=desc, vp_desc=desc, dq_desc=dq_desc,
-                lse_desc=stat, delta_desc=stat, PERM=ints, TCOUNTS=ints, TIDX=ints, ORDER=ints,
+                lse_desc=stat, delta_desc=stat, PERM=ints, TIDX=ints, ITEMS=ints,
                 DK=rows, DV=rows, spb=1, sph=1, spn=1, sgb=1, sgh=1, sgn=1, N=1, NP=1, NPAD=1,
                 n_qb=1, n_kb=1, qk_scale=0.1, sm_scale=0.1)  # fmt: skip
     const = dict(HQ=4, G=2, HEAD_DIM=head_dim, BLOCK=128, SEG=256, STAGES=bwd.STAGES,
