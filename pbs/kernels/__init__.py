@@ -316,7 +316,8 @@ def work_items(
     edges = (torch.arange(n_reg + 1, device=dev) * region).clamp(max=n_qb)
     bounds = (torch.arange(G, device=dev)[:, None] * n_qb + edges).flatten()
     pos = torch.searchsorted(entries, bounds.expand(rows, -1).contiguous(), out_int32=True)
-    lo, hi = pos.view(rows, G, n_reg + 1)[..., :-1], pos.view(rows, G, n_reg + 1)[..., 1:]
+    pos = pos.view(rows, G, n_reg + 1)
+    lo, hi = pos[..., :-1], pos[..., 1:]
     own_qb = torch.arange(n_kb, device=dev) * block // seg * seg // block
     own = torch.zeros(rows, n_reg, device=dev, dtype=torch.bool)
     own[torch.arange(rows, device=dev), (own_qb // region).repeat(B * HKV)] = True
@@ -369,16 +370,15 @@ def block_sparse_attention_backward(
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     tcounts, tidx = key_block_lists(counts, idx, HKV)
     items = work_items(tcounts, tidx, n_qb, block, seg, REGION)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    if sm90:
-        attention_bwd_sm90.block_sparse_backward_sm90(
-            q, do, kp, vp, lse, delta, perm, tidx, items, n_qb, block, seg, scale, dq, dk, dv
-        )
-        return dq, dk, dv
     # A key block's items add their dk, dv here, then one cast.
     dk_acc = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv_acc = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    if sm90:
+        attention_bwd_sm90.block_sparse_backward_sm90(
+            q, do, kp, vp, lse, delta, perm, tidx, items, n_qb, block, seg, scale,
+            dq, dk_acc, dv_acc,
+        )  # fmt: skip
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
     dq_args = (
         q, k, v, kp, vp, do, dq, lse, delta, counts, idx,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -404,9 +404,7 @@ def block_sparse_attention_backward(
         _attn_bwd_dkdv[(block // bn, len(items))](
             *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bn < 128 else 8
         )
-    dk.copy_(dk_acc)
-    dv.copy_(dv_acc)
-    return dq, dk, dv
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
 __all__ = [

@@ -315,7 +315,7 @@ def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ri
     pos = gl.convert_layout(key_pos, gl.SliceLayout(1, acc_layout))
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     dst = pos[:, None].to(gl.int64) * sgn + dims[None, :]
-    ok = (pos < N)[:, None] & (dims < HEAD_DIM)[None, :]
+    ok = (pos < N)[:, None]
     gl.atomic_add(DK + dst, dk * sm_scale, mask=ok, sem="relaxed")
     gl.atomic_add(DV + dst, dv, mask=ok, sem="relaxed")
 
@@ -435,8 +435,9 @@ def block_sparse_backward_sm90(
     dk: torch.Tensor,
     dv: torch.Tensor,
 ) -> None:
-    """Fill dq (B, HQ, N, D) and dk, dv (B, HKV, N, D) as the portable ``_attn_bwd_dq`` and
-    ``_attn_bwd_dkdv`` do (same arguments, as tensors; items from :func:`work_items`).
+    """Fill dq (B, HQ, N, D) and add into the zeroed fp32 dk, dv (B, HKV, N, D) as the portable
+    ``_attn_bwd_dq`` and ``_attn_bwd_dkdv`` do (same arguments, as tensors; items from
+    :func:`work_items`).
 
     q, do: (B, HQ, N, D), copied when their rows are not laid out (B*HQ*N, D); kp, vp may be
     views of longer buffers (one row spacing for both); lse, delta: contiguous (B, HQ, N) fp32.
@@ -463,15 +464,11 @@ def block_sparse_backward_sm90(
     )
     dq_layout = gl.NVMMASharedLayout.get_default_for([ROWS.value, D // 2], gl.float32)
     dq_desc = TensorDescriptor.from_tensor(dq_acc, [ROWS.value, D // 2], dq_layout)
-    dk_acc = torch.zeros(dk.shape, device=q.device, dtype=torch.float32)
-    dv_acc = torch.zeros(dv.shape, device=q.device, dtype=torch.float32)
     _attn_bwd_sm90[(items.shape[0],)](
         q_desc, do_desc, kp_desc, vp_desc, dq_desc, lse_desc, delta_desc, perm, tidx, items,
-        dk_acc, dv_acc, *perm.stride(), *dk_acc.stride()[:3], N, kp2.shape[0] // (B * HKV),
+        dk, dv, *perm.stride(), *dk.stride()[:3], N, kp2.shape[0] // (B * HKV),
         npad, n_qb, tidx.shape[2], scale * LOG2E, scale,
         HQ=HQ, G=HQ // HKV, HEAD_DIM=D, BLOCK=block, SEG=seg, STAGES=STAGES,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )  # fmt: skip
     dq.copy_(dq_acc.view(B, HQ, N, D))
-    dk.copy_(dk_acc)
-    dv.copy_(dv_acc)

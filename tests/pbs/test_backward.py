@@ -187,7 +187,7 @@ def test_key_block_lists_match_torch_twin(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_work_items_split_every_key_block_by_region_exactly(seed):
-    """The sm90 backward's work items: each valid list entry in exactly one item, the item of
+    """The backward's work items: each valid list entry in exactly one item, the item of
     its query block's region and head; one item per key block walks the own segment; items
     ordered by (batch and KV head, region, key block)."""
     r = random.Random(seed)
