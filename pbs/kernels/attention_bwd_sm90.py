@@ -12,7 +12,7 @@ docstring first), organised as FlashAttention-3 organises its backward:
   its query blocks), the kernel was bound by DRAM traffic: at 128K on an H100, 55% L2 hit
   rate, 403 GB moved, the dq reduce-adds a fifth of its time. Run by items: 97% L2 hit rate,
   32 GB moved, but only 5% less time; the tensor cores idle half of it while the consumers
-  wait, a third of their stalls on instruction fetch (bench/results/pbs_backward.md).
+  wait, a third of their stall samples on instruction fetch (bench/results/pbs_backward.md).
 - Two producer warps, one for Q and its lse, one for dO and its delta, stream the item's query
   tiles by TMA into rings of ``STAGES`` slots ("ready" and "empty" mbarriers per slot): (a)
   the region's query blocks that kept this key block (the transposed block lists), each in
