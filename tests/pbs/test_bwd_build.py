@@ -32,7 +32,7 @@ def build(name: str, arch: int):
             dict(shape, STORE_LSE=True, BLOCK_M=128, BLOCK_N=64),
         ),
     }[name]
-    ints = {"COUNTS", "IDX", "PERM", "TCOUNTS", "TIDX", "ITEMS"}
+    ints = {"COUNTS", "IDX", "PERM", "TIDX", "ITEMS"}
     signature = {
         arg: "constexpr" if arg in const
         else "*fp32" if arg in ("LSE", "DELTA", "DK", "DV")
