@@ -446,13 +446,13 @@ def block_sparse_backward_sm90(
     """
     B, HQ, N, D = q.shape
     HKV = kp.shape[1]
-    kp2, vp2 = _rows(kp), _rows(vp)
+    kp2, vp2 = _rows(kp, longer=True), _rows(vp, longer=True)
     assert kp2.shape == vp2.shape, "kp and vp must space their heads alike"
     dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([ROWS.value, D], dt)
     q_desc, do_desc, kp_desc, vp_desc = (
         TensorDescriptor.from_tensor(t, [ROWS.value, D], layout)
-        for t in (_rows(q.contiguous()), _rows(do.contiguous()), kp2, vp2)
+        for t in (_rows(q), _rows(do), kp2, vp2)
     )
     dq_acc = torch.zeros(B * HQ * N, D, device=q.device, dtype=torch.float32)
     npad = triton.cdiv(N, block) * block

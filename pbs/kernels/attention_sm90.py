@@ -255,12 +255,18 @@ def supported(q: torch.Tensor, block: int) -> bool:
     )
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) with contiguous rows of D and heads L rows apart, as a (B*H*L, D) view."""
-    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] or t.stride(0) != t.shape[1] * t.stride(1):
-        t = t.contiguous()
-    rows = t.stride(1) // t.shape[-1]  # L, or more for a view of a longer buffer
-    return t.as_strided((t.shape[0] * t.shape[1] * rows, t.shape[-1]), (t.shape[-1], 1))
+def _rows(t: torch.Tensor, longer: bool = False) -> torch.Tensor:
+    """(B, H, L, D) as a (B*H*R, D) view of contiguous rows of D, heads R rows apart: R = L
+    (copied when not laid out so), or with ``longer`` R >= L, for a view of the first L rows
+    of a longer buffer (kp, vp; the kernels take R). The kernels find a head's rows from R."""
+    B, H, L, D = t.shape
+    rows = t.stride(1) // D
+    end = t.storage_offset() + B * H * rows * D  # the view's end, in elements
+    longer = longer and rows > L and end * t.element_size() <= t.untyped_storage().nbytes()
+    spaced = t.stride(1) == rows * D and (rows == L or longer)
+    if t.stride(-1) != 1 or t.stride(-2) != D or t.stride(0) != H * t.stride(1) or not spaced:
+        t, rows = t.contiguous(), L
+    return t.as_strided((B * H * rows, D), (D, 1))
 
 
 def block_sparse_attention_sm90(
@@ -286,7 +292,7 @@ def block_sparse_attention_sm90(
     """
     B, HQ, N, D = q.shape
     HKV = k.shape[1]
-    kp2, vp2 = _rows(kp), _rows(vp)
+    kp2, vp2 = _rows(kp, longer=True), _rows(vp, longer=True)
     assert kp2.shape == vp2.shape, "kp and vp must space their heads alike"
     dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     q_layout = gl.NVMMASharedLayout.get_default_for([ROWS.value, D], dt)

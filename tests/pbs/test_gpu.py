@@ -123,6 +123,27 @@ def test_sm90_kernel_reads_strided_inputs_and_longer_kv_buffers(dtype):
     assert rel(out, ref) < 2e-2
 
 
+def test_sm90_kernel_reads_slices_of_longer_buffers():
+    """Q, K, V as the rows [s, e) of longer (B, H, L, D) buffers, as pbs.hf passes a padded
+    batch row, give the same result as contiguous copies (the kernel once read them with the
+    buffers' head spacing)."""
+    needs_sm90("sm90")
+    cfg = PBSConfig(threshold=0.7, min_seq_len=0)
+    b, hq, hkv, length, d = 1, 8, 2, 1500, 128
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q, k, v = (
+        torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16, generator=g)[:, :, 37:1037]
+        for h in (hq, hkv, hkv)
+    )  # fmt: skip
+    plan = make_plan(q, k, v, cfg)
+    out = kernels.block_sparse_attention(
+        q, k, v, plan.kp, plan.vp, plan.counts, plan.indices,
+        cfg.block_size, cfg.segment_size, plan.scale, kernel="sm90",
+    )  # fmt: skip
+    ref = attend_plan(q.contiguous(), k.contiguous(), v.contiguous(), plan)
+    assert rel(out, ref) < 2e-2
+
+
 def test_auto_picks_sm90_on_hopper_and_reports_it():
     q, k, v = qkv(1, 4, 2, 700, 128, 0)
     _, stats = pbs_attention(q, k, v, PBSConfig(min_seq_len=0), return_stats=True)

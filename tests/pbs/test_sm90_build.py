@@ -125,6 +125,28 @@ def test_sm90_backward_kernel_builds_for_hopper(dtype, head_dim):
     assert 0 < int(shared) <= MAX_SHARED
 
 
+@pytest.mark.parametrize("longer", [False, True])
+def test_tma_row_views_keep_each_heads_rows(longer):
+    """The launchers hand TMA (B*H*R, D) row views and find head h's rows at h*R. Q, K, V are
+    read with R = N: a slice of a longer buffer (a padded batch row of pbs.hf, a cache) is
+    copied, not read with the buffer's spacing. ``longer`` (kp, vp, whose spacing the kernels
+    take) keeps a view of a longer buffer in place where the spaced rows fit its storage."""
+    from pbs.kernels.attention_sm90 import _rows
+
+    buf = torch.randn(2, 3, 40, 16)
+    cases = [buf[:, :, 5:29], buf[:, :, :24], buf[:, :, :24].transpose(1, 2).contiguous()
+             .transpose(1, 2), buf]  # fmt: skip
+    for t in cases:
+        B, H, L, D = t.shape
+        view = _rows(t, longer=longer)
+        spacing = view.shape[0] // (B * H)
+        in_place = view.data_ptr() == t.data_ptr()
+        assert spacing == L or (longer and in_place and spacing == t.stride(1) // D)
+        heads = view.view(B * H, spacing, D)[:, :L]
+        assert torch.equal(heads.reshape(B, H, L, D), t)
+    assert _rows(buf[:, :, :24], longer=True).data_ptr() == buf.data_ptr()  # no copy
+
+
 if __name__ == "__main__":
     dtype = getattr(torch, sys.argv[2])
     if sys.argv[1] == "backward":
