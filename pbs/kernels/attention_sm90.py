@@ -257,8 +257,8 @@ def supported(q: torch.Tensor, block: int) -> bool:
 
 def _rows(t: torch.Tensor, longer: bool = False) -> torch.Tensor:
     """(B, H, L, D) as a (B*H*R, D) view of contiguous rows of D, heads R rows apart: R = L
-    (copied when not laid out so), or with ``longer`` R >= L, for a view of the first L rows
-    of a longer buffer (kp, vp; the kernels take R). The kernels find a head's rows from R."""
+    (copied when not laid out so), or with ``longer`` R >= L for L rows of a longer buffer
+    whose spaced rows fit its storage (kp, vp, whose spacing the kernels take)."""
     B, H, L, D = t.shape
     rows = t.stride(1) // D
     end = t.storage_offset() + B * H * rows * D  # the view's end, in elements

@@ -124,9 +124,9 @@ def test_sm90_kernel_reads_strided_inputs_and_longer_kv_buffers(dtype):
 
 
 def test_sm90_kernel_reads_slices_of_longer_buffers():
-    """Q, K, V as the rows [s, e) of longer (B, H, L, D) buffers, as pbs.hf passes a padded
-    batch row, give the same result as contiguous copies (the kernel once read them with the
-    buffers' head spacing)."""
+    """Q, K, V as the rows [s, e) of longer (B, H, L, D) buffers (pbs.hf slices a padded
+    batch row so) give the same result as contiguous copies (the kernel once read them with
+    the buffers' head spacing)."""
     needs_sm90("sm90")
     cfg = PBSConfig(threshold=0.7, min_seq_len=0)
     b, hq, hkv, length, d = 1, 8, 2, 1500, 128
