@@ -35,9 +35,9 @@ def build(dtype: torch.dtype, head_dim: int, block: int, store_lse: bool):
 
     kv = desc(block)
     ints = torch.empty(4, dtype=torch.int32)
-    args = dict(q_desc=desc(attention_sm90.ROWS.value), k_desc=kv, v_desc=kv, kp_desc=kv, vp_desc=kv,
-                O=rows, LSE=torch.empty(4), COUNTS=ints, IDX=ints, sob=1, soh=1, son=1, N=1, NP=1,
-                n_qb=1, n_kb=1, qk_scale=0.1)  # fmt: skip
+    args = dict(q_desc=desc(attention_sm90.ROWS.value), k_desc=kv, v_desc=kv, kp_desc=kv,
+                vp_desc=kv, O=rows, LSE=torch.empty(4), COUNTS=ints, IDX=ints, sob=1, soh=1,
+                son=1, N=1, NP=1, n_qb=1, n_kb=1, qk_scale=0.1)  # fmt: skip
     const = dict(HQ=4, G=2, HEAD_DIM=head_dim, BLOCK=block, SEG=2 * block,
                  STAGES=attention_sm90.STAGES, CONSUMER_REGS=attention_sm90.CONSUMER_REGS,
                  STORE_LSE=store_lse)  # fmt: skip
