@@ -1,0 +1,39 @@
+"""bench/pbs_backward.py on the CPU (--tiny, Triton's interpreter): the script a device call
+runs, end to end, so a broken column costs no device time."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_run_writes_the_table_with_gradients_checked(tmp_path):
+    """One length: a row with every column, PBS's gradients within 1e-2 of autograd through
+    the reference, the flex columns empty (no CPU backward), and the header naming the commit
+    and the command."""
+    out = tmp_path / "pbs_backward.md"
+    command = [
+        sys.executable, str(ROOT / "bench" / "pbs_backward.py"),
+        "--tiny", "--lengths", "96", "--commit", "abc1234", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "- commit: abc1234" in text and "--lengths 96" in text
+
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    columns = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(columns, (c.strip() for c in r.strip("|").split("|")), strict=True))
+            for r in lines[2:]]  # fmt: skip
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["N"] == "96" and 0.0 < float(row["density"]) <= 1.0
+    assert float(row["max rel. err. vs reference"]) < 1e-2
+    assert all(float(row[name]) > 0 for name in ("dense", "PBS total", "PBS attn"))
+    for name in ("flex total", "flex attn", "flex / PBS total", "flex / PBS attn"):
+        assert math.isnan(float(row[name])), name
+    assert row["dense ran"] == "math (CPU)"
