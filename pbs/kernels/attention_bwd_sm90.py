@@ -71,8 +71,10 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # 233 ms at 128K on an H100 (bench/results/pbs_backward.md), with 33 KB less shared memory.
 STAGES = 2
 # Registers per thread of the second consumer warpgroup (dk and dv take 128 of them); the
-# three one-warp workers keep 24 each.
-CONSUMER_REGS = 240
+# three one-warp workers keep 24 each. At 232 ptxas keeps both consumers' tile loops free of
+# local memory; at 240 the second consumer's stores 10 and loads 15 values a tile (offline
+# sm_90 build, Triton 3.6, 4 query heads per KV head).
+CONSUMER_REGS = 232
 
 
 @builtin
@@ -294,8 +296,7 @@ def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ri
 
     # A zero that ptxas cannot see is one (the grid is 1-D). _tile indexes the K, V, Q, dO and
     # dq buffers with t * zero, so their wgmma descriptors and addresses are formed per tile
-    # instead of hoisted out of the loop and spilled. In the SASS the main loop then stores
-    # nothing to local memory and reloads 12 hoisted values per two tiles.
+    # instead of hoisted out of the loop and spilled.
     zero = gl.program_id(2)
     ctx = (key_pos, k_smem, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready,
            do_ready, slot_free, ds_smem, ds_bar, dq_smem, dq_ready, dq_empty,
