@@ -22,9 +22,10 @@ docstring first), organised as FlashAttention-3 organises its backward:
 - Per tile a consumer issues S^T = K Q^T and dP^T = V dO^T together (async wgmma), turns S^T
   into P^T while dP^T runs, forms dS^T = P^T (dP^T - delta), issues dV += P^T dO (P^T from
   registers), puts dS^T in shared memory and issues dK += dS^T Q from there. The query stats
-  (lse, delta) arrive with the tile in shared memory and start the S^T and dP^T accumulators:
-  loaded from global memory by the consumer they put a load's latency before every tile, and
-  held in registers they spilled.
+  (lse, delta) arrive with the tile in shared memory and are read while the wgmmas run, then
+  applied by FMA (P^T = exp2(S^T * scale - lse), dS^T = P^T (dP^T - delta)): loaded from global
+  memory by the consumer they put a load's latency before every tile, held in registers they
+  spilled, and starting the wgmma accumulators they cost ~100 instructions a tile.
 - Every loop-invariant shared-memory address is formed inside the loop (see ``zero`` in
   _consumer): hoisted, ptxas spilled them.
 - dq: once both consumers' dS^T are in shared memory (one mbarrier per buffer, two buffers),
@@ -71,10 +72,10 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # 233 ms at 128K on an H100 (bench/results/pbs_backward.md), with 33 KB less shared memory.
 STAGES = 2
 # Registers per thread of the second consumer warpgroup (dk and dv take 128 of them); the
-# three one-warp workers keep 24 each. At 232 ptxas keeps both consumers' tile loops free of
-# local memory; at 240 the second consumer's stores 10 and loads 15 values a tile (offline
-# sm_90 build, Triton 3.6, 4 query heads per KV head).
-CONSUMER_REGS = 232
+# three one-warp workers keep 24 each. At 240 ptxas keeps both consumers' tile loops free of
+# local memory; at 232 the first consumer's stores 3 and loads 3 values a tile (offline sm_90
+# build, Triton 3.6, 4 query heads per KV head).
+CONSUMER_REGS = 240
 
 
 @builtin
@@ -208,22 +209,20 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     q = q_ring.index(slot + z)
     do = do_ring.index(slot + z)
     mbarrier.wait(q_ready.index(slot), phase)
-    lse = lse_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-    s_init = zeros - (lse * (1.0 / qk_scale))[None, :]
-    s_tok = warpgroup_mma(k_own, q.permute((1, 0)), s_init, is_async=True)
+    s_tok = warpgroup_mma(k_own, q.permute((1, 0)), zeros, use_acc=False, is_async=True)
     if t > 0:  # the previous tile's dq, staged while S^T runs
         _stage_dq(t - 1, dq_prev, dq_pair.index(part + z), dq_ready, dq_empty)
     mbarrier.wait(do_ready.index(slot), phase)
-    delta = delta_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-    dp_init = zeros - delta[None, :]
-    dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)), dp_init, is_async=True)
+    dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)), zeros, use_acc=False, is_async=True)
     # wgmma groups retire in order: one outstanding means S^T is done, dP^T may run on.
+    lse = lse_ring.index(slot).load(gl.SliceLayout(0, s_layout))
     s = warpgroup_mma_wait(1, deps=(s_tok,))
-    p = _exp2(s * qk_scale)
+    p = _exp2(s * qk_scale - lse[None, :])
     if masked:
         p = gl.where(offs_m[None, :] >= key_pos[:, None], p, 0.0)
+    delta = delta_ring.index(slot).load(gl.SliceLayout(0, s_layout))
     dp = warpgroup_mma_wait(0, deps=(dp_tok,))
-    ds = (p * dp).to(dtype)
+    ds = (p * (dp - delta[None, :])).to(dtype)
     p_op = gl.convert_layout(p.to(dtype), op_layout)
     dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
     buf = t % 2
