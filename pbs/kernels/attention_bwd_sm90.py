@@ -29,13 +29,14 @@ docstring first), organised as FlashAttention-3 organises its backward:
 - Every loop-invariant shared-memory address is formed inside the loop (see ``zero`` in
   _consumer): hoisted, ptxas spilled them.
 - dq: once both consumers' dS^T are in shared memory (one mbarrier per buffer, two buffers),
-  consumer p computes dQ[:, half p of the head dim] = dS K[:, half p] over all 128 keys and
-  stages it in shared memory while the next tile's S^T runs (staged at the end of its own
-  tile, the tensor cores idled through the store); a third worker warp adds the tile into an
-  fp32 dq buffer by TMA reduce-add. dq so gathers the contributions of every key block that
-  sees its queries in the same pass (the portable backward runs a second kernel that
-  recomputes S and dP for dq). dS is rounded to 16 bits before the softmax scale, as in the
-  portable kernels; dq and dk are scaled in fp32.
+  consumer p computes dQ[:, half p of the head dim] = dS K[:, half p] over all 128 keys. A
+  tile's dK and dQ wgmmas run on into the next tile, which issues its S^T behind them before
+  awaiting them, so the tensor cores do not drain between tiles; the dq half is then staged in
+  shared memory while S^T runs, and a third worker warp adds the tile into an fp32 dq buffer
+  by TMA reduce-add. dq so gathers the contributions of every key block that sees its queries
+  in the same pass (the portable backward runs a second kernel that recomputes S and dP for
+  dq). dS is rounded to 16 bits before the softmax scale, as in the portable kernels; dq and
+  dk are scaled in fp32.
 
 Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads, H100, kernel
 alone): 192.4-192.5 ms at 128K and 13.1-14.3 ms at 32K, against 202.2-203.3 and 15.9 ms for the
@@ -176,10 +177,11 @@ def _tile1(t, bh, m0, masked: gl.constexpr, acc, ctx):
 @gluon.jit
 def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     """Consumer step: fold query tile t (queries [m0, m0 + 64) of query row bh) into this
-    warpgroup's acc = (dk, dv, dq) (its 64 keys; dq: the previous tile's dq half, staged here
-    once S^T is issued, replaced by this tile's); ctx: what it reads (see _consumer). With
-    ``masked`` a query sees a key only at or after it. Queries past N have lse = inf in the
-    stats ring, so P^T and dS^T are exactly 0 there."""
+    warpgroup's acc = (dk, dv, dq) (its 64 keys; dq: the previous tile's dq half), whose dk and
+    dq are still being computed by wgmma: they are awaited once this tile's S^T is issued, dq
+    scaled and staged, and this tile's dK and dQ are returned running; ctx: what it reads (see
+    _consumer). With ``masked`` a query sees a key only at or after it. Queries past N have lse
+    = inf in the stats ring, so P^T and dS^T are exactly 0 there."""
     dk, dv, dq_prev = acc
     (key_pos, k_pair, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
      slot_free, ds_smem, ds_bar, dq_pair, dq_ready, dq_empty, qk_scale, sm_scale) = ctx  # fmt: skip
@@ -210,8 +212,10 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     do = do_ring.index(slot + z)
     mbarrier.wait(q_ready.index(slot), phase)
     s_tok = warpgroup_mma(k_own, q.permute((1, 0)), zeros, use_acc=False, is_async=True)
-    if t > 0:  # the previous tile's dq, staged while S^T runs
-        _stage_dq(t - 1, dq_prev, dq_pair.index(part + z), dq_ready, dq_empty)
+    if t > 0:  # the previous tile's dK and dQ, which ran on while this one's S^T was issued
+        dk, dq_prev = warpgroup_mma_wait(1, deps=(dk, dq_prev))
+        mbarrier.arrive(slot_free.index((t - 1) % STAGES), count=1)
+        _stage_dq(t - 1, dq_prev * sm_scale, dq_pair.index(part + z), dq_ready, dq_empty)
     mbarrier.wait(do_ready.index(slot), phase)
     dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)), zeros, use_acc=False, is_async=True)
     # wgmma groups retire in order: one outstanding means S^T is done, dP^T may run on.
@@ -238,9 +242,9 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
                            use_acc=False, is_async=True)  # fmt: skip
     dq_tok = warpgroup_mma(ds_smem.index(buf * 2 + 1).permute((1, 0)), k_half1, dq_tok,
                            is_async=True)  # fmt: skip
-    dv, dk, dq, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op))
-    mbarrier.arrive(slot_free.index(slot), count=1)
-    return dk, dv, dq * sm_scale
+    # dK and dQ (two wgmma groups) are left running: the next tile issues its S^T behind them.
+    dv, p_op = warpgroup_mma_wait(3, deps=(dv_tok, p_op))
+    return dk_tok, dv, dq_tok
 
 
 @gluon.jit
@@ -311,7 +315,8 @@ def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ri
         acc, n_tiles = _walk(_tile1, acc, ctx, tidx_ptr, item, bh0, first, seg_end, N, n_qb, G,
                              BLOCK)  # fmt: skip
     dk, dv, dq = acc
-    _stage_dq(n_tiles - 1, dq, dq_smem.index(part), dq_ready, dq_empty)
+    dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
+    _stage_dq(n_tiles - 1, dq * sm_scale, dq_smem.index(part), dq_ready, dq_empty)
 
     # Added from the wgmma layout into the fp32 dk, dv buffers (other items of the same key
     # block add theirs), once an item: not worth a layout conversion through shared memory.
