@@ -31,8 +31,8 @@ docstring first), organised as FlashAttention-3 organises its backward:
 - dq: once both consumers' dS^T are in shared memory (one mbarrier per buffer, two buffers),
   consumer p computes dQ[:, half p of the head dim] = dS K[:, half p] over all 128 keys. A
   tile's dK and dQ wgmmas run on into the next tile, which issues its S^T behind them before
-  awaiting them, so the tensor cores do not drain between tiles; the dq half is then staged in
-  shared memory while S^T runs, and a third worker warp adds the tile into an fp32 dq buffer
+  awaiting all three, so the tensor cores do not drain between tiles; the dq half is then
+  staged in shared memory, and a third worker warp adds the tile into an fp32 dq buffer
   by TMA reduce-add. dq so gathers the contributions of every key block that sees its queries
   in the same pass (the portable backward runs a second kernel that recomputes S and dP for
   dq). dS is rounded to 16 bits before the softmax scale, as in the portable kernels; dq and
@@ -178,8 +178,8 @@ def _tile1(t, bh, m0, masked: gl.constexpr, acc, ctx):
 def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     """Consumer step: fold query tile t (queries [m0, m0 + 64) of query row bh) into this
     warpgroup's acc = (dk, dv, dq) (its 64 keys; dq: the previous tile's dq half), whose dk and
-    dq are still being computed by wgmma: they are awaited once this tile's S^T is issued, dq
-    scaled and staged, and this tile's dK and dQ are returned running; ctx: what it reads (see
+    dq are still being computed by wgmma: they are awaited with this tile's S^T, dq scaled and
+    staged, and this tile's dK and dQ are returned running; ctx: what it reads (see
     _consumer). With ``masked`` a query sees a key only at or after it. Queries past N have lse
     = inf in the stats ring, so P^T and dS^T are exactly 0 there."""
     dk, dv, dq_prev = acc
@@ -212,15 +212,15 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     do = do_ring.index(slot + z)
     mbarrier.wait(q_ready.index(slot), phase)
     s_tok = warpgroup_mma(k_own, q.permute((1, 0)), zeros, use_acc=False, is_async=True)
-    if t > 0:  # the previous tile's dK and dQ, which ran on while this one's S^T was issued
-        dk, dq_prev = warpgroup_mma_wait(1, deps=(dk, dq_prev))
+    # The previous tile's dK and dQ ran on while this one's S^T was issued behind them. (With
+    # a partial wait here, retiring them but not S^T, ptxas serialised every wgmma.)
+    dk, dq_prev, s = warpgroup_mma_wait(0, deps=(dk, dq_prev, s_tok))
+    if t > 0:
         mbarrier.arrive(slot_free.index((t - 1) % STAGES), count=1)
         _stage_dq(t - 1, dq_prev * sm_scale, dq_pair.index(part + z), dq_ready, dq_empty)
     mbarrier.wait(do_ready.index(slot), phase)
     dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)), zeros, use_acc=False, is_async=True)
-    # wgmma groups retire in order: one outstanding means S^T is done, dP^T may run on.
     lse = lse_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-    s = warpgroup_mma_wait(1, deps=(s_tok,))
     p = _exp2(s * qk_scale - lse[None, :])
     if masked:
         p = gl.where(offs_m[None, :] >= key_pos[:, None], p, 0.0)
