@@ -22,19 +22,21 @@ docstring first), organised as FlashAttention-3 organises its backward:
 - Per tile a consumer issues S^T = K Q^T and dP^T = V dO^T together (async wgmma), turns S^T
   into P^T while dP^T runs, forms dS^T = P^T (dP^T - delta), issues dV += P^T dO (P^T from
   registers), puts dS^T in shared memory and issues dK += dS^T Q from there. The query stats
-  (lse, delta) arrive with the tile in shared memory and start the S^T and dP^T accumulators:
-  loaded from global memory by the consumer they put a load's latency before every tile, and
-  held in registers they spilled.
+  (lse, delta) arrive with the tile in shared memory and are read while the wgmmas run, then
+  applied by FMA (P^T = exp2(S^T * scale - lse), dS^T = P^T (dP^T - delta)): loaded from global
+  memory by the consumer they put a load's latency before every tile, held in registers they
+  spilled, and starting the wgmma accumulators they cost ~100 instructions a tile.
 - Every loop-invariant shared-memory address is formed inside the loop (see ``zero`` in
   _consumer): hoisted, ptxas spilled them.
 - dq: once both consumers' dS^T are in shared memory (one mbarrier per buffer, two buffers),
-  consumer p computes dQ[:, half p of the head dim] = dS K[:, half p] over all 128 keys and
-  stages it in shared memory while the next tile's S^T runs (staged at the end of its own
-  tile, the tensor cores idled through the store); a third worker warp adds the tile into an
-  fp32 dq buffer by TMA reduce-add. dq so gathers the contributions of every key block that
-  sees its queries in the same pass (the portable backward runs a second kernel that
-  recomputes S and dP for dq). dS is rounded to 16 bits before the softmax scale, as in the
-  portable kernels; dq and dk are scaled in fp32.
+  consumer p computes dQ[:, half p of the head dim] = dS K[:, half p] over all 128 keys. A
+  tile's dK and dQ wgmmas run on into the next tile, which issues its S^T behind them before
+  awaiting all three, so the tensor cores do not drain between tiles; the dq half is then
+  staged in shared memory, and a third worker warp adds the tile into an fp32 dq buffer
+  by TMA reduce-add. dq so gathers the contributions of every key block that sees its queries
+  in the same pass (the portable backward runs a second kernel that recomputes S and dP for
+  dq). dS is rounded to 16 bits before the softmax scale, as in the portable kernels; dq and
+  dk are scaled in fp32.
 
 Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads, H100, kernel
 alone): 192.4-192.5 ms at 128K and 13.1-14.3 ms at 32K, against 202.2-203.3 and 15.9 ms for the
@@ -71,7 +73,9 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # 233 ms at 128K on an H100 (bench/results/pbs_backward.md), with 33 KB less shared memory.
 STAGES = 2
 # Registers per thread of the second consumer warpgroup (dk and dv take 128 of them); the
-# three one-warp workers keep 24 each.
+# three one-warp workers keep 24 each. At 240 ptxas keeps both consumers' tile loops free of
+# local memory; at 232 the first consumer's stores 3 and loads 3 values a tile (offline sm_90
+# build, Triton 3.6, 4 query heads per KV head).
 CONSUMER_REGS = 240
 
 
@@ -93,14 +97,16 @@ def _walk(visit: gl.constexpr, acc, ctx, tidx_ptr, item, bh0, first, seg_end, N,
     order: queries [m0, m0 + 64) of query row bh = batch * HQ + head (bh0: the group's first),
     masked for the own segment. item points at the item's row of ITEMS (see pbs.kernels.work_items).
     Every partition walks the same schedule. Returns acc and the number of tiles."""
+    SUB: gl.constexpr = BLOCK // ROWS
     t = 0
-    for g in gl.static_range(G):  # (a) the region's query blocks that kept this key block, head g
-        for e in range(gl.load(item + 2 + g), gl.load(item + 2 + G + g)):
-            entry = gl.load(tidx_ptr + e)
-            for sub in gl.static_range(BLOCK // ROWS):
-                m0 = (entry % n_qb) * BLOCK + sub * ROWS
-                acc = visit(t, bh0 + g, m0, False, acc, ctx)
-                t += 1
+    # (a) the region's query blocks that kept this key block, head g, SUB tiles each. Loops, not
+    # unrolled: a consumer's tile is ~500 instructions, and unrolled over heads and tiles a third
+    # of the consumers' stall samples waited for instruction fetch (ncu at 128K on an H100).
+    for g in range(G):
+        for e in range(gl.load(item + 2 + g) * SUB, gl.load(item + 2 + G + g) * SUB):
+            m0 = (gl.load(tidx_ptr + e // SUB) % n_qb) * BLOCK + (e % SUB) * ROWS
+            acc = visit(t, bh0 + g, m0, False, acc, ctx)
+            t += 1
     for g in range(gl.load(item + 1) * G):  # (b) own segment (one item per key block has it)
         for m0 in range(first, seg_end, ROWS):
             acc = visit(t, bh0 + g, m0, True, acc, ctx)
@@ -171,10 +177,11 @@ def _tile1(t, bh, m0, masked: gl.constexpr, acc, ctx):
 @gluon.jit
 def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     """Consumer step: fold query tile t (queries [m0, m0 + 64) of query row bh) into this
-    warpgroup's acc = (dk, dv, dq) (its 64 keys; dq: the previous tile's dq half, staged here
-    once S^T is issued, replaced by this tile's); ctx: what it reads (see _consumer). With
-    ``masked`` a query sees a key only at or after it. Queries past N have lse = inf in the
-    stats ring, so P^T and dS^T are exactly 0 there."""
+    warpgroup's acc = (dk, dv, dq) (its 64 keys; dq: the previous tile's dq half), whose dk and
+    dq are still being computed by wgmma: they are awaited with this tile's S^T, dq scaled and
+    staged, and this tile's dK and dQ are returned running; ctx: what it reads (see
+    _consumer). With ``masked`` a query sees a key only at or after it. Queries past N have lse
+    = inf in the stats ring, so P^T and dS^T are exactly 0 there."""
     dk, dv, dq_prev = acc
     (key_pos, k_pair, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
      slot_free, ds_smem, ds_bar, dq_pair, dq_ready, dq_empty, qk_scale, sm_scale) = ctx  # fmt: skip
@@ -204,22 +211,22 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
     q = q_ring.index(slot + z)
     do = do_ring.index(slot + z)
     mbarrier.wait(q_ready.index(slot), phase)
-    lse = lse_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-    s_init = zeros - (lse * (1.0 / qk_scale))[None, :]
-    s_tok = warpgroup_mma(k_own, q.permute((1, 0)), s_init, is_async=True)
-    if t > 0:  # the previous tile's dq, staged while S^T runs
-        _stage_dq(t - 1, dq_prev, dq_pair.index(part + z), dq_ready, dq_empty)
+    s_tok = warpgroup_mma(k_own, q.permute((1, 0)), zeros, use_acc=False, is_async=True)
+    # The previous tile's dK and dQ ran on while this one's S^T was issued behind them. (With
+    # a partial wait here, retiring them but not S^T, ptxas serialised every wgmma.)
+    dk, dq_prev, s = warpgroup_mma_wait(0, deps=(dk, dq_prev, s_tok))
+    if t > 0:
+        mbarrier.arrive(slot_free.index((t - 1) % STAGES), count=1)
+        _stage_dq(t - 1, dq_prev * sm_scale, dq_pair.index(part + z), dq_ready, dq_empty)
     mbarrier.wait(do_ready.index(slot), phase)
-    delta = delta_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-    dp_init = zeros - delta[None, :]
-    dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)), dp_init, is_async=True)
-    # wgmma groups retire in order: one outstanding means S^T is done, dP^T may run on.
-    s = warpgroup_mma_wait(1, deps=(s_tok,))
-    p = _exp2(s * qk_scale)
+    dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)), zeros, use_acc=False, is_async=True)
+    lse = lse_ring.index(slot).load(gl.SliceLayout(0, s_layout))
+    p = _exp2(s * qk_scale - lse[None, :])
     if masked:
         p = gl.where(offs_m[None, :] >= key_pos[:, None], p, 0.0)
+    delta = delta_ring.index(slot).load(gl.SliceLayout(0, s_layout))
     dp = warpgroup_mma_wait(0, deps=(dp_tok,))
-    ds = (p * dp).to(dtype)
+    ds = (p * (dp - delta[None, :])).to(dtype)
     p_op = gl.convert_layout(p.to(dtype), op_layout)
     dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
     buf = t % 2
@@ -235,9 +242,9 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
                            use_acc=False, is_async=True)  # fmt: skip
     dq_tok = warpgroup_mma(ds_smem.index(buf * 2 + 1).permute((1, 0)), k_half1, dq_tok,
                            is_async=True)  # fmt: skip
-    dv, dk, dq, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op))
-    mbarrier.arrive(slot_free.index(slot), count=1)
-    return dk, dv, dq * sm_scale
+    # dK and dQ (two wgmma groups) are left running: the next tile issues its S^T behind them.
+    dv, p_op = warpgroup_mma_wait(3, deps=(dv_tok, p_op))
+    return dk_tok, dv, dq_tok
 
 
 @gluon.jit
@@ -292,8 +299,7 @@ def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ri
 
     # A zero that ptxas cannot see is one (the grid is 1-D). _tile indexes the K, V, Q, dO and
     # dq buffers with t * zero, so their wgmma descriptors and addresses are formed per tile
-    # instead of hoisted out of the loop and spilled. In the SASS the main loop then stores
-    # nothing to local memory and reloads 12 hoisted values per two tiles.
+    # instead of hoisted out of the loop and spilled.
     zero = gl.program_id(2)
     ctx = (key_pos, k_smem, v_pair, zero, q_ring, do_ring, lse_ring, delta_ring, q_ready,
            do_ready, slot_free, ds_smem, ds_bar, dq_smem, dq_ready, dq_empty,
@@ -309,7 +315,8 @@ def _consumer(part: gl.constexpr, k_smem, v_pair, kv_bar, kp_desc, vp_desc, q_ri
         acc, n_tiles = _walk(_tile1, acc, ctx, tidx_ptr, item, bh0, first, seg_end, N, n_qb, G,
                              BLOCK)  # fmt: skip
     dk, dv, dq = acc
-    _stage_dq(n_tiles - 1, dq, dq_smem.index(part), dq_ready, dq_empty)
+    dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
+    _stage_dq(n_tiles - 1, dq * sm_scale, dq_smem.index(part), dq_ready, dq_empty)
 
     # Added from the wgmma layout into the fp32 dk, dv buffers (other items of the same key
     # block add theirs), once an item: not worth a layout conversion through shared memory.
