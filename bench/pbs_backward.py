@@ -5,8 +5,9 @@
 
 Shapes: batch 1, 32 query / 8 KV heads, head dim 128, bf16, causal; inputs with planted
 "vertical stripe" keys as in bench/pbs_attention.py, threshold picked per length for ~25%
-block density. Times are medians of triton.testing.do_bench (ms), each call one forward and
-one backward (dq, dk, dv) for a fixed random output gradient:
+block density. Times (ms) are medians of 3 rounds, each timing every column in turn by
+triton.testing.do_bench (its median); each call one forward and one backward (dq, dk, dv)
+for a fixed random output gradient:
 - "PBS total": pbs_attention (scoring, permutation, selection, attention) and its backward;
 - "flex total": the same with ``backend="flex"`` (the same planning code, then compiled
   FlexAttention on the concatenated K/V: what a user of the flex backend runs);
@@ -50,9 +51,10 @@ from pbs.plan import density, make_plan  # noqa: E402
 
 
 def bench(fn, cuda: bool) -> float:
-    """Median ms of fn(): do_bench on the GPU, wall clock of 3 runs (after one) on the CPU."""
+    """Median ms of fn(): on the GPU do_bench over at least ~2 s (at 128K a call takes up to
+    0.9 s: a shorter budget left one timed call), wall clock of 3 runs (after one) on the CPU."""
     if cuda:
-        return triton.testing.do_bench(fn, warmup=10, rep=400, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=10, rep=2000, return_mode="median")
     fn()
     times = []
     for _ in range(3):
@@ -60,6 +62,31 @@ def bench(fn, cuda: bool) -> float:
         fn()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def bench_rounds(fns: dict, cuda: bool) -> dict[str, float]:
+    """{name: median ms} over 3 rounds (1 on the CPU), each timing every fn in turn, so a
+    drift of the GPU's clocks over the run reaches every column alike."""
+    times = {name: [] for name in fns}
+    for _ in range(3 if cuda else 1):
+        for name, fn in fns.items():
+            times[name].append(bench(fn, cuda))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def dense_backend(dense) -> tuple[str, object]:
+    """The first SDPA backend of cuDNN, flash that runs ``dense`` here: (name, backend)."""
+    for name, backend in [
+        ("cuDNN", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+    ]:
+        try:
+            with sdpa_kernel(backend):
+                dense()
+            return name, backend
+        except RuntimeError as exc:  # backend not available for this shape/build
+            print(f"{name}: {exc}".splitlines()[0])
+    sys.exit("bench/pbs_backward.py: neither cuDNN nor flash SDPA runs this shape")
 
 
 def fwd_bwd(fn, leaves, do):
@@ -80,14 +107,15 @@ def measure(q, k, v, cfg: PBSConfig, cuda: bool) -> dict:
     do = torch.randn(q.shape, device=q.device, generator=g).to(q.dtype)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     t = {}
-    t["pbs_total"] = bench(fwd_bwd(lambda *x: pbs_attention(*x, config=cfg), leaves, do), cuda)
+    fns = {"pbs_total": fwd_bwd(lambda *x: pbs_attention(*x, config=cfg), leaves, do)}
     # The oracle: the flex backend on a GPU (same plan, FlexAttention's backward); on the CPU,
     # where FlexAttention has no backward, autograd through the reference.
     flex_cfg = dataclasses.replace(cfg, backend="flex")
     oracle = (lambda *x: pbs_attention(*x, config=flex_cfg)) if cuda else (
         lambda *x: reference_attention(*x, config=cfg)
     )  # fmt: skip
-    t["flex_total"] = bench(fwd_bwd(oracle, leaves, do), cuda) if cuda else float("nan")
+    if cuda:
+        fns["flex_total"] = fwd_bwd(oracle, leaves, do)
     grads = []
     for fn in (lambda *x: pbs_attention(*x, config=cfg), oracle):
         fwd_bwd(fn, leaves, do)()
@@ -97,9 +125,7 @@ def measure(q, k, v, cfg: PBSConfig, cuda: bool) -> dict:
     with torch.no_grad():
         plan = make_plan(q, k, v, cfg)
     t["density"] = density(plan)[0]
-    t["pbs_attn"] = bench(
-        fwd_bwd(lambda *x: BlockSparseAttention.apply(*x, plan), leaves, do), cuda
-    )
+    fns["pbs_attn"] = fwd_bwd(lambda *x: BlockSparseAttention.apply(*x, plan), leaves, do)
     # FlexAttention on the same lists: KV = [permuted, padded to whole blocks ; original].
     bs = cfg.block_size
     padded = -(-n // bs) * bs
@@ -110,31 +136,27 @@ def measure(q, k, v, cfg: PBSConfig, cuda: bool) -> dict:
     mask = block_mask_from_plan(plan, n, hq)
     flex = compiled_flex_attention()
     opts = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
-    t["flex_attn"] = float("nan") if not cuda else bench(
-        fwd_bwd(
+    if cuda:
+        fns["flex_attn"] = fwd_bwd(
             lambda q_, k_, v_: flex(q_, k_, v_, block_mask=mask, scale=plan.scale,
                                     enable_gqa=True, kernel_options=opts),
             [leaves[0], kcat, vcat], do,
-        ),
-        cuda,
-    )  # fmt: skip
+        )  # fmt: skip
     ke, ve = (x.repeat_interleave(hq // hkv, 1).requires_grad_() for x in (k, v))
     dense = fwd_bwd(lambda *x: F.scaled_dot_product_attention(*x, is_causal=True),
                     [leaves[0], ke, ve], do)  # fmt: skip
-    if not cuda:
-        t["dense"], t["dense_backend"] = bench(dense, cuda), "math (CPU)"
-        return t
-    t["dense"], t["dense_backend"] = float("nan"), "none"
-    for name, backend in [
-        ("cuDNN", SDPBackend.CUDNN_ATTENTION),
-        ("flash", SDPBackend.FLASH_ATTENTION),
-    ]:
-        try:
+    if cuda:
+        t["dense_backend"], backend = dense_backend(dense)
+
+        def dense_on_backend():
             with sdpa_kernel(backend):
-                t["dense"], t["dense_backend"] = bench(dense, cuda), name
-            break
-        except RuntimeError as exc:  # backend not available for this shape/build
-            print(f"{name}: {exc}".splitlines()[0])
+                dense()
+
+        fns["dense"] = dense_on_backend
+    else:
+        t["dense_backend"], fns["dense"] = "math (CPU)", dense
+    t.update(flex_total=float("nan"), flex_attn=float("nan"))  # no CPU backward
+    t.update(bench_rounds(fns, cuda))
     return t
 
 
