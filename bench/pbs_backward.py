@@ -194,8 +194,9 @@ def main() -> None:
         f"- shape: batch 1, {heads[0]} q / {heads[1]} kv heads, head dim {heads[2]}, {dtype}, "
         f"causal; block {base.block_size}, segment {base.segment_size}; threshold picked per "
         f"length for ~{args.target:.0%} density",
-        "- times in ms (median), each one forward + one backward (dq, dk, dv); PBS total includes "
-        "scoring, permutation and selection; attn columns run the same plan; dense is SDPA",
+        "- times in ms (median of 3 rounds), each one forward + one backward (dq, dk, dv); "
+        "PBS total includes scoring, permutation and selection; attn columns run the same plan; "
+        "dense is SDPA",
         "",
         "| N | thr | density | dense | PBS total | flex total | PBS attn | flex attn "
         "| x dense (total) | flex / PBS total | flex / PBS attn "

@@ -12,7 +12,8 @@ docstring first), organised as FlashAttention-3 organises its backward:
   its query blocks), the kernel was bound by DRAM traffic: at 128K on an H100, 55% L2 hit
   rate, 403 GB moved, the dq reduce-adds a fifth of its time. Run by items: 97% L2 hit rate,
   32 GB moved, but only 5% less time; the tensor cores idle half of it while the consumers
-  wait, a third of their stall samples on instruction fetch (bench/results/pbs_backward.md).
+  wait, a third of their stall samples on instruction fetch (bench/results/pbs_backward.md):
+  hence the walk in loops, not unrolled, and the overlap of tiles below.
 - Two producer warps, one for Q and its lse, one for dO and its delta, stream the item's query
   tiles by TMA into rings of ``STAGES`` slots ("ready" and "empty" mbarriers per slot): (a)
   the region's query blocks that kept this key block (the transposed block lists), each in
@@ -39,12 +40,11 @@ docstring first), organised as FlashAttention-3 organises its backward:
   dk are scaled in fp32.
 
 Measured (bench/results/pbs_backward.md, 25% density, 32 query / 8 KV heads, H100, kernel
-alone): 192.4-192.5 ms at 128K and 13.1-14.3 ms at 32K, against 202.2-203.3 and 15.9 ms for the
-key-block kernel before it in the same call; dq within 2.7e-5 of its, dk and dv within 1.7e-3
-(bf16 rounding of differently ordered fp32 sums). That kernel was bound by DRAM traffic at 128K
-(ncu: 55% L2 hit rate, 60% of peak DRAM throughput; 164 ms without its dq reduce-adds). The
-three-slot key-block kernel took 185 and 13.3-13.9 ms on an H200, against 208-211 and 14.7-14.9
-ms for the portable dq kernel plus a Gluon dk/dv kernel.
+alone, one call): 159.0-159.1 ms at 128K and 11.3-11.5 ms at 32K, against 194.9-195.0 and
+12.9-13.2 ms for the kernel before it (the walk unrolled over heads and tiles, stats starting
+the accumulators, no overlap) and 166.2-166.4 and 12.0-12.4 ms without the overlap; dq within
+2.9e-4 of the earlier kernel's, dk and dv within 1.3e-4. Putting both consumer warpgroups in
+one 8-warp partition (one copy of the tile code) was slower: 172.5 ms at 128K.
 """
 
 from __future__ import annotations
