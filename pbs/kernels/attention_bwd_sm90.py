@@ -69,8 +69,9 @@ from .attention_sm90 import LOG2E, ROWS, _exp2, _rows
 # Triton 3.7 renamed the TMA load (async_copy_global_to_shared -> async_load): same builtin.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-# Slots in each of the Q and dO rings (16 KB each at 64 x 128 bf16). Two beat three: 201 vs
-# 233 ms at 128K on an H100 (bench/results/pbs_backward.md), with 33 KB less shared memory.
+# Slots in each of the Q and dO rings (16 KB each at 64 x 128 bf16). Two beat three in an
+# earlier kernel (201 vs 233 ms at 128K on an H100) and tie in this one's one-partition
+# variants (167.5 vs 166.5 ms; bench/results/pbs_backward.md), with 33 KB less shared memory.
 STAGES = 2
 # Registers per thread of the second consumer warpgroup (dk and dv take 128 of them); the
 # three one-warp workers keep 24 each. At 240 ptxas keeps both consumers' tile loops free of
