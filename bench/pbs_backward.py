@@ -51,8 +51,8 @@ from pbs.plan import density, make_plan  # noqa: E402
 
 
 def bench(fn, cuda: bool) -> float:
-    """Median ms of fn(): on the GPU do_bench over at least ~2 s (at 128K a call takes up to
-    0.9 s: a shorter budget left one timed call), wall clock of 3 runs (after one) on the CPU."""
+    """Median ms of fn(): on the GPU do_bench over ~2 s (at 128K a call takes up to 0.9 s: a
+    400 ms budget timed one call), wall clock of 3 runs (after one) on the CPU."""
     if cuda:
         return triton.testing.do_bench(fn, warmup=10, rep=2000, return_mode="median")
     fn()
@@ -75,7 +75,7 @@ def bench_rounds(fns: dict, cuda: bool) -> dict[str, float]:
 
 
 def dense_backend(dense) -> tuple[str, object]:
-    """The first SDPA backend of cuDNN, flash that runs ``dense`` here: (name, backend)."""
+    """The first of cuDNN and flash SDPA that runs ``dense`` here: (name, backend)."""
     for name, backend in [
         ("cuDNN", SDPBackend.CUDNN_ATTENTION),
         ("flash", SDPBackend.FLASH_ATTENTION),
