@@ -1,6 +1,8 @@
-"""Load scripts that are not package modules (bench/*.py, launch/*.py) in tests."""
+"""Load or run scripts that are not package modules (bench/*.py, launch/*.py) in tests."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 
 
@@ -18,3 +20,13 @@ def load_script(path, name: str, search=None):
         if search is not None:
             sys.path.remove(str(search))
     return module
+
+
+def run_interpreted(script, *args: str, cwd) -> subprocess.CompletedProcess:
+    """``python script *args`` in `cwd` with Triton's interpreter on one thread (the benches'
+    CPU runs); fails the test with the end of stderr unless it exits 0."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

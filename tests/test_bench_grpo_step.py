@@ -1,16 +1,13 @@
 """bench/grpo_step.py on the CPU: a real tiny GRPO step, dense and PBS (Triton's interpreter),
 split by phase into the table; and the phase timer's bookkeeping."""
 
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script
+from script_loader import load_script, run_interpreted
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -77,16 +74,13 @@ def test_dense_and_pbs_step_by_phase_on_cpu(tmp_path):
     blocks, off the grid), dense and PBS rows with every phase timed (> 0) and adding up to
     the step, PBS's density, the header."""
     out = tmp_path / "grpo_step.md"
-    command = [
-        sys.executable, str(BENCH / "grpo_step.py"),
+    run_interpreted(
+        BENCH / "grpo_step.py",
         "--tiny", "--prompt-len", "150", "--attn", "both", "--steps", "1", "--warmup", "0",
         "--out", str(out), "--work", str(tmp_path / "work"), "--commit", "abc1234",
         "train.per_device_train_batch_size=2", "train.num_generations=2",
-        "train.max_completion_length=3", "pbs.min_seq_len=0",
-    ]  # fmt: skip
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        "train.max_completion_length=3", "pbs.min_seq_len=0", cwd=ROOT,
+    )  # fmt: skip
     text = out.read_text()
     assert "- card: cpu" in text and "- commit: abc1234" in text
     assert "`python " in text and "--attn both" in text

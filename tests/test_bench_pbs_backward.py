@@ -2,10 +2,9 @@
 runs, end to end, so a broken column costs no device time."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from script_loader import run_interpreted
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,13 +14,10 @@ def test_tiny_run_writes_the_table_with_gradients_checked(tmp_path):
     the reference, the flex columns empty (no CPU backward), and the header naming the commit
     and the command."""
     out = tmp_path / "pbs_backward.md"
-    command = [
-        sys.executable, str(ROOT / "bench" / "pbs_backward.py"),
-        "--tiny", "--lengths", "96", "--commit", "abc1234", "--out", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_interpreted(
+        ROOT / "bench" / "pbs_backward.py",
+        "--tiny", "--lengths", "96", "--commit", "abc1234", "--out", str(out), cwd=ROOT,
+    )  # fmt: skip
     text = out.read_text()
     assert "- commit: abc1234" in text and "--lengths 96" in text
 
