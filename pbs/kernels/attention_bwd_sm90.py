@@ -243,7 +243,8 @@ def _tile(part: gl.constexpr, t, bh, m0, masked: gl.constexpr, acc, ctx):
                            use_acc=False, is_async=True)  # fmt: skip
     dq_tok = warpgroup_mma(ds_smem.index(buf * 2 + 1).permute((1, 0)), k_half1, dq_tok,
                            is_async=True)  # fmt: skip
-    # dK and dQ (two wgmma groups) are left running: the next tile issues its S^T behind them.
+    # dK and dQ (three wgmma groups: dK's, dQ's two) are left running: the next tile issues its
+    # S^T behind them.
     dv, p_op = warpgroup_mma_wait(3, deps=(dv_tok, p_op))
     return dk_tok, dv, dq_tok
 

@@ -10,6 +10,7 @@ CPU test session sets before pbs is imported.
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -68,8 +69,6 @@ def compile_gluon(fn, args: dict, const: dict):
 
 def wgmma_waits_added(ptx: str) -> list[str]:
     """ptxas's notes (``-v``) on waits it added to the wgmma pipelines of ``ptx`` (sm_90a)."""
-    import tempfile
-
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:
